@@ -1,0 +1,1 @@
+"""The model loop: scheduler, model runner, sampling and detokenization. Never touches HTTP."""

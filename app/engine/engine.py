@@ -1,0 +1,212 @@
+"""The engine: one thread owns the model and loops schedule() -> run -> update_from_output().
+
+Callers (the HTTP layer) submit requests from their event loop and receive RequestOutput events on an
+asyncio queue; they never see tensors. Aborts are applied between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from app.engine.detokenizer import Detokenizer
+from app.engine.model_runner import ModelRunner
+from app.engine.scheduler import QueueFull, Scheduler
+from app.engine.types import (GenerationRequest, PromptSetRef, RequestOutput, SamplingParams, Sequence,
+                              SeqStatus)
+from app.model.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineConfig", "QueueFull", "RequestTooLong"]
+
+
+class RequestTooLong(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_model_len: int = 2048
+    max_queue: int = 256
+    max_prefills_per_step: int = 4
+    prefix_cache_size: int = 256
+
+
+@dataclass
+class _Subscriber:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    detok: Detokenizer
+    submitted: float
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.config = config
+        self.max_model_len = min(config.max_model_len, loaded.max_position_embeddings)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, config.max_prefills_per_step,
+                                   loaded.stop_token_ids)
+        self.runner = ModelRunner(loaded.model, loaded.spec, loaded.device, loaded.dtype,
+                                  config.max_num_seqs, self.max_model_len, config.prefix_cache_size)
+        self._subs: dict[str, _Subscriber] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.ready = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="promptserve-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    async def warmup(self) -> None:
+        """One short generation so the first real request does not pay for lazy initialisation."""
+        ids = self.tokenizer.encode("Hello")
+        async for _ in self.generate(ids, SamplingParams(max_tokens=2, ignore_eos=True)):
+            pass
+        self.ready = True
+
+    # -- requests --------------------------------------------------------------------------------
+    def check_length(self, prompt_len: int, prompt_set: PromptSetRef | None, max_tokens: int) -> None:
+        prefix = prompt_set.num_virtual_tokens if prompt_set else 0
+        total = prefix + prompt_len + max_tokens
+        if prompt_len < 1:
+            raise RequestTooLong("the prompt is empty")
+        if total > self.max_model_len:
+            raise RequestTooLong(
+                f"virtual tokens ({prefix}) + prompt ({prompt_len}) + max_tokens ({max_tokens}) = {total} "
+                f"exceeds the context of {self.max_model_len} tokens")
+
+    def submit(self, prompt_token_ids: list[int], sampling: SamplingParams,
+               prompt_set: PromptSetRef | None = None, request_id: str | None = None) -> tuple[str, asyncio.Queue]:
+        """Queue a request from an event loop; its outputs arrive on the returned asyncio queue."""
+        self.check_length(len(prompt_token_ids), prompt_set, sampling.max_tokens)
+        request_id = request_id or uuid.uuid4().hex
+        req = GenerationRequest(request_id, list(prompt_token_ids), sampling, prompt_set)
+        sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(),
+                          Detokenizer(self.tokenizer, sampling.stop), time.monotonic())
+        self._subs[request_id] = sub
+        try:
+            self.scheduler.add(Sequence(req))
+        except QueueFull:
+            self._subs.pop(request_id, None)
+            raise
+        self._wake.set()
+        return request_id, sub.queue
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self._wake.set()
+
+    async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams,
+                       prompt_set: PromptSetRef | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iteration early (disconnect, timeout) aborts it."""
+        request_id, queue = self.submit(prompt_token_ids, sampling, prompt_set, request_id)
+        finished = False
+        try:
+            while not finished:
+                out: RequestOutput = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.scheduler.has_work():
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # never let one bad step kill the server: fail what was running
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running):
+                    self.scheduler.finish(seq, "error", "internal engine error")
+                    self.runner.release(seq.request_id)
+                    self._emit_final(seq)
+
+    def step(self) -> None:
+        step = self.scheduler.schedule()
+        for seq in step.aborted:
+            self.runner.release(seq.request_id)
+            self._emit_final(seq)
+        if step.empty:
+            return
+        sampled, errors = self.runner.execute(step)
+        for request_id, message in errors.items():
+            seq = next(s for s in step.prefills if s.request_id == request_id)
+            self.scheduler.finish(seq, "error", message)
+            self._emit_final(seq)
+        finished = self.scheduler.update_from_output(sampled)
+        self.steps += 1
+        done = {s.request_id for s in finished}
+        for seq in step.decodes + step.prefills:
+            if seq.request_id in sampled and seq.request_id not in done:
+                self._emit_progress(seq)
+        for seq in finished:
+            self.runner.release(seq.request_id)
+            self._emit_final(seq)
+
+    def _emit_progress(self, seq: Sequence) -> None:
+        sub = self._subs.get(seq.request_id)
+        if sub is None:
+            return
+        token = seq.output_ids[-1]
+        text = sub.detok.step([token])
+        if sub.detok.stopped:  # a stop string completed: the sequence ends here
+            self.scheduler.finish(seq, "stop")
+            self.runner.release(seq.request_id)
+            self._put(sub, RequestOutput(seq.request_id, text, [token]))
+            self._emit_final(seq, already_detokenized=True)
+            return
+        self._put(sub, RequestOutput(seq.request_id, text, [token], prompt_tokens=len(seq.request.prompt_token_ids),
+                                     completion_tokens=len(seq.output_ids)))
+
+    def _emit_final(self, seq: Sequence, already_detokenized: bool = False) -> None:
+        sub = self._subs.pop(seq.request_id, None)
+        if sub is None:
+            return
+        text, new = "", []
+        if not already_detokenized and seq.finish_reason in ("stop", "length") and seq.output_ids:
+            new = [seq.output_ids[-1]]
+            text = sub.detok.step(new, final=True)
+            if sub.detok.stopped:  # the last token completed a stop string
+                seq.finish_reason = "stop"
+        self._put(sub, RequestOutput(seq.request_id, text, new, finished=True, finish_reason=seq.finish_reason,
+                                     prompt_tokens=len(seq.request.prompt_token_ids),
+                                     completion_tokens=len(seq.output_ids), error=seq.error))
+
+    @staticmethod
+    def _put(sub: _Subscriber, out: RequestOutput) -> None:
+        sub.loop.call_soon_threadsafe(sub.queue.put_nowait, out)
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting

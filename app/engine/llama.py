@@ -1,0 +1,85 @@
+"""The Llama-family forward pass over the frozen model's own modules, with our cache.
+
+Owning this loop (rather than calling the model's ``forward``) lets one batch mix sequences of different
+lengths and prefixes without padding, and keeps us independent of transformers' cache API, which
+changes between releases. Weights are the loaded model's; nothing is copied.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+# attend(layer_index, q [B, H, T, D], k [B, KVH, T, D], v) -> attention output [B, H, T, D]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LlamaForward:
+    def __init__(self, model: torch.nn.Module):
+        cfg = model.config
+        self.model = model
+        self.embed = model.get_input_embeddings()
+        self.layers = list(model.model.layers)
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+        self.rotary = model.model.rotary_emb
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.scale = self.head_dim ** -0.5
+
+    def hidden(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """Run all layers on embeddings x [B, T, hidden] at rotary positions [B, T]; final norm applied."""
+        cos, sin = self.rotary(x, positions)
+        b, t, _ = x.shape
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            o = attend(i, q, k, v)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          allowed: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention without repeating K/V.
+
+        q [B, H, T, D]; k, v [B, KVH, S, D]; allowed [B or 1, T, S] (True = may attend). The query heads
+        that share a KV head are folded into the query-length axis, so K/V are read in place.
+        """
+        b, _, t, d = q.shape
+        qg = q.reshape(b, self.num_kv_heads, self.group * t, d)
+        mask = allowed.repeat(1, self.group, 1).unsqueeze(1)  # [B, 1, group*T, S]
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
+        return o.reshape(b, self.num_heads, t, d)
+
+    def prefix_kv(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of an `input` prompt set's virtual tokens at every layer: [L, KVH, P, D].
+
+        Under causal attention virtual tokens see only each other, so this is the same for every
+        request and turns the prompt set into a per-layer prefix, computed once.
+        """
+        p = embeddings.shape[0]
+        x = embeddings.unsqueeze(0)
+        positions = torch.arange(p, device=x.device).unsqueeze(0)
+        causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril().unsqueeze(0)
+        keys, values = [], []
+
+        def attend(i, q, k, v):
+            keys.append(k[0])
+            values.append(v[0])
+            return self.grouped_attention(q, k, v, causal)
+
+        self.hidden(x, positions, attend)
+        return torch.stack(keys), torch.stack(values)

@@ -1,0 +1,80 @@
+"""Device-resident per-layer prefixes of prompt sets, kept in a bounded LRU.
+
+Both kinds end up as keys/values [L, KVH, P, D] in the model dtype: a `deep` set is one already, an
+`input` set is run through the model once (see LlamaForward.prefix_kv). Stored versions are immutable,
+so (task, version) is a safe cache key: a new upload is a new key, and a running request keeps the
+tensors it started with even when its version is evicted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from app.engine.llama import LlamaForward
+from app.engine.types import PromptSetRef
+from prompt_store import format as psf
+
+
+@dataclass
+class Prefix:
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+class PrefixCache:
+    def __init__(self, forward: LlamaForward, shape: psf.BaseModelShape, device: torch.device,
+                 dtype: torch.dtype, capacity: int):
+        self.forward = forward
+        self.shape = shape
+        self.device = device
+        self.dtype = dtype
+        self.capacity = max(1, capacity)
+        self._entries: OrderedDict[tuple[str, int], Prefix] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, ref: PromptSetRef) -> Prefix:
+        with self._lock:
+            prefix = self._entries.get(ref.key)
+            if prefix is not None:
+                self._entries.move_to_end(ref.key)
+                self.hits += 1
+                return prefix
+            self.misses += 1
+        prefix = self.build(psf.load(ref.path))
+        if prefix.length != ref.num_virtual_tokens:
+            raise psf.PromptSetError(f"{ref.task} v{ref.version} changed on disk")
+        with self._lock:
+            self._entries[ref.key] = prefix
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return prefix
+
+    @torch.inference_mode()
+    def build(self, ps: psf.PromptSet) -> Prefix:
+        psf.check_compatible(ps, self.shape)
+        if ps.kind == "deep":
+            return Prefix(ps.tensors["keys"].to(self.device, self.dtype).contiguous(),
+                          ps.tensors["values"].to(self.device, self.dtype).contiguous())
+        embeddings = ps.tensors["embeddings"].to(self.device, self.dtype)
+        keys, values = self.forward.prefix_kv(embeddings)
+        return Prefix(keys.contiguous(), values.contiguous())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(p.nbytes() for p in self._entries.values())

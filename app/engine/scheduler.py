@@ -1,0 +1,109 @@
+"""Iteration-level (continuous) batching, testable without a model.
+
+Each engine step calls ``schedule()`` (apply aborts, admit waiting requests into free batch rows, decode
+the rest), runs the model, then ``update_from_output()`` with the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from app.engine.types import SchedulerOutput, Sequence, SeqStatus
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_queue: int, max_prefills_per_step: int = 4,
+                 stop_token_ids: frozenset[int] = frozenset()):
+        self.max_num_seqs = max_num_seqs
+        self.max_queue = max_queue
+        self.max_prefills_per_step = max_prefills_per_step
+        self.stop_token_ids = stop_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._pending_aborts: set[str] = set()
+        self._lock = threading.Lock()  # add/abort come from other threads; schedule runs on the loop
+
+    # -- called from any thread ------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"queue full ({self.max_queue} waiting)")
+            self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._pending_aborts.add(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._pending_aborts)
+
+    # -- called by the engine loop ---------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        with self._lock:
+            aborts, self._pending_aborts = self._pending_aborts, set()
+            if aborts:
+                kept = deque()
+                for seq in self.waiting:
+                    (out.aborted if seq.request_id in aborts else kept).append(seq)
+                self.waiting = kept
+            admitted = []
+            free = self.max_num_seqs - len(self.running)
+            while self.waiting and free > 0 and len(admitted) < self.max_prefills_per_step:
+                admitted.append(self.waiting.popleft())
+                free -= 1
+        if aborts:
+            still = []
+            for seq in self.running:
+                (out.aborted if seq.request_id in aborts else still).append(seq)
+            self.running = still
+        for seq in out.aborted:
+            self._finish(seq, "abort")
+        out.decodes = list(self.running)
+        for seq in admitted:
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+        out.prefills = admitted
+        return out
+
+    def update_from_output(self, sampled: dict[str, int]) -> list[Sequence]:
+        """Append each sequence's new token; return those that finished on it (eos or length)."""
+        finished = []
+        for seq in self.running:
+            token = sampled.get(seq.request_id)
+            if token is None:
+                continue
+            seq.output_ids.append(token)
+            params = seq.request.sampling
+            if not params.ignore_eos and token in self.stop_token_ids:
+                self._finish(seq, "stop")
+            elif len(seq.output_ids) >= params.max_tokens:
+                self._finish(seq, "length")
+            if seq.status is SeqStatus.FINISHED:
+                finished.append(seq)
+        self.running = [s for s in self.running if s.status is not SeqStatus.FINISHED]
+        return finished
+
+    def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """Finish a running sequence for a reason found outside the scheduler (stop string, error)."""
+        self._finish(seq, reason, error)
+        self.running = [s for s in self.running if s is not seq]
+
+    @staticmethod
+    def _finish(seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error

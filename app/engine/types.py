@@ -1,0 +1,98 @@
+"""Plain data passed between the caller, the scheduler and the model runner."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class PromptSetRef:
+    """Which stored prompt-set version a request runs with (resolved when the request is made, so a
+    running request keeps its version even if another is activated meanwhile)."""
+
+    task: str
+    version: int
+    path: str
+    num_virtual_tokens: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.task, self.version)
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    prompt_set: PromptSetRef | None = None
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prompt_set.num_virtual_tokens if self.prompt_set else 0
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """Scheduler-side state of one request."""
+
+    request: GenerationRequest
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def total_len(self) -> int:
+        return self.request.prefix_len + len(self.request.prompt_token_ids) + len(self.output_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    prefills: list[Sequence] = field(default_factory=list)  # to run their prompt now, then sample
+    decodes: list[Sequence] = field(default_factory=list)  # running: one token each
+    aborted: list[Sequence] = field(default_factory=list)  # to free before the step
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefills or self.decodes)
+
+
+@dataclass
+class RequestOutput:
+    """One event for the caller: newly generated text, and the end of the request."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None

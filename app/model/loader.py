@@ -1,0 +1,91 @@
+"""Load the frozen base model once, on the chosen device and dtype."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from app.model.source import resolve_checkpoint
+from app.model.spec import ModelSpec, model_spec
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    max_position_embeddings: int = 2048
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested and requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested and requested != "auto":
+        try:
+            return _DTYPES[requested.lower()]
+        except KeyError:
+            raise ValueError(f"PROMPTSERVE_DTYPE={requested!r}: use one of {sorted(_DTYPES)}") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 decodes ~1.6x faster than fp32 on CPUs with AVX-512 BF16; elsewhere it is emulated and slow.
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def stop_token_ids(model, tokenizer) -> frozenset[int]:
+    """End-of-turn tokens: the generation config's eos ids, plus the tokenizer's own eos."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint, name = resolve_checkpoint(settings.model, settings.cache_dir)
+    device = choose_device(settings.device)
+    dtype = choose_dtype(settings.dtype, device)
+    log.info("loading %s from %s on %s as %s", name, checkpoint, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    model.to(device).eval()
+    model.requires_grad_(False)  # frozen: only prompt parameters are ever trained
+    spec = model_spec(model, name)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        device=device,
+        dtype=dtype,
+        stop_token_ids=stop_token_ids(model, tokenizer),
+        max_position_embeddings=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
+    )

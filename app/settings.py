@@ -1,0 +1,48 @@
+"""All run-time configuration, read once from PROMPTSERVE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "promptserve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROMPTSERVE_", extra="ignore")
+
+    # Model: empty means the embedded SmolLM2-135M-Instruct; else a local HF checkpoint dir or GGUF file.
+    model: str = ""
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+
+    # Prompt-set store.
+    store_dir: Path = Path("var/prompt-store")
+    seed_dir: Path | None = None  # prompt-set files imported at start-up when their task is absent
+    admin_token: str = ""
+    max_upload_bytes: int = 64 * 1024 * 1024
+
+    # Engine.
+    max_num_seqs: int = 64  # running sequences in one batch (KV-cache rows)
+    max_model_len: int = 2048  # virtual tokens + prompt + generated tokens
+    max_queue: int = 256  # waiting requests beyond which new ones are refused
+    max_prefills_per_step: int = 4
+    prefix_cache_size: int = 256  # device-resident prompt sets kept (LRU)
+    default_max_tokens: int = 256
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    warmup: bool = True
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
