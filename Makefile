@@ -1,0 +1,18 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+export PROMPTSERVE_SEED_DIR ?= demo/prompt_sets
+export PROMPTSERVE_STORE_DIR ?= var/prompt-store
+
+.PHONY: install serve test
+install:
+	VENV=$(VENV) bash scripts/install.sh
+	$(VENV)/bin/promptserve prepare-model
+
+serve: install
+	$(VENV)/bin/promptserve serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

@@ -1,0 +1,76 @@
+"""The FastAPI application: wiring, lifecycle, and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app.api.errors import install_error_handlers
+from app.api.routes import admin, health, tasks
+from app.engine.engine import Engine, EngineConfig
+from app.model.loader import LoadedModel, load_model
+from app.services.tasks import TaskService
+from app.settings import Settings, get_settings
+from prompt_store import PromptStore
+from prompt_store import format as psf
+
+log = logging.getLogger("promptserve")
+
+
+def seed_store(store: PromptStore, service: TaskService, seed_dir: Path | None) -> None:
+    """Import shipped prompt sets (demo tasks) whose task is not in the store yet; never overwrite."""
+    if not seed_dir or not Path(seed_dir).is_dir():
+        return
+    existing = set(store.tasks())
+    for path in sorted(Path(seed_dir).glob("*.safetensors")):
+        if path.stem in existing:
+            continue
+        try:
+            info = service.upload(path.stem, path.read_bytes())
+            log.info("seeded task %s v%d from %s", info.task, info.version, path)
+        except Exception as exc:  # e.g. trained for another base model: skip it, say why
+            log.warning("not seeding %s: %s", path, exc)
+
+
+def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
+    return Engine(loaded, EngineConfig(
+        max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len, max_queue=settings.max_queue,
+        max_prefills_per_step=settings.max_prefills_per_step, prefix_cache_size=settings.prefix_cache_size))
+
+
+def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = PromptStore(settings.store_dir)
+        model = loaded or await run_in_threadpool(load_model, settings)
+        engine = build_engine(settings, model)
+        engine.start()
+        service = TaskService(engine, store, model.spec, model.tokenizer)
+        await run_in_threadpool(seed_store, store, service, settings.seed_dir)
+        app.state.engine, app.state.store, app.state.tasks = engine, store, service
+        if settings.warmup:
+            await engine.warmup()
+        else:
+            engine.ready = True
+        log.info("ready: %s on %s (%s)", model.spec.name, model.device, model.dtype)
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan,
+                  description="Many P-Tuning v2 tasks served from one frozen Llama-family model.")
+    app.state.settings = settings
+    app.state.draining = False
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(tasks.router)
+    app.include_router(admin.router)
+    return app

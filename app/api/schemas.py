@@ -1,0 +1,85 @@
+"""Request and response bodies of the task endpoints."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.engine.types import SamplingParams
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingFields(BaseModel):
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] | str | None = Field(None, description="Stop strings (the text ends before them)")
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ValueError("at most 16 non-empty stop strings")
+        return stops
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=tuple(self.stop or ()),
+                              ignore_eos=self.ignore_eos)
+
+
+class TaskRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 64}]})
+
+    prompt: str | None = Field(None, description="Raw text, no template applied")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat; the template is applied")
+    stream: bool = Field(False, description="Stream tokens as server-sent events")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class PromptSetRefOut(BaseModel):
+    name: str
+    version: int | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: str
+    prompt_set: PromptSetRefOut
+    usage: Usage
+
+
+class PromptSetVersionOut(BaseModel):
+    name: str
+    version: int
+    active: bool
+    kind: str
+    task_type: str
+    num_virtual_tokens: int
+    labels: list[str]
+    size: int
+    sha256: str
+    created: float

@@ -1,0 +1,1 @@
+"""What the HTTP layer calls: task resolution, prompt encoding, generation, prompt-set uploads."""

@@ -1,0 +1,139 @@
+"""Tasks: resolve a task name to its active prompt set, encode prompts, run generation, take uploads."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from app.engine.engine import Engine, QueueFull, RequestTooLong
+from app.engine.types import PromptSetRef, RequestOutput, SamplingParams
+from app.model.spec import ModelSpec
+from app.services.errors import (Conflict, GenerationFailed, InvalidPromptSet, InvalidRequest, NotFound,
+                                 Overloaded)
+from prompt_store import PromptSetError, PromptSetMeta, PromptStore, StoreError, TaskNotFound, VersionInfo
+from prompt_store import format as psf
+from prompt_store.store import VersionNotFound
+
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    name: str
+    version: int | None  # None: the base model, no prompt set
+    meta: PromptSetMeta | None
+    ref: PromptSetRef | None
+
+    @property
+    def task_type(self) -> str:
+        return self.meta.task_type if self.meta else "generate"
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    first_token_s: float | None = None
+
+
+class TaskService:
+    def __init__(self, engine: Engine, store: PromptStore, spec: ModelSpec, tokenizer):
+        self.engine = engine
+        self.store = store
+        self.spec = spec
+        self.tokenizer = tokenizer
+
+    # -- tasks -----------------------------------------------------------------------------------
+    @property
+    def base_model_id(self) -> str:
+        return self.spec.name
+
+    def resolve(self, task: str) -> ResolvedTask:
+        if task == self.base_model_id:
+            return ResolvedTask(task, None, None, None)
+        try:
+            info = self.store.resolve(task)
+        except (TaskNotFound, VersionNotFound):
+            raise NotFound(f"no task named {task!r}") from None
+        except (StoreError, PromptSetError) as exc:
+            raise NotFound(f"task {task!r} cannot be served: {exc}") from None
+        ref = PromptSetRef(task, info.version, str(info.path), info.meta.num_virtual_tokens)
+        return ResolvedTask(task, info.version, info.meta, ref)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidRequest("give exactly one of 'prompt' or 'messages'")
+        if messages is not None:
+            if not messages:
+                raise InvalidRequest("'messages' is empty")
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # a template may reject role orders it does not support
+                raise InvalidRequest(f"the chat template rejected these messages: {exc}") from None
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        return ids
+
+    # -- generation ------------------------------------------------------------------------------
+    def stream(self, task: ResolvedTask, ids: list[int], sampling: SamplingParams,
+               request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        try:
+            self.engine.check_length(len(ids), task.ref, sampling.max_tokens)
+            return self._stream(task, ids, sampling, request_id)
+        except RequestTooLong as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    async def _stream(self, task, ids, sampling, request_id):
+        try:
+            gen = self.engine.generate(ids, sampling, task.ref, request_id)
+            first = await gen.__anext__()
+        except QueueFull as exc:
+            raise Overloaded(f"server busy: {exc}", {"Retry-After": "1"}) from None
+        try:
+            out = first
+            while True:
+                if out.finished and out.finish_reason == "error":
+                    raise GenerationFailed(out.error or "generation failed")
+                yield out
+                if out.finished:
+                    return
+                out = await gen.__anext__()
+        finally:
+            await gen.aclose()
+
+    async def complete(self, task: ResolvedTask, ids: list[int], sampling: SamplingParams,
+                       request_id: str | None = None) -> Completion:
+        start = time.monotonic()
+        parts, tokens, first = [], [], None
+        final = None
+        async for out in self.stream(task, ids, sampling, request_id):
+            if first is None and out.token_ids:
+                first = time.monotonic() - start
+            parts.append(out.text)
+            tokens.extend(out.token_ids)
+            final = out
+        return Completion("".join(parts), final.finish_reason, final.prompt_tokens, final.completion_tokens,
+                          tokens, first)
+
+    # -- uploads ---------------------------------------------------------------------------------
+    def upload(self, task: str, data: bytes) -> VersionInfo:
+        """Validate prompt-set bytes against this model, then store them as the next active version.
+
+        Validation comes first and the store's writes are atomic, so a bad file never changes anything.
+        """
+        if task == self.base_model_id:
+            raise Conflict(f"{task!r} is the base model's own id and cannot be a task name")
+        try:
+            psf.parse_for_model(data, self.spec)
+        except PromptSetError as exc:
+            raise InvalidPromptSet(str(exc)) from None
+        try:
+            return self.store.put(task, data)
+        except StoreError as exc:
+            raise InvalidRequest(str(exc)) from None
