@@ -1,0 +1,66 @@
+"""`promptserve serve` as a real process on the embedded SmolLM2: ready, then answers a chat request."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import input_prompt_set
+
+pytestmark = pytest.mark.real_model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PROMPTSERVE_STORE_DIR": str(tmp_path / "store"), "PROMPTSERVE_ADMIN_TOKEN": "tok",
+           "PROMPTSERVE_SEED_DIR": str(tmp_path / "seed"), "PROMPTSERVE_MAX_NUM_SEQS": "8"}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server not ready within 180 s")
+    yield base
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_serves_chat_and_an_uploaded_prompt_set(server, smol):
+    r = httpx.post(f"{server}/v1/tasks/{smol.spec.name}", timeout=60,
+                   json={"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                         "max_tokens": 24, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert "Paris" in r.json()["text"]
+    assert r.json()["finish_reason"] == "stop"
+    # the same weights in the server (bf16 on this CPU) and in the test (fp32) share one fingerprint
+    ps = input_prompt_set(smol.spec, 4, scale=0.01)
+    up = httpx.put(f"{server}/admin/prompt-sets/demo", content=ps.to_bytes(smol.spec),
+                   headers={"Authorization": "Bearer tok"}, timeout=30)
+    assert up.status_code == 201, up.text
+    r = httpx.post(f"{server}/v1/tasks/demo", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.json()["prompt_set"] == {"name": "demo", "version": 1}

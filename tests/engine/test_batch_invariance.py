@@ -1,0 +1,62 @@
+"""A request's greedy output is the same alone or in a mixed batch, joining mid-decode (float32)."""
+
+import asyncio
+
+import pytest
+
+from tests.helpers import greedy, input_prompt_set, make_engine, random_deep_prompt_set, save_ref
+
+
+@pytest.fixture(params=["tiny", pytest.param("smol", marks=pytest.mark.real_model)])
+def loaded(request):
+    return request.getfixturevalue(request.param)
+
+
+def _requests(loaded, tmp_path):
+    spec, tok = loaded.spec, loaded.tokenizer
+    inp3 = save_ref(tmp_path, "a", input_prompt_set(spec, 3, seed=1, scale=0.5), spec)
+    inp9 = save_ref(tmp_path, "b", input_prompt_set(spec, 9, seed=2, scale=0.5), spec)
+    deep4 = save_ref(tmp_path, "c", random_deep_prompt_set(spec, 4, seed=3, scale=0.5), spec)
+    deep11 = save_ref(tmp_path, "d", random_deep_prompt_set(spec, 11, seed=4, scale=0.5), spec)
+    texts = ["Hello there, how are you?", "List three colours.", "What is 2+2?", "Write a haiku about rain.",
+             "Name a city in Spain.", "Why is the sky blue?"]
+    refs = [None, inp3, deep4, inp9, deep11, None]
+    return [(tok.encode(t), ref) for t, ref in zip(texts, refs)]
+
+
+async def _run(engine, ids, ref, n, start: asyncio.Event | None = None, progress: list | None = None):
+    if start is not None:
+        await start.wait()
+    tokens = []
+    async for out in engine.generate(ids, greedy(n, ignore_eos=True), ref):
+        tokens.extend(out.token_ids)
+        for k, event in progress or []:  # let the next request join once this one is k tokens in
+            if len(tokens) >= k:
+                event.set()
+    return tokens
+
+
+def test_mixed_batch_equals_alone(loaded, tmp_path):
+    reqs = _requests(loaded, tmp_path)
+    n = 16
+    engine = make_engine(loaded)
+    try:
+        alone = [asyncio.run(_run(engine, ids, ref, n)) for ids, ref in reqs]
+
+        async def together():
+            # request i joins when the first request has decoded 2*i tokens: always mid-decode
+            events = [asyncio.Event() for _ in reqs[1:]]
+            progress = [(2 * (i + 1), e) for i, e in enumerate(events)]
+            first = _run(engine, *reqs[0], n, progress=progress)
+            rest = (_run(engine, ids, ref, n, start=e) for (ids, ref), e in zip(reqs[1:], events))
+            return await asyncio.gather(first, *rest)
+
+        steps_before = engine.steps
+        mixed = asyncio.run(together())
+        steps = engine.steps - steps_before
+    finally:
+        engine.stop()
+    assert mixed == alone
+    assert all(len(t) == n for t in alone)
+    # they really shared batches: far fewer steps than running them one after another
+    assert steps < len(reqs) * n

@@ -1,0 +1,81 @@
+"""The scheduler on its own: no model, no threads."""
+
+import pytest
+
+from app.engine.scheduler import QueueFull, Scheduler
+from app.engine.types import GenerationRequest, SamplingParams, Sequence, SeqStatus
+
+EOS = 2
+
+
+def seq(rid, max_tokens=3, ignore_eos=False):
+    return Sequence(GenerationRequest(rid, [5, 6], SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)))
+
+
+def make(**kw):
+    return Scheduler(**{"max_num_seqs": 2, "max_queue": 3, "max_prefills_per_step": 4,
+                        "stop_token_ids": frozenset({EOS}), **kw})
+
+
+def test_admits_up_to_batch_size_then_decodes():
+    s = make()
+    for r in "abc":
+        s.add(seq(r))
+    out = s.schedule()
+    assert [x.request_id for x in out.prefills] == ["a", "b"] and not out.decodes
+    s.update_from_output({"a": 7, "b": 7})
+    out = s.schedule()
+    assert not out.prefills and [x.request_id for x in out.decodes] == ["a", "b"]
+    assert s.num_waiting == 1
+
+
+def test_finishes_on_length_and_eos_and_frees_rows():
+    s = make()
+    s.add(seq("a", max_tokens=2))
+    s.add(seq("b"))
+    s.add(seq("c"))
+    s.schedule()
+    assert [f.request_id for f in s.update_from_output({"a": 7, "b": EOS})] == ["b"]
+    out = s.schedule()
+    assert [x.request_id for x in out.prefills] == ["c"]  # b's eos freed a row
+    finished = s.update_from_output({"a": 8, "c": 9})
+    assert [f.request_id for f in finished] == ["a"] and finished[0].finish_reason == "length"
+
+
+def test_eos_reason_and_ignore_eos():
+    s = make()
+    s.add(seq("a"))
+    s.add(seq("b", ignore_eos=True))
+    s.schedule()
+    finished = s.update_from_output({"a": EOS, "b": EOS})
+    assert [(f.request_id, f.finish_reason) for f in finished] == [("a", "stop")]
+    assert s.running[0].request_id == "b" and s.running[0].output_ids == [EOS]
+
+
+def test_queue_is_bounded():
+    s = make(max_queue=2)
+    s.add(seq("a"))
+    s.add(seq("b"))
+    with pytest.raises(QueueFull):
+        s.add(seq("c"))
+
+
+def test_aborts_apply_between_steps_waiting_and_running():
+    s = make(max_num_seqs=1)
+    s.add(seq("a"))
+    s.add(seq("b"))
+    s.schedule()
+    s.abort("a")
+    s.abort("b")
+    out = s.schedule()
+    assert sorted(x.request_id for x in out.aborted) == ["a", "b"]
+    assert all(x.status is SeqStatus.FINISHED and x.finish_reason == "abort" for x in out.aborted)
+    assert out.empty and not s.has_work()
+
+
+def test_prefills_per_step_are_capped():
+    s = make(max_num_seqs=8, max_queue=8, max_prefills_per_step=2)
+    for r in "abcde":
+        s.add(seq(r))
+    assert len(s.schedule().prefills) == 2
+    assert len(s.schedule().prefills) == 2
