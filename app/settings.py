@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     store_dir: Path = Path("var/prompt-store")
     seed_dir: Path | None = None  # prompt-set files imported at start-up when their task is absent
     admin_token: str = ""
+    admin_token_file: Path | None = None  # e.g. a Docker secret; wins over admin_token when set
     max_upload_bytes: int = 64 * 1024 * 1024
 
     # Engine.
@@ -41,6 +42,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     warmup: bool = True
+
+
+    @model_validator(mode="after")
+    def _token_from_file(self):
+        if self.admin_token_file is not None:
+            self.admin_token = Path(self.admin_token_file).read_text().strip()
+        return self
 
 
 @lru_cache

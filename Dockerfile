@@ -1,0 +1,55 @@
+# syntax=docker/dockerfile:1
+# CPU image by default. CUDA image:
+#   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t promptserve:cuda .
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# CUDA base images carry no Python; the slim Python image already has one. The distribution's python3 is
+# whatever that base ships, so its version is not pinned here.
+# hadolint ignore=DL3008
+RUN if ! command -v python3 >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv && \
+      rm -rf /var/lib/apt/lists/*; \
+    fi
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY scripts ./scripts
+COPY app ./app
+COPY prompt_store ./prompt_store
+# The same install script as `make install`: one procedure, no drift.
+RUN VENV=/opt/venv EXTRAS="" EDITABLE=0 TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" \
+    bash scripts/install.sh
+# Bake the embedded model in: convert the GGUF to the safetensors cache once, at build time.
+ENV PROMPTSERVE_CACHE_DIR=/opt/promptserve/cache
+RUN /opt/venv/bin/promptserve prepare-model
+
+FROM ${BASE_IMAGE} AS runtime
+# hadolint ignore=DL3008
+RUN if ! command -v python3 >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 && \
+      rm -rf /var/lib/apt/lists/*; \
+    fi && \
+    useradd --system --uid 10001 --create-home --home-dir /home/promptserve promptserve && \
+    mkdir -p /data/prompt-store && chown promptserve /data/prompt-store
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/promptserve/cache /opt/promptserve/cache
+COPY demo/prompt_sets /opt/promptserve/demo
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PROMPTSERVE_CACHE_DIR=/opt/promptserve/cache \
+    PROMPTSERVE_STORE_DIR=/data/prompt-store \
+    PROMPTSERVE_SEED_DIR=/opt/promptserve/demo \
+    PROMPTSERVE_HOST=0.0.0.0 \
+    PROMPTSERVE_PORT=8000
+USER 10001
+VOLUME ["/data/prompt-store"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4).status == 200 else 1)"]
+ENTRYPOINT ["promptserve"]
+CMD ["serve"]
