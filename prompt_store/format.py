@@ -183,6 +183,31 @@ def _check_tensors(ps: PromptSet) -> None:
                 f"keys/values must be [num_layers, num_kv_heads, num_virtual_tokens={p}, head_dim], got {list(k.shape)}")
 
 
+def head_rows(meta: PromptSetMeta) -> int | None:
+    """Rows of the task head: one per label (classify), one per BIO tag (extract: O, then B-/I- per type)."""
+    if meta.task_type == "classify":
+        return len(meta.labels)
+    if meta.task_type == "extract":
+        return 1 + 2 * len(meta.labels)
+    return None
+
+
+def _check_head(ps: PromptSet, shape: BaseModelShape) -> None:
+    rows = head_rows(ps.meta)
+    w, b = ps.tensors.get("head.weight"), ps.tensors.get("head.bias")
+    if rows is None:
+        if w is not None or b is not None:
+            raise PromptSetError(f"a {ps.meta.task_type} prompt set has no head, but head tensors are present")
+        return
+    if ps.meta.task_type == "extract" and not ps.meta.labels:
+        raise PromptSetError("an extract prompt set needs its entity types as labels")
+    if w is None or list(w.shape) != [rows, shape.hidden_size]:
+        raise PromptSetError(f"a {ps.meta.task_type} prompt set needs head.weight [{rows}, {shape.hidden_size}], "
+                             f"got {None if w is None else list(w.shape)}")
+    if b is not None and list(b.shape) != [rows]:
+        raise PromptSetError(f"head.bias must be [{rows}], got {list(b.shape)}")
+
+
 def check_compatible(ps: PromptSet, shape: BaseModelShape) -> None:
     """Refuse a prompt set made for another base model, or whose shapes do not fit this one."""
     if ps.meta.base_model and ps.meta.base_model != shape.fingerprint:
@@ -202,6 +227,7 @@ def check_compatible(ps: PromptSet, shape: BaseModelShape) -> None:
             raise PromptSetError(
                 f"keys/values are {got}; this model needs [num_layers={want[0]}, num_kv_heads={want[1]}, "
                 f"num_virtual_tokens={want[2]}, head_dim={want[3]}]")
+    _check_head(ps, shape)
 
 
 def parse_for_model(data: bytes, shape: BaseModelShape) -> PromptSet:

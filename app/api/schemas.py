@@ -43,14 +43,17 @@ class TaskRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 64}]})
 
-    prompt: str | None = Field(None, description="Raw text, no template applied")
+    prompt: str | None = Field(None, description="generate tasks: raw text, no template applied")
+    text: str | None = Field(None, min_length=1, max_length=20_000,
+                             description="classify and extract tasks: the text to label")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat; the template is applied")
     stream: bool = Field(False, description="Stream tokens as server-sent events")
 
     @model_validator(mode="after")
     def _one_input(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if sum(x is not None for x in (self.prompt, self.messages, self.text)) != 1:
+            raise ValueError("give exactly one of 'prompt', 'messages' (generate tasks) or 'text' "
+                             "(classify and extract tasks)")
         return self
 
 
@@ -83,3 +86,21 @@ class PromptSetVersionOut(BaseModel):
     size: int
     sha256: str
     created: float
+
+
+class ClassifyResponse(BaseModel):
+    label: str
+    scores: dict[str, float]
+    prompt_set: PromptSetRefOut
+
+
+class Entity(BaseModel):
+    text: str
+    label: str
+    start: int = Field(description="character offset of the first character")
+    end: int = Field(description="character offset one past the last character")
+
+
+class ExtractResponse(BaseModel):
+    entities: list[Entity]
+    prompt_set: PromptSetRefOut

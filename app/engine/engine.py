@@ -96,11 +96,12 @@ class Engine:
                 f"exceeds the context of {self.max_model_len} tokens")
 
     def submit(self, prompt_token_ids: list[int], sampling: SamplingParams,
-               prompt_set: PromptSetRef | None = None, request_id: str | None = None) -> tuple[str, asyncio.Queue]:
+               prompt_set: PromptSetRef | None = None, request_id: str | None = None,
+               mode: str = "generate", tag_positions: list[int] | None = None) -> tuple[str, asyncio.Queue]:
         """Queue a request from an event loop; its outputs arrive on the returned asyncio queue."""
-        self.check_length(len(prompt_token_ids), prompt_set, sampling.max_tokens)
+        self.check_length(len(prompt_token_ids), prompt_set, sampling.max_tokens if mode == "generate" else 0)
         request_id = request_id or uuid.uuid4().hex
-        req = GenerationRequest(request_id, list(prompt_token_ids), sampling, prompt_set)
+        req = GenerationRequest(request_id, list(prompt_token_ids), sampling, prompt_set, mode, tag_positions)
         sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(),
                           Detokenizer(self.tokenizer, sampling.stop), time.monotonic())
         self._subs[request_id] = sub
@@ -117,10 +118,11 @@ class Engine:
         self._wake.set()
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams,
-                       prompt_set: PromptSetRef | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt_set: PromptSetRef | None = None, request_id: str | None = None,
+                       mode: str = "generate", tag_positions: list[int] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early (disconnect, timeout) aborts it."""
-        request_id, queue = self.submit(prompt_token_ids, sampling, prompt_set, request_id)
+        request_id, queue = self.submit(prompt_token_ids, sampling, prompt_set, request_id, mode, tag_positions)
         finished = False
         try:
             while not finished:
@@ -140,12 +142,9 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception:  # never let one bad step kill the server: fail what was running
+            except Exception:  # never let one bad step kill the server or leave a caller waiting
                 log.exception("engine step failed")
-                for seq in list(self.scheduler.running):
-                    self.scheduler.finish(seq, "error", "internal engine error")
-                    self.runner.release(seq.request_id)
-                    self._emit_final(seq)
+                self._fail_in_flight("internal engine error")
 
     def step(self) -> None:
         step = self.scheduler.schedule()
@@ -154,11 +153,15 @@ class Engine:
             self._emit_final(seq)
         if step.empty:
             return
-        sampled, errors = self.runner.execute(step)
-        for request_id, message in errors.items():
-            seq = next(s for s in step.prefills if s.request_id == request_id)
-            self.scheduler.finish(seq, "error", message)
-            self._emit_final(seq)
+        sampled, errors, results = self.runner.execute(step)
+        for seq in step.prefills:
+            if seq.request_id in errors:
+                self.scheduler.finish(seq, "error", errors[seq.request_id])
+                self._emit_final(seq)
+            elif seq.request_id in results:
+                seq.result = results[seq.request_id]
+                self.scheduler.finish(seq, "stop")
+                self._emit_final(seq)
         finished = self.scheduler.update_from_output(sampled)
         self.steps += 1
         done = {s.request_id for s in finished}
@@ -168,6 +171,15 @@ class Engine:
         for seq in finished:
             self.runner.release(seq.request_id)
             self._emit_final(seq)
+
+    def _fail_in_flight(self, message: str) -> None:
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq, "error", message)
+            self.runner.release(seq.request_id)
+        for request_id in list(self._subs):
+            sub = self._subs.pop(request_id)
+            self.scheduler.abort(request_id)  # drops it from the waiting queue, if it is there
+            self._put(sub, RequestOutput(request_id, finished=True, finish_reason="error", error=message))
 
     def _emit_progress(self, seq: Sequence) -> None:
         sub = self._subs.get(seq.request_id)
@@ -196,7 +208,8 @@ class Engine:
                 seq.finish_reason = "stop"
         self._put(sub, RequestOutput(seq.request_id, text, new, finished=True, finish_reason=seq.finish_reason,
                                      prompt_tokens=len(seq.request.prompt_token_ids),
-                                     completion_tokens=len(seq.output_ids), error=seq.error))
+                                     completion_tokens=len(seq.output_ids), error=seq.error,
+                                     scores=(seq.result or {}).get("scores"), tags=(seq.result or {}).get("tags")))
 
     @staticmethod
     def _put(sub: _Subscriber, out: RequestOutput) -> None:

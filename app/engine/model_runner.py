@@ -32,29 +32,37 @@ class ModelRunner:
         self._positions = torch.arange(max_model_len, device=device)
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> tuple[dict[str, int], dict[str, str]]:
-        """Returns (sampled token per request id, error per request id that could not run)."""
+    def execute(self, step: SchedulerOutput) -> tuple[dict[str, int], dict[str, str], dict[str, dict]]:
+        """Returns (sampled token per request id, error per request id that could not run, head results of
+        classify/tag requests, which are done after their prefill)."""
         sampled: dict[str, int] = {}
         errors: dict[str, str] = {}
+        results: dict[str, dict] = {}
         if step.decodes:
             tokens = self._decode(step.decodes)
             sampled.update(zip((s.request_id for s in step.decodes), tokens))
         for seq in step.prefills:
             try:
-                sampled[seq.request_id] = self._prefill(seq)
+                out = self._prefill(seq)
+                if isinstance(out, dict):
+                    results[seq.request_id] = out
+                    self.release(seq.request_id)
+                else:
+                    sampled[seq.request_id] = out
             except Exception as exc:  # a prompt set deleted or broken since the request was made
                 log.warning("prefill of %s failed: %s", seq.request_id, exc)
                 self.release(seq.request_id)
                 errors[seq.request_id] = str(exc)
-        return sampled, errors
+        return sampled, errors, results
 
     def release(self, request_id: str) -> None:
         self.cache.release(request_id)
         self._generators.pop(request_id, None)
 
-    def _prefill(self, seq: Sequence) -> int:
+    def _prefill(self, seq: Sequence) -> int | dict:
         req = seq.request
         row = self.cache.allocate(req.request_id)
+        prefix = None
         if req.prompt_set is not None:
             prefix = self.prefixes.get(req.prompt_set)
             self.cache.write_prefix(row, prefix.keys, prefix.values)
@@ -75,9 +83,23 @@ class ModelRunner:
 
         hidden = self.forward.hidden(self.forward.embed(ids), positions, attend)
         cache.lengths[row] = end
+        if req.mode != "generate":
+            return self._apply_head(req, prefix, hidden[0])
         self._generators[req.request_id] = make_generator(req.sampling, self.device)
         logits = self.forward.logits(hidden[:, -1])
         return sample(logits, [req.sampling], [self._generators[req.request_id]])[0]
+
+    @staticmethod
+    def _apply_head(req, prefix, hidden: torch.Tensor) -> dict:
+        if prefix is None or prefix.head_weight is None:
+            raise ValueError(f"a {req.mode} request needs a prompt set with a head")
+        rows = hidden[-1:] if req.mode == "classify" else hidden[req.tag_positions or []]
+        logits = rows.float() @ prefix.head_weight.T
+        if prefix.head_bias is not None:
+            logits = logits + prefix.head_bias
+        if req.mode == "classify":
+            return {"scores": torch.softmax(logits[0], -1).tolist()}
+        return {"tags": logits.argmax(-1).tolist()}
 
     def _decode(self, seqs: list[Sequence]) -> list[int]:
         cache = self.cache

@@ -23,13 +23,16 @@ from prompt_store import format as psf
 class Prefix:
     keys: torch.Tensor
     values: torch.Tensor
+    head_weight: torch.Tensor | None = None  # classify / extract head
+    head_bias: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         return self.keys.shape[2]
 
     def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        head = [t for t in (self.head_weight, self.head_bias) if t is not None]
+        return 2 * self.keys.numel() * self.keys.element_size() + sum(t.numel() * t.element_size() for t in head)
 
 
 class PrefixCache:
@@ -65,12 +68,15 @@ class PrefixCache:
     @torch.inference_mode()
     def build(self, ps: psf.PromptSet) -> Prefix:
         psf.check_compatible(ps, self.shape)
+        # The head runs in float32: it is tiny, and label probabilities should not carry bf16 rounding.
+        head = [ps.tensors[n].to(self.device, torch.float32) if n in ps.tensors else None
+                for n in ("head.weight", "head.bias")]
         if ps.kind == "deep":
             return Prefix(ps.tensors["keys"].to(self.device, self.dtype).contiguous(),
-                          ps.tensors["values"].to(self.device, self.dtype).contiguous())
+                          ps.tensors["values"].to(self.device, self.dtype).contiguous(), *head)
         embeddings = ps.tensors["embeddings"].to(self.device, self.dtype)
         keys, values = self.forward.prefix_kv(embeddings)
-        return Prefix(keys.contiguous(), values.contiguous())
+        return Prefix(keys.contiguous(), values.contiguous(), *head)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -42,6 +42,10 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     prompt_set: PromptSetRef | None = None
+    # generate: sample tokens. classify: the head scores the final position. tag: the head tags
+    # tag_positions. The last two are one forward pass and finish at once.
+    mode: str = "generate"
+    tag_positions: list[int] | None = None
 
     @property
     def prefix_len(self) -> int:
@@ -63,6 +67,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None
+    result: dict | None = None  # classify/tag output
 
     @property
     def request_id(self) -> str:
@@ -96,3 +101,5 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    scores: list[float] | None = None  # classify: probability per label
+    tags: list[int] | None = None  # tag: tag index per position

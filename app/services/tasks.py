@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from app.engine.engine import Engine, QueueFull, RequestTooLong
+from app.task_types.encoding import bio_tags, classify_ids, decode_entities, extract_encoding
 from app.engine.types import PromptSetRef, RequestOutput, SamplingParams
 from app.model.spec import ModelSpec
 from app.services.errors import (Conflict, GenerationFailed, InvalidPromptSet, InvalidRequest, NotFound,
@@ -82,16 +83,17 @@ class TaskService:
 
     # -- generation ------------------------------------------------------------------------------
     def stream(self, task: ResolvedTask, ids: list[int], sampling: SamplingParams,
-               request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+               request_id: str | None = None, mode: str = "generate",
+               tag_positions: list[int] | None = None) -> AsyncIterator[RequestOutput]:
         try:
-            self.engine.check_length(len(ids), task.ref, sampling.max_tokens)
-            return self._stream(task, ids, sampling, request_id)
+            self.engine.check_length(len(ids), task.ref, sampling.max_tokens if mode == "generate" else 0)
+            return self._stream(task, ids, sampling, request_id, mode, tag_positions)
         except RequestTooLong as exc:
             raise InvalidRequest(str(exc)) from None
 
-    async def _stream(self, task, ids, sampling, request_id):
+    async def _stream(self, task, ids, sampling, request_id, mode, tag_positions):
         try:
-            gen = self.engine.generate(ids, sampling, task.ref, request_id)
+            gen = self.engine.generate(ids, sampling, task.ref, request_id, mode, tag_positions)
             first = await gen.__anext__()
         except QueueFull as exc:
             raise Overloaded(f"server busy: {exc}", {"Retry-After": "1"}) from None
@@ -120,6 +122,29 @@ class TaskService:
             final = out
         return Completion("".join(parts), final.finish_reason, final.prompt_tokens, final.completion_tokens,
                           tokens, first)
+
+    # -- classify / extract: one forward pass each -------------------------------------------------
+    async def _run_head(self, task: ResolvedTask, ids: list[int], mode: str, positions=None):
+        if task.meta is None or task.task_type not in ("classify", "extract"):
+            raise InvalidRequest(f"task {task.name!r} is a {task.task_type} task: send 'prompt' or 'messages'")
+        final = None
+        async for out in self.stream(task, ids, SamplingParams(max_tokens=1), mode=mode, tag_positions=positions):
+            final = out
+        return final
+
+    async def classify(self, task: ResolvedTask, text: str) -> dict:
+        out = await self._run_head(task, classify_ids(self.tokenizer, text), "classify")
+        scores = dict(zip(task.meta.labels, out.scores))
+        return {"label": max(scores, key=scores.get), "scores": scores,
+                "usage": {"prompt_tokens": out.prompt_tokens}}
+
+    async def extract(self, task: ResolvedTask, text: str) -> dict:
+        enc = extract_encoding(self.tokenizer, text)
+        if not enc.positions:  # nothing to tag (blank text): no model call needed
+            return {"entities": [], "usage": {"prompt_tokens": 0}}
+        out = await self._run_head(task, enc.ids, "tag", enc.positions)
+        entities = decode_entities(text, enc, out.tags, bio_tags(task.meta.labels))
+        return {"entities": entities, "usage": {"prompt_tokens": out.prompt_tokens}}
 
     # -- uploads ---------------------------------------------------------------------------------
     def upload(self, task: str, data: bytes) -> VersionInfo:

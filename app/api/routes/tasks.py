@@ -3,24 +3,32 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import SettingsDep, TasksDep
 from app.api.errors import ApiError
-from app.api.schemas import GenerateResponse, PromptSetRefOut, TaskRequest, Usage
+from app.api.schemas import (ClassifyResponse, ExtractResponse, GenerateResponse, PromptSetRefOut, TaskRequest,
+                             Usage)
 from app.api.sse import sse
 from app.services.errors import ServiceError
 
 router = APIRouter(prefix="/v1", tags=["tasks"])
 
 
-@router.post("/tasks/{task}", response_model=GenerateResponse)
+@router.post("/tasks/{task}", response_model=GenerateResponse | ClassifyResponse | ExtractResponse)
 async def run_task(task: str, body: TaskRequest, tasks: TasksDep, settings: SettingsDep):
-    """Run a task: generate text with the task's active prompt set prepended."""
+    """Run a task with its active prompt set: generate text, classify a text, or extract entities."""
     resolved = tasks.resolve(task)
+    ref = PromptSetRefOut(name=resolved.name, version=resolved.version)
     if resolved.task_type != "generate":
-        raise ApiError(422, "unsupported_task_type",
-                       f"task {task!r} is a {resolved.task_type} task; this server serves generate tasks")
+        if body.text is None:
+            raise ApiError(422, "invalid_request", f"task {task!r} is a {resolved.task_type} task: send 'text'")
+        if resolved.task_type == "classify":
+            out = await tasks.classify(resolved, body.text)
+            return ClassifyResponse(label=out["label"], scores=out["scores"], prompt_set=ref)
+        out = await tasks.extract(resolved, body.text)
+        return ExtractResponse(entities=out["entities"], prompt_set=ref)
+    if body.text is not None:
+        raise ApiError(422, "invalid_request", f"task {task!r} is a generate task: send 'prompt' or 'messages'")
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
     ids = tasks.encode(body.prompt, messages)
     sampling = body.sampling(settings.default_max_tokens)
-    ref = PromptSetRefOut(name=resolved.name, version=resolved.version)
     if body.stream:
         outputs = tasks.stream(resolved, ids, sampling)
 

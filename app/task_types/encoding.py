@@ -1,0 +1,84 @@
+"""Input encodings and output decodings of the classify and extract task types.
+
+classify: the text's tokens, then an end-of-sequence marker; the prompt set's head reads the final
+  hidden state (under causal attention it has seen the whole text) and scores the labels.
+extract: the text twice, separated by the marker; a tagging head reads the hidden state of each word's
+  first token in the second copy. A causal model's first copy sees only left context, the second copy
+  sees the whole sentence, which entity types need ("Paris Hilton" vs "Paris"). Tags are BIO.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_TEXT_TOKENS = 256
+_WORD = re.compile(r"\S+")
+
+
+def separator_id(tokenizer) -> int:
+    return int(tokenizer.eos_token_id)
+
+
+def classify_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.encode(text, add_special_tokens=False)[:MAX_TEXT_TOKENS]
+    return ids + [separator_id(tokenizer)]
+
+
+def bio_tags(entity_types: list[str] | tuple[str, ...]) -> list[str]:
+    return ["O"] + [f"{p}-{t}" for t in entity_types for p in ("B", "I")]
+
+
+def words_of(text: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+@dataclass
+class ExtractEncoding:
+    ids: list[int]
+    words: list[tuple[int, int]]  # character span of every word of the text
+    positions: list[int]  # index in ids of each tagged word's first token (second copy)
+    tagged_words: list[int]  # which words are tagged (a word cut off by truncation is not)
+
+
+def extract_encoding(tokenizer, text: str) -> ExtractEncoding:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])[:MAX_TEXT_TOKENS]
+    offsets = list(enc["offset_mapping"])[:MAX_TEXT_TOKENS]
+    words = words_of(text)
+    base = len(ids) + 1
+    positions, tagged = [], []
+    j = 0
+    for w, (start, end) in enumerate(words):
+        # the first token overlapping the word (byte-level BPE tokens may carry the space before it)
+        while j < len(offsets) and offsets[j][1] <= start:
+            j += 1
+        if j >= len(offsets) or offsets[j][0] >= end:
+            continue
+        positions.append(base + j)
+        tagged.append(w)
+    return ExtractEncoding(ids + [separator_id(tokenizer)] + ids, words, positions, tagged)
+
+
+def decode_entities(text: str, enc: ExtractEncoding, tag_ids: list[int], tags: list[str]) -> list[dict]:
+    """BIO tags per tagged word -> entities with character offsets into text.
+
+    Lenient like the usual seqeval-style readers: an I- tag that does not continue an entity of its type
+    starts one, so any tag sequence decodes to well-formed spans.
+    """
+    entities: list[dict] = []
+    current: dict | None = None
+    for w, tag_id in zip(enc.tagged_words, tag_ids):
+        tag = tags[tag_id] if 0 <= tag_id < len(tags) else "O"
+        start, end = enc.words[w]
+        prefix, _, label = tag.partition("-")
+        if tag == "O":
+            current = None
+            continue
+        if prefix == "I" and current is not None and current["label"] == label and current["_last"] == w - 1:
+            current["end"], current["_last"] = end, w
+            continue
+        current = {"label": label, "start": start, "end": end, "_last": w}
+        entities.append(current)
+    return [{"text": text[e["start"]:e["end"]], "label": e["label"], "start": e["start"], "end": e["end"]}
+            for e in entities]
