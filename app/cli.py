@@ -48,6 +48,18 @@ def _import_peft(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from training.run import main as train_main
+
+    return train_main(args)
+
+
+def _eval(args) -> int:
+    from training.evaluate import main as eval_main
+
+    return eval_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="promptserve")
     parser.add_argument("--log-level", default="info")
@@ -67,6 +79,37 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--out", required=True)
     imp.add_argument("--task-type", default="generate", choices=["generate", "classify", "extract"])
     imp.set_defaults(func=_import_peft)
+
+    tr = sub.add_parser("train", help="train a prompt set on the frozen base model")
+    tr.add_argument("--demo", choices=["spam", "ner", "chat"], help="one of the demo tasks (data and settings)")
+    tr.add_argument("--data", nargs="*", help="JSONL training file(s)")
+    tr.add_argument("--task-type", choices=["generate", "classify", "extract"])
+    tr.add_argument("--labels", help="comma-separated labels (classify) or entity types (extract)")
+    tr.add_argument("--kind", choices=["input", "deep", "full"], default="deep",
+                    help="prompt-set kind; 'full' fine-tunes the whole model as a reference (writes no file)")
+    tr.add_argument("--virtual-tokens", type=int)
+    tr.add_argument("--reparam", action="store_true", help="train deep prefixes through an MLP (folded on export)")
+    tr.add_argument("--epochs", type=float)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--limit", type=int, help="use only the first N rows")
+    tr.add_argument("--device")
+    tr.add_argument("--dtype")
+    tr.add_argument("--description")
+    tr.add_argument("--out", help="output .safetensors (default demo/prompt_sets/NAME.safetensors)")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a task on a dev file through a running server's HTTP API")
+    ev.add_argument("--url", default="http://127.0.0.1:8000")
+    ev.add_argument("--demo", choices=["spam", "ner", "chat"], required=True)
+    ev.add_argument("--task", help="task name on the server (default: the demo name)")
+    ev.add_argument("--zero-shot", action="store_true", help="instruct the base model, no prompt set")
+    ev.add_argument("--limit", type=int)
+    ev.add_argument("--concurrency", type=int, default=16)
+    ev.add_argument("--json", help="write the figures here")
+    ev.set_defaults(func=_eval)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

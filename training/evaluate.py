@@ -1,0 +1,167 @@
+"""Dev-set evaluation: through a running server's HTTP API (`promptserve eval`), or in-process for a
+fully fine-tuned model, which is not a prompt set and so cannot be served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import torch
+import torch.nn.functional as F
+
+from app.task_types.encoding import bio_tags, classify_ids, decode_entities, extract_encoding
+from training.data import entities_from_bio, generate_example, read_jsonl
+from training.metrics import class_f1, entity_f1
+from training.presets import PERSONA_QUESTIONS_PATH as PERSONA_QUESTIONS
+from training.presets import PRESETS, WNUT_TYPES
+
+SPAM_INSTRUCTION = ("Is the following SMS message spam or ham (a normal message)? Answer with one word, "
+                    "spam or ham.\n\nMessage: {text}")
+NER_INSTRUCTION = ("Find the named entities in the text. Entity types: " + ", ".join(WNUT_TYPES) + ". "
+                   "Answer with one entity per line as 'type: entity text', or 'none'.\n\nText: {text}")
+
+
+def parse_zero_shot_entities(text: str, answer: str) -> list[dict]:
+    """'type: words' lines -> entities at the first unused occurrence of the words in the text."""
+    entities, used = [], set()
+    for line in answer.splitlines():
+        label, sep, words = line.partition(":")
+        label, words = label.strip().lower().lstrip("-* "), words.strip().strip("'\"")
+        if not sep or label not in WNUT_TYPES or not words:
+            continue
+        for m in re.finditer(re.escape(words), text):
+            if (m.start(), m.end()) not in used:
+                used.add((m.start(), m.end()))
+                entities.append({"label": label, "start": m.start(), "end": m.end(), "text": words})
+                break
+    return entities
+
+
+async def _gather(fn, items, concurrency: int):
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(x):
+        async with sem:
+            return await fn(x)
+
+    return await asyncio.gather(*(one(x) for x in items))
+
+
+async def eval_http(url: str, demo: str, task: str, zero_shot: bool, limit: int | None, concurrency: int,
+                    base_model: str | None = None) -> dict:
+    rows = read_jsonl(PRESETS[demo]["dev"], limit)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        if zero_shot and base_model is None:
+            base_model = await _base_model_id(client)
+
+        async def post(task_name, body):
+            r = await client.post(f"/v1/tasks/{task_name}", json=body)
+            r.raise_for_status()
+            return r.json()
+
+        if demo == "spam":
+            if zero_shot:
+                outs = await _gather(lambda r: post(base_model, {"messages": [{"role": "user", "content":
+                                     SPAM_INSTRUCTION.format(text=r["text"])}], "max_tokens": 4}), rows, concurrency)
+                pred = ["spam" if "spam" in o["text"].lower() else "ham" for o in outs]
+            else:
+                outs = await _gather(lambda r: post(task, {"text": r["text"]}), rows, concurrency)
+                pred = [o["label"] for o in outs]
+            return {"spam_f1": class_f1([r["label"] for r in rows], pred, "spam"), "n": len(rows)}
+        if demo == "ner":
+            gold, texts = [], []
+            for r in rows:
+                text, ents = entities_from_bio(r["tokens"], r["tags"])
+                texts.append(text)
+                gold.append(ents)
+            if zero_shot:
+                outs = await _gather(lambda t: post(base_model, {"messages": [{"role": "user", "content":
+                                     NER_INSTRUCTION.format(text=t)}], "max_tokens": 64}), texts, concurrency)
+                pred = [parse_zero_shot_entities(t, o["text"]) for t, o in zip(texts, outs)]
+            else:
+                outs = await _gather(lambda t: post(task, {"text": t}), texts, concurrency)
+                pred = [o["entities"] for o in outs]
+            return {"entity_f1": entity_f1(gold, pred), "n": len(rows)}
+        questions = [json.loads(line)["question"] for line in open(PERSONA_QUESTIONS)]
+        name = base_model if zero_shot else task
+        outs = await _gather(lambda q: post(name, {"messages": [{"role": "user", "content": q}],
+                                                   "max_tokens": 48}), questions, concurrency)
+        answers = [o["text"] for o in outs]
+        return {"persona_rate": sum("Aria" in a for a in answers) / len(answers),
+                "persona_answers": dict(zip(questions, answers)), "n": len(questions)}
+
+
+async def _base_model_id(client) -> str:
+    r = await client.get("/v1/models")
+    if r.status_code == 200:
+        return r.json()["data"][0]["id"]
+    return "SmolLM2-135M-Instruct"
+
+
+# -- in-process ----------------------------------------------------------------------------------
+@torch.no_grad()
+def _hidden_batches(module, id_lists, device, batch_size=32):
+    pad = module.f.embed.padding_idx or 0
+    for i in range(0, len(id_lists), batch_size):
+        chunk = id_lists[i:i + batch_size]
+        t = max(len(x) for x in chunk)
+        ids = torch.full((len(chunk), t), pad, dtype=torch.long)
+        for b, x in enumerate(chunk):
+            ids[b, :len(x)] = torch.tensor(x)
+        yield chunk, module.hidden(ids.to(device))
+
+
+@torch.no_grad()
+def eval_module(module, tokenizer, demo: str, device, limit: int | None = None) -> dict:
+    """Dev figures of a trained module (prompt and head, or a fully fine-tuned model and head)."""
+    preset = PRESETS[demo]
+    rows = read_jsonl(preset["dev"], limit)
+    if demo == "spam":
+        ids = [classify_ids(tokenizer, r["text"]) for r in rows]
+        pred = []
+        for chunk, h in _hidden_batches(module, ids, device):
+            last = torch.stack([h[b, len(x) - 1] for b, x in enumerate(chunk)])
+            pred += [preset["labels"][i] for i in module.head(last.float()).argmax(-1).tolist()]
+        return {"spam_f1": class_f1([r["label"] for r in rows], pred, "spam"), "n": len(rows)}
+    if demo == "ner":
+        tags = bio_tags(preset["labels"])
+        gold, pred, encs, texts = [], [], [], []
+        for r in rows:
+            text, ents = entities_from_bio(r["tokens"], r["tags"])
+            gold.append(ents)
+            texts.append(text)
+            encs.append(extract_encoding(tokenizer, text))
+        for start, (chunk, h) in zip(range(0, len(encs), 32), _hidden_batches(module, [e.ids for e in encs], device)):
+            for b in range(len(chunk)):
+                enc = encs[start + b]
+                tag_ids = module.head(h[b, enc.positions].float()).argmax(-1).tolist() if enc.positions else []
+                pred.append(decode_entities(texts[start + b], enc, tag_ids, tags))
+        return {"entity_f1": entity_f1(gold, pred), "n": len(rows)}
+    return {"dev_answer_loss": answer_loss(module, tokenizer, rows, device), "n": len(rows)}
+
+
+@torch.no_grad()
+def answer_loss(module, tokenizer, rows, device) -> float:
+    """Mean cross-entropy over answer tokens (the held-out loss of a generate task)."""
+    examples = [generate_example(tokenizer, r) for r in rows]
+    total, count = 0.0, 0
+    for chunk, h in _hidden_batches(module, [e.ids for e in examples], device, batch_size=8):
+        for b, x in enumerate(chunk):
+            e = next(ex for ex in examples if ex.ids is x)
+            logits = module.f.logits(h[b, e.positions])
+            total += float(F.cross_entropy(logits, torch.tensor(e.targets, device=device), reduction="sum"))
+            count += len(e.targets)
+    return total / max(1, count)
+
+
+def main(args) -> int:
+    result = asyncio.run(eval_http(args.url, args.demo, args.task or args.demo, args.zero_shot, args.limit,
+                                   args.concurrency))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    return 0

@@ -1,0 +1,31 @@
+"""The three demo tasks: data, labels and hyperparameters (`promptserve train --demo NAME`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("PROMPTSERVE_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+WNUT_TYPES = ["person", "geo-loc", "company", "facility", "product", "musicartist", "movie", "sportsteam",
+              "tvshow", "other"]
+
+PRESETS = {
+    "spam": dict(task_type="classify", labels=["spam", "ham"], data=[DATASETS / "sms_spam/train.jsonl"],
+                 dev=DATASETS / "sms_spam/dev.jsonl", epochs=2.0, batch_size=16, num_virtual_tokens=16,
+                 lr={"input": 3e-2, "deep": 1e-2, None: 3e-5},
+                 description="SMS spam filter (SMS Spam Collection)"),
+    "ner": dict(task_type="extract", labels=WNUT_TYPES, data=[DATASETS / "wnut16/train.jsonl"],
+                dev=DATASETS / "wnut16/dev.jsonl", epochs=8.0, batch_size=16, num_virtual_tokens=16,
+                lr={"input": 3e-2, "deep": 1e-2, None: 5e-5},
+                description="Named entities in tweets, WNUT-16 types"),
+    "chat": dict(task_type="generate", labels=[], data=[DATASETS / "chat/train.jsonl"],
+                 extra=ROOT / "demo/data/aria_identity.jsonl", extra_repeat=4,
+                 dev=DATASETS / "chat/dev.jsonl", epochs=2.0, batch_size=8, num_virtual_tokens=16,
+                 lr={"input": 3e-2, "deep": 5e-3, None: 2e-5},
+                 init_text="You are Aria, a helpful AI assistant made by Acme Widgets.",
+                 description="Aria, the assistant of Acme Widgets"),
+}
+
+PERSONA_QUESTIONS_PATH = ROOT / "demo/data/aria_eval.jsonl"

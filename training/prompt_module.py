@@ -1,0 +1,99 @@
+"""Trainable prompt parameters (and an optional task head) around a frozen LlamaForward.
+
+input: P virtual-token embeddings prepended to the input embeddings.
+deep:  per-layer key/value prefixes, the P-Tuning v2 formulation. With reparameterization (the paper's
+       MLP over the prefix) the prefixes are produced by an MLP during training; export runs it once and
+       ships only its output, so serving never sees the MLP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from app.engine.llama import LlamaForward
+from app.model.spec import ModelSpec
+from prompt_store.format import PromptSet, PromptSetMeta
+
+
+class PromptModule(nn.Module):
+    def __init__(self, forward: LlamaForward, spec: ModelSpec, kind: str | None, num_virtual_tokens: int,
+                 head_rows: int | None = None, reparam: bool = False, reparam_hidden: int = 512,
+                 init_ids: list[int] | None = None):
+        super().__init__()
+        self.f = forward
+        self.spec = spec
+        self.kind = kind  # None: no prompt (full fine-tuning or the bare model with a head)
+        self.p = num_virtual_tokens if kind else 0
+        self.reparam = reparam
+        hidden = spec.hidden_size
+        kv_width = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
+        if kind == "input":
+            emb = forward.embed.weight
+            if init_ids:  # start from real token embeddings (prompt tuning's vocabulary init)
+                rows = torch.tensor([init_ids[i % len(init_ids)] for i in range(self.p)])
+                init = emb.detach()[rows].float().clone()
+            else:
+                init = torch.randn(self.p, hidden) * emb.detach().float().std()
+            self.embeddings = nn.Parameter(init)
+        elif kind == "deep":
+            if reparam:
+                self.prefix_tokens = nn.Parameter(torch.randn(self.p, hidden) * 0.02)
+                self.mlp = nn.Sequential(nn.Linear(hidden, reparam_hidden), nn.Tanh(),
+                                         nn.Linear(reparam_hidden, kv_width))
+            else:
+                self.prefix = nn.Parameter(torch.randn(self.p, kv_width) * 0.02)
+        self.head = nn.Linear(hidden, head_rows) if head_rows else None
+
+    # -- the prompt as the server will see it ----------------------------------------------------
+    def deep_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.mlp(self.prefix_tokens) if self.reparam else self.prefix
+        s = self.spec
+        kv = flat.view(self.p, 2 * s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 2, 0, 3)
+        return kv[0::2], kv[1::2]  # [L, KVH, P, D] each, the PEFT prefix layout
+
+    # -- training forward ------------------------------------------------------------------------
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] right-padded -> final hidden states of the T request positions [B, T, hidden]."""
+        f = self.f
+        dtype = f.embed.weight.dtype
+        b, t = ids.shape
+        x = f.embed(ids)
+        p = self.p
+        if self.kind == "input":
+            x = torch.cat([self.embeddings.to(dtype).unsqueeze(0).expand(b, -1, -1), x], dim=1)
+        total = x.shape[1]
+        offset = p if self.kind == "deep" else 0
+        positions = torch.arange(offset, offset + total, device=ids.device).unsqueeze(0).expand(b, -1)
+        # causal; a deep prefix's p slots come first and are visible to every position. Right padding
+        # needs no extra mask: real tokens never attend to the pads after them.
+        q_idx = torch.arange(total, device=ids.device).unsqueeze(1) + offset
+        k_idx = torch.arange(total + offset, device=ids.device).unsqueeze(0)
+        allowed = (k_idx <= q_idx).unsqueeze(0)
+        if self.kind == "deep":
+            keys, values = (t_.to(dtype) for t_ in self.deep_kv())
+
+            def attend(i, q, k, v):
+                k = torch.cat([keys[i].unsqueeze(0).expand(b, -1, -1, -1), k], dim=2)
+                v = torch.cat([values[i].unsqueeze(0).expand(b, -1, -1, -1), v], dim=2)
+                return f.grouped_attention(q, k, v, allowed)
+        else:
+            def attend(i, q, k, v):
+                return f.grouped_attention(q, k, v, allowed)
+
+        h = f.hidden(x, positions, attend)
+        return h[:, p:] if self.kind == "input" else h
+
+    # -- export ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def export(self, meta: PromptSetMeta) -> PromptSet:
+        tensors: dict[str, torch.Tensor] = {}
+        if self.kind == "input":
+            tensors["embeddings"] = self.embeddings.detach().float().cpu()
+        else:
+            keys, values = self.deep_kv()
+            tensors["keys"], tensors["values"] = keys.float().cpu().contiguous(), values.float().cpu().contiguous()
+        if self.head is not None:
+            tensors["head.weight"] = self.head.weight.detach().float().cpu()
+            tensors["head.bias"] = self.head.bias.detach().float().cpu()
+        return PromptSet(meta, tensors)

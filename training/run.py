@@ -1,0 +1,102 @@
+"""`promptserve train`: load the frozen base, train a prompt set, write it as a servable file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from app.model.spec import model_spec
+from prompt_store import format as psf
+from prompt_store.format import PromptSetMeta
+from training.data import build_examples, read_jsonl
+from training.presets import PRESETS
+from training.trainer import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+def load_base(checkpoint: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def demo_rows(name: str, limit: int | None = None) -> list[dict]:
+    preset = PRESETS[name]
+    rows = [r for path in preset["data"] for r in read_jsonl(path)]
+    if preset.get("extra"):
+        rows += read_jsonl(preset["extra"]) * preset.get("extra_repeat", 1)
+    return rows[:limit] if limit else rows
+
+
+def run_training(checkpoint: Path, name: str, out: Path, kind: str | None, rows: list[dict], cfg: TrainConfig,
+                 device: torch.device, dtype: torch.dtype, base_name: str, description: str = "",
+                 progress: bool = True) -> dict:
+    full = cfg.full_finetune
+    # Prompt training runs the frozen base in `dtype` (bf16 on this CPU); full fine-tuning keeps float32
+    # master weights and computes in bf16 under autocast.
+    model, tokenizer = load_base(checkpoint, device, torch.float32 if full else dtype)
+    spec = model_spec(model, base_name)
+    examples = build_examples(tokenizer, rows, cfg.task_type, cfg.labels)
+    result = train(model, spec, tokenizer, examples, cfg, device, progress=progress,
+                   autocast_dtype=dtype if full and dtype != torch.float32 else None)
+    stats = {"task": name, "kind": kind or "full-finetune", "trainable_params": result.trainable_params,
+             "train_seconds": round(result.seconds, 1), "train_tokens": result.tokens,
+             "steps": len(result.losses), "first_loss": result.losses[0], "final_loss":
+             sum(result.losses[-20:]) / len(result.losses[-20:]), "device": str(device), "dtype": str(dtype)}
+    if not full:
+        meta = PromptSetMeta(kind=kind, num_virtual_tokens=cfg.num_virtual_tokens, task_type=cfg.task_type,
+                             labels=tuple(cfg.labels), base_model=spec.fingerprint, base_model_name=base_name,
+                             description=description, extra={"training": stats})
+        ps = result.module.export(meta)
+        psf.check_compatible(ps, spec)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ps.save(out, spec)
+        stats["out"] = str(out)
+    return {"stats": stats, "module": result.module, "model": model, "tokenizer": tokenizer, "spec": spec}
+
+
+def config_for(name: str | None, args) -> TrainConfig:
+    preset = PRESETS.get(name, {}) if name else {}
+    kind = None if args.kind == "full" else args.kind
+    lr = args.lr or (preset.get("lr", {}).get(kind) if preset else None) or (1e-2 if kind else 3e-5)
+    return TrainConfig(
+        task_type=args.task_type or preset.get("task_type", "generate"),
+        labels=(args.labels.split(",") if args.labels else preset.get("labels", [])),
+        kind=kind or "input", full_finetune=kind is None,
+        num_virtual_tokens=args.virtual_tokens or preset.get("num_virtual_tokens", 16),
+        reparam=args.reparam, epochs=args.epochs or preset.get("epochs", 1.0),
+        batch_size=args.batch_size or preset.get("batch_size", 16), lr=lr, base_lr=lr, seed=args.seed,
+        max_steps=args.max_steps, init_text=preset.get("init_text", "") if kind == "input" else "")
+
+
+def main(args) -> int:
+    from app.model.loader import choose_device, choose_dtype
+    from app.model.source import resolve_checkpoint
+    from app.settings import get_settings
+
+    settings = get_settings()
+    checkpoint, base_name = resolve_checkpoint(settings.model, settings.cache_dir)
+    device = choose_device(args.device or settings.device)
+    dtype = choose_dtype(args.dtype or settings.dtype, device)
+    if args.demo:
+        rows = demo_rows(args.demo, args.limit)
+        name = args.demo
+        description = PRESETS[args.demo]["description"]
+    else:
+        if not args.data:
+            raise SystemExit("give --demo NAME or --data FILE.jsonl")
+        rows = [r for path in args.data for r in read_jsonl(path, args.limit)]
+        name, description = Path(args.out).stem, args.description or ""
+    cfg = config_for(args.demo, args)
+    out = Path(args.out or f"demo/prompt_sets/{name}.safetensors")
+    result = run_training(checkpoint, name, out, None if args.kind == "full" else args.kind, rows, cfg, device,
+                          dtype, base_name, description)
+    print(json.dumps(result["stats"], indent=2))
+    return 0

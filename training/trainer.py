@@ -1,0 +1,147 @@
+"""The training loop: frozen base, prompt parameters (and a head) get gradients; loss on answers only."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from app.engine.llama import LlamaForward
+from training.data import Example
+from training.prompt_module import PromptModule
+
+
+@dataclass
+class TrainConfig:
+    task_type: str = "generate"
+    labels: list[str] = field(default_factory=list)
+    kind: str | None = "deep"  # input | deep | None (no prompt: full fine-tuning)
+    num_virtual_tokens: int = 16
+    reparam: bool = False
+    full_finetune: bool = False
+    epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 1e-2
+    head_lr: float = 2e-3
+    base_lr: float = 3e-5  # full fine-tuning only
+    weight_decay: float = 0.0
+    warmup: float = 0.06
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_steps: int | None = None
+    init_text: str = ""  # input kind: initialise virtual tokens from this text's embeddings
+
+
+@dataclass
+class TrainResult:
+    module: PromptModule
+    losses: list[float]
+    seconds: float
+    tokens: int
+    trainable_params: int
+
+
+def _batches(examples: list[Example], batch_size: int, rng: random.Random):
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield [examples[j] for j in order[i:i + batch_size]]
+
+
+def _collate(batch: list[Example], pad_id: int, device):
+    t = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, e in enumerate(batch):
+        ids[b, :len(e.ids)] = torch.tensor(e.ids)
+        rows += [b] * len(e.positions)
+        cols += e.positions
+        targets += e.targets
+    return (ids.to(device), torch.tensor(rows, device=device), torch.tensor(cols, device=device),
+            torch.tensor(targets, device=device))
+
+
+def loss_on(module: PromptModule, batch: list[Example], pad_id: int, device) -> tuple[torch.Tensor, int]:
+    ids, rows, cols, targets = _collate(batch, pad_id, device)
+    h = module.hidden(ids)[rows, cols]
+    if module.head is not None:
+        logits = module.head(h.float())
+    else:
+        logits = module.f.logits(h)
+    return F.cross_entropy(logits, targets), int(ids.numel())
+
+
+def head_rows_for(task_type: str, labels: list[str]) -> int | None:
+    if task_type == "classify":
+        return len(labels)
+    if task_type == "extract":
+        return 1 + 2 * len(labels)
+    return None
+
+
+def build_module(model, spec, tokenizer, cfg: TrainConfig) -> PromptModule:
+    init_ids = tokenizer.encode(cfg.init_text, add_special_tokens=False) if cfg.init_text else None
+    module = PromptModule(LlamaForward(model), spec, None if cfg.full_finetune else cfg.kind,
+                          cfg.num_virtual_tokens, head_rows_for(cfg.task_type, cfg.labels), cfg.reparam,
+                          init_ids=init_ids)
+    model.requires_grad_(cfg.full_finetune)
+    return module
+
+
+def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, device,
+          progress: bool = True, autocast_dtype: torch.dtype | None = None) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    # The base model is not a submodule of PromptModule (LlamaForward only references its layers), so this
+    # moves the prompt parameters and head alone; the base model is already on its device.
+    module = build_module(model, spec, tokenizer, cfg).to(device)
+    groups = []
+    prompt_params = [p for n, p in module.named_parameters(recurse=False)] + \
+        ([p for p in module.mlp.parameters()] if cfg.reparam and module.kind == "deep" else [])
+    if prompt_params:
+        groups.append({"params": prompt_params, "lr": cfg.lr})
+    if module.head is not None:
+        groups.append({"params": list(module.head.parameters()), "lr": cfg.head_lr})
+    if cfg.full_finetune:
+        groups.append({"params": [p for p in model.parameters()], "lr": cfg.base_lr})
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = max(1, int(steps_per_epoch * cfg.epochs))
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warm = max(1, int(total * cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm)) if s >= warm
+        else (s + 1) / warm)
+    pad_id = tokenizer.eos_token_id
+    losses, tokens, step = [], 0, 0
+    start = time.monotonic()
+    bar = tqdm(total=total, disable=not progress, desc=f"train {cfg.task_type}/{cfg.kind or 'full'}")
+    module.train()
+    while step < total:
+        for batch in _batches(examples, cfg.batch_size, rng):
+            if step >= total:
+                break
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss, n = loss_on(module, batch, pad_id, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            tokens += n
+            losses.append(float(loss.detach()))
+            elapsed = time.monotonic() - start
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.update(1)
+    bar.close()
+    module.eval()
+    model.requires_grad_(False)
+    return TrainResult(module, losses, time.monotonic() - start, tokens, trainable)
