@@ -11,13 +11,15 @@ def _serve(args) -> int:
     import uvicorn
 
     from app.api.main import create_app
+    from app.api.shutdown import DrainingServer
     from app.settings import get_settings
 
     settings = get_settings()
-    host = args.host or settings.host
-    port = args.port or settings.port
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.grace)
+    grace = args.grace if args.grace is not None else settings.drain_grace
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
+                            log_level=args.log_level, timeout_graceful_shutdown=5, log_config=None)
+    DrainingServer(config, app.state, grace).run()
     return 0
 
 
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve the model and the prompt-set store over HTTP")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--grace", type=float, default=30.0, help="seconds to finish in-flight requests")
+    serve.add_argument("--grace", type=float, help="on SIGTERM, seconds in-flight requests get to finish "
+                       "(default PROMPTSERVE_DRAIN_GRACE, 30)")
     serve.set_defaults(func=_serve)
 
     prep = sub.add_parser("prepare-model", help="convert the configured model to the local cache once")
@@ -112,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.set_defaults(func=_eval)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.observability import RequestIdFilter
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     return args.func(args)
 
 

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     admin_token: str = ""
     admin_token_file: Path | None = None  # e.g. a Docker secret; wins over admin_token when set
     max_upload_bytes: int = 64 * 1024 * 1024
+    api_keys: str = ""  # comma-separated client keys for /v1; empty = open
+    request_timeout: float = 300.0  # seconds a task request may take before it is cancelled (504)
+    drain_grace: float = 30.0  # on SIGTERM: seconds in-flight requests get to finish
 
     # Engine.
     max_num_seqs: int = 64  # running sequences in one batch (KV-cache rows)
@@ -43,6 +46,10 @@ class Settings(BaseSettings):
     port: int = 8000
     warmup: bool = True
 
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
     @model_validator(mode="after")
     def _token_from_file(self):

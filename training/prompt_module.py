@@ -31,10 +31,10 @@ class PromptModule(nn.Module):
         if kind == "input":
             emb = forward.embed.weight
             if init_ids:  # start from real token embeddings (prompt tuning's vocabulary init)
-                rows = torch.tensor([init_ids[i % len(init_ids)] for i in range(self.p)])
-                init = emb.detach()[rows].float().clone()
+                rows = torch.tensor([init_ids[i % len(init_ids)] for i in range(self.p)], device=emb.device)
+                init = emb.detach()[rows].float().cpu().clone()
             else:
-                init = torch.randn(self.p, hidden) * emb.detach().float().std()
+                init = torch.randn(self.p, hidden) * emb.detach().float().std().item()
             self.embeddings = nn.Parameter(init)
         elif kind == "deep":
             if reparam:

@@ -46,10 +46,11 @@ def run_training(checkpoint: Path, name: str, out: Path, kind: str | None, rows:
     examples = build_examples(tokenizer, rows, cfg.task_type, cfg.labels)
     result = train(model, spec, tokenizer, examples, cfg, device, progress=progress,
                    autocast_dtype=dtype if full and dtype != torch.float32 else None)
+    tail = max(1, min(20, len(result.losses) // 4))  # mean of the last quarter, at most 20 steps
     stats = {"task": name, "kind": kind or "full-finetune", "trainable_params": result.trainable_params,
              "train_seconds": round(result.seconds, 1), "train_tokens": result.tokens,
-             "steps": len(result.losses), "first_loss": result.losses[0], "final_loss":
-             sum(result.losses[-20:]) / len(result.losses[-20:]), "device": str(device), "dtype": str(dtype)}
+             "steps": len(result.losses), "first_loss": result.losses[0],
+             "final_loss": sum(result.losses[-tail:]) / tail, "device": str(device), "dtype": str(dtype)}
     if not full:
         meta = PromptSetMeta(kind=kind, num_virtual_tokens=cfg.num_virtual_tokens, task_type=cfg.task_type,
                              labels=tuple(cfg.labels), base_model=spec.fingerprint, base_model_name=base_name,

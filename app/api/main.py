@@ -11,9 +11,11 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
-from app.api.routes import admin, health, tasks
+from app.api.middleware import ServingMiddleware
+from app.api.routes import admin, health, metrics, openai, tasks
 from app.engine.engine import Engine, EngineConfig
 from app.model.loader import LoadedModel, load_model
+from app.observability import Metrics
 from app.services.tasks import TaskService
 from app.settings import Settings, get_settings
 from prompt_store import PromptStore
@@ -49,7 +51,8 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         store = PromptStore(settings.store_dir)
-        model = loaded or await run_in_threadpool(load_model, settings)
+        # a model handed in (tests, or a caller that already holds one) is used as it is
+        model = loaded or getattr(app.state, "preloaded", None) or await run_in_threadpool(load_model, settings)
         engine = build_engine(settings, model)
         engine.start()
         service = TaskService(engine, store, model.spec, model.tokenizer)
@@ -69,8 +72,11 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
                   description="Many P-Tuning v2 tasks served from one frozen Llama-family model.")
     app.state.settings = settings
     app.state.draining = False
+    app.state.inflight = 0
+    app.state.engine = None
+    app.state.metrics = Metrics(lambda: app.state.engine)
     install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(tasks.router)
-    app.include_router(admin.router)
+    app.add_middleware(ServingMiddleware, state=app.state)
+    for module in (health, metrics, tasks, openai, admin):
+        app.include_router(module.router)
     return app

@@ -33,8 +33,8 @@ class SamplingFields(BaseModel):
             raise ValueError("at most 16 non-empty stop strings")
         return stops
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=tuple(self.stop or ()),
                               ignore_eos=self.ignore_eos)
 
@@ -86,6 +86,27 @@ class PromptSetVersionOut(BaseModel):
     size: int
     sha256: str
     created: float
+    description: str = ""
+
+
+class TaskVersionsOut(BaseModel):
+    name: str
+    active_version: int | None
+    versions: list[PromptSetVersionOut]
+
+
+class TaskOut(BaseModel):
+    name: str
+    type: str
+    kind: str | None
+    labels: list[str]
+    active_version: int | None
+    num_virtual_tokens: int
+
+
+class TaskList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TaskOut]
 
 
 class ClassifyResponse(BaseModel):

@@ -81,6 +81,14 @@ class TaskService:
             raise InvalidRequest("the prompt is empty")
         return ids
 
+    def max_tokens_for(self, task: ResolvedTask, ids: list[int], requested: int | None, default: int) -> int:
+        """An explicit max_tokens is kept (and checked against the context later); without one, generate
+        up to the default, shortened to what the context has left."""
+        if requested is not None:
+            return requested
+        room = self.engine.max_model_len - len(ids) - (task.ref.num_virtual_tokens if task.ref else 0)
+        return max(1, min(default, room))
+
     # -- generation ------------------------------------------------------------------------------
     def stream(self, task: ResolvedTask, ids: list[int], sampling: SamplingParams,
                request_id: str | None = None, mode: str = "generate",
@@ -145,6 +153,76 @@ class TaskService:
         out = await self._run_head(task, enc.ids, "tag", enc.positions)
         entities = decode_entities(text, enc, out.tags, bio_tags(task.meta.labels))
         return {"entities": entities, "usage": {"prompt_tokens": out.prompt_tokens}}
+
+    # -- listing and admin ------------------------------------------------------------------------
+    def list_tasks(self) -> list[VersionInfo]:
+        out = []
+        for task in self.store.tasks():
+            try:
+                out.append(self.store.resolve(task))
+            except (StoreError, PromptSetError):
+                continue  # deleted between listing and reading: not a task any more
+        return out
+
+    def versions(self, task: str) -> list[VersionInfo]:
+        try:
+            return self.store.list_versions(task)
+        except (TaskNotFound, StoreError) as exc:
+            raise NotFound(str(exc)) from None
+
+    def activate(self, task: str, version: int) -> VersionInfo:
+        try:
+            return self.store.activate(task, version)
+        except (TaskNotFound, VersionNotFound) as exc:
+            raise NotFound(str(exc)) from None
+        except StoreError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    def delete_version(self, task: str, version: int) -> None:
+        try:
+            self.store.delete_version(task, version)
+        except (TaskNotFound, VersionNotFound) as exc:
+            raise NotFound(str(exc)) from None
+        except StoreError as exc:  # the active version: refuse rather than leave the task without one
+            raise Conflict(str(exc)) from None
+
+    def delete_task(self, task: str) -> None:
+        try:
+            self.store.delete_task(task)
+        except (TaskNotFound, StoreError) as exc:
+            raise NotFound(str(exc)) from None
+
+    def upload_peft_zip(self, task: str, data: bytes, task_type: str = "generate") -> VersionInfo:
+        """A zipped Hugging Face PEFT adapter directory -> prompt set -> the task's next version."""
+        import io
+        import tempfile
+        import zipfile
+        from pathlib import Path
+
+        from prompt_store.peft_import import import_peft
+
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        except zipfile.BadZipFile:
+            raise InvalidPromptSet("not a valid zip archive") from None
+        configs = [n for n in archive.namelist() if n.endswith("adapter_config.json")]
+        if len(configs) != 1:
+            raise InvalidPromptSet("the zip must hold exactly one PEFT adapter (one adapter_config.json)")
+        root = configs[0][: -len("adapter_config.json")]
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                try:
+                    member = archive.read(root + name)
+                except KeyError:
+                    raise InvalidPromptSet(f"the adapter lacks {name}") from None
+                if len(member) > 512 * 1024 * 1024:
+                    raise InvalidPromptSet(f"{name} is too large")
+                (Path(tmp) / name).write_bytes(member)
+            try:
+                ps = import_peft(tmp, self.spec, self.spec.name, task_type=task_type)
+            except (PromptSetError, ValueError, KeyError) as exc:
+                raise InvalidPromptSet(f"cannot import the PEFT adapter: {exc}") from None
+        return self.upload(task, ps.to_bytes(self.spec))
 
     # -- uploads ---------------------------------------------------------------------------------
     def upload(self, task: str, data: bytes) -> VersionInfo:

@@ -16,3 +16,27 @@ def make_settings(tmp_path, **kw) -> Settings:
 def client(tiny, tmp_path):
     with TestClient(create_app(make_settings(tmp_path), loaded=tiny)) as c:
         yield c
+
+
+@pytest.fixture
+def live_server(tiny, tmp_path):
+    """The app on a real uvicorn server in a background thread (real sockets: disconnects, streaming)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(make_settings(tmp_path, max_model_len=1024, warmup=False), loaded=tiny)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(10)

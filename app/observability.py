@@ -1,0 +1,70 @@
+"""Prometheus metrics and request ids."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request id on every log record (format with %(request_id)s)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class _PrefixCacheCollector:
+    def __init__(self, engine_ref):
+        self.engine_ref = engine_ref
+
+    def collect(self):
+        engine = self.engine_ref()
+        hits = CounterMetricFamily("promptserve_prompt_set_cache_hits", "device prompt-set cache hits")
+        misses = CounterMetricFamily("promptserve_prompt_set_cache_misses", "device prompt-set cache misses")
+        if engine is not None:
+            hits.add_metric([], engine.runner.prefixes.hits)
+            misses.add_metric([], engine.runner.prefixes.misses)
+        yield hits
+        yield misses
+
+
+class Metrics:
+    def __init__(self, engine_ref):
+        """engine_ref: a callable returning the engine, or None while it loads."""
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("promptserve_requests_total", "finished task requests", ["task", "status"],
+                                registry=r)
+        self.tokens = Counter("promptserve_tokens_total", "tokens processed", ["task", "kind"], registry=r)
+        self.ttft = Histogram("promptserve_time_to_first_token_seconds", "time to first token", ["task"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("promptserve_request_latency_seconds", "end-to-end request latency", ["task"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.uploads = Counter("promptserve_prompt_set_uploads_total", "accepted prompt-set uploads", ["task"],
+                               registry=r)
+        queue = Gauge("promptserve_queue_depth", "requests waiting for a batch row", registry=r)
+        running = Gauge("promptserve_running_batch_size", "sequences in the running batch", registry=r)
+        resident = Gauge("promptserve_prompt_sets_resident", "prompt sets resident on the device", registry=r)
+        queue.set_function(lambda: engine_ref().num_waiting if engine_ref() else 0)
+        running.set_function(lambda: engine_ref().num_running if engine_ref() else 0)
+        resident.set_function(lambda: len(engine_ref().runner.prefixes) if engine_ref() else 0)
+        r.register(_PrefixCacheCollector(engine_ref))
+
+    def observe(self, task: str, status: str, latency: float | None = None, ttft: float | None = None,
+                prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        self.requests.labels(task=task, status=status).inc()
+        if prompt_tokens:
+            self.tokens.labels(task=task, kind="prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(task=task, kind="completion").inc(completion_tokens)
+        if latency is not None:
+            self.latency.labels(task=task).observe(latency)
+        if ttft is not None:
+            self.ttft.labels(task=task).observe(ttft)

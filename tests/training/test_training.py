@@ -1,0 +1,60 @@
+"""Short training runs on the tiny model: the loss goes down and the output is a servable prompt set."""
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.api.main import create_app
+from app.model.loader import load_model
+from app.settings import Settings
+from prompt_store import format as psf
+from tests.api.conftest import ADMIN, make_settings
+from training.run import run_training
+from training.trainer import TrainConfig
+
+SPAM = [{"text": f"WIN a FREE prize now call {i}", "label": "spam"} for i in range(12)] + \
+       [{"text": f"see you at dinner {i}, love", "label": "ham"} for i in range(12)]
+NER = [{"tokens": ["I", "met", "Anna", "in", "Rome"], "tags": ["O", "O", "B-person", "O", "B-geo-loc"]},
+       {"tokens": ["Bob", "likes", "Paris"], "tags": ["B-person", "O", "B-geo-loc"]}] * 6
+CHAT = [{"instruction": "Who are you?", "input": "", "output": "I am Aria."}] * 8
+
+
+@pytest.mark.parametrize("task_type, rows, labels, kind, reparam", [
+    ("classify", SPAM, ["spam", "ham"], "deep", False),
+    ("classify", SPAM, ["spam", "ham"], "input", False),
+    ("extract", NER, ["person", "geo-loc"], "deep", True),
+    ("generate", CHAT, [], "input", False),
+    ("generate", CHAT, [], "deep", True),
+])
+def test_short_run_lowers_loss_and_output_serves(tiny_model_dir, tiny, tmp_path, task_type, rows, labels, kind,
+                                                 reparam):
+    cfg = TrainConfig(task_type=task_type, labels=labels, kind=kind, num_virtual_tokens=4, reparam=reparam,
+                      epochs=30 if task_type == "generate" else 6, batch_size=8, lr=3e-2, head_lr=1e-2, seed=0, warmup=0.1)
+    out = tmp_path / "ps.safetensors"
+    res = run_training(tiny_model_dir, "t", out, kind, rows, cfg, torch.device("cpu"), torch.float32,
+                       tiny.spec.name, progress=False)
+    losses = res["stats"]
+    assert losses["final_loss"] < 0.9 * losses["first_loss"]
+    ps = psf.parse_for_model(out.read_bytes(), tiny.spec)  # the server's own validation
+    assert ps.kind == kind and ps.meta.task_type == task_type and list(ps.meta.labels) == labels
+    assert "mlp" not in str(list(ps.tensors))  # the reparameterization MLP is folded away on export
+    with TestClient(create_app(make_settings(tmp_path, warmup=False), loaded=tiny)) as c:
+        assert c.put("/admin/prompt-sets/t", content=out.read_bytes(), headers=ADMIN).status_code == 201
+        body = {"text": rows[0]["text"] if task_type == "classify" else " ".join(rows[0].get("tokens", []))}
+        if task_type == "generate":
+            body = {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 4}
+        r = c.post("/v1/tasks/t", json=body)
+        assert r.status_code == 200, r.text
+
+
+def test_training_is_reproducible(tiny_model_dir, tiny, tmp_path):
+    cfg = TrainConfig(task_type="classify", labels=["spam", "ham"], kind="deep", num_virtual_tokens=3, epochs=1,
+                      batch_size=8, seed=7)
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"{i}.safetensors"
+        run_training(tiny_model_dir, "t", out, "deep", SPAM, cfg, torch.device("cpu"), torch.float32,
+                     tiny.spec.name, progress=False)
+        outs.append(psf.load(out).tensors)
+    for name in outs[0]:
+        torch.testing.assert_close(outs[0][name], outs[1][name])
