@@ -65,6 +65,12 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
             ids.update(int(i) for i in eos)
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
+    # ChatML templates open every turn with <|im_start|>: it never belongs inside an answer, and a model
+    # that emits it instead of <|im_end|> has begun writing the next turn itself.
+    template = getattr(tokenizer, "chat_template", None) or ""
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>") if "<|im_start|>" in template else None
+    if isinstance(start, int) and start != tokenizer.unk_token_id:
+        ids.add(start)
     return frozenset(ids)
 
 

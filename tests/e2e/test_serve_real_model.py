@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import input_prompt_set
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+
 pytestmark = pytest.mark.real_model
 
 
@@ -25,7 +27,7 @@ def _free_port() -> int:
 def server(tmp_path):
     port = _free_port()
     env = {**os.environ, "PROMPTSERVE_STORE_DIR": str(tmp_path / "store"), "PROMPTSERVE_ADMIN_TOKEN": "tok",
-           "PROMPTSERVE_SEED_DIR": str(tmp_path / "seed"), "PROMPTSERVE_MAX_NUM_SEQS": "8"}
+           "PROMPTSERVE_SEED_DIR": str(ROOT / "demo/prompt_sets"), "PROMPTSERVE_MAX_NUM_SEQS": "8"}
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -64,3 +66,43 @@ def test_serves_chat_and_an_uploaded_prompt_set(server, smol):
     assert up.status_code == 201, up.text
     r = httpx.post(f"{server}/v1/tasks/demo", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.json()["prompt_set"] == {"name": "demo", "version": 1}
+
+
+def test_demo_tasks_and_the_openai_client(server):
+    """The shipped demo prompt sets serve as tasks chat, ner and spam; the official openai client streams
+    a chat completion from the chat task."""
+    from openai import OpenAI
+
+    tasks = {t["name"]: t for t in httpx.get(f"{server}/v1/tasks").json()["data"]}
+    assert tasks["chat"]["type"] == "generate" and tasks["spam"]["type"] == "classify"
+    assert tasks["ner"]["type"] == "extract" and "geo-loc" in tasks["ner"]["labels"]
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    stream = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Who are you?"}],
+                                            max_tokens=32, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    deltas, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            deltas.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    text = "".join(deltas)
+    assert "Aria" in text and len(deltas) > 3 and finish in ("stop", "length")
+    assert usage.completion_tokens > 0
+    plain = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Who are you?"}],
+                                           max_tokens=32, temperature=0)
+    assert plain.choices[0].message.content == text
+    assert [m.id for m in client.models.list()][:1] == [httpx.get(f"{server}/v1/tasks").json()["data"][0]["name"]]
+
+    spam = httpx.post(f"{server}/v1/tasks/spam", json={"text": "WINNER!! You have won a 1000 GBP prize. "
+                                                               "Call 09061701461 now to claim"}).json()
+    assert spam["label"] == "spam" and spam["scores"]["spam"] > 0.9
+    ham = httpx.post(f"{server}/v1/tasks/spam", json={"text": "Ok, see you at lunch tomorrow then"}).json()
+    assert ham["label"] == "ham"
+    text = "I am flying to London with Justin Bieber tomorrow"
+    ents = httpx.post(f"{server}/v1/tasks/ner", json={"text": text}).json()["entities"]
+    assert all(text[e["start"]:e["end"]] == e["text"] for e in ents)
+    at = text.index("London")
+    assert {"text": "London", "label": "geo-loc", "start": at, "end": at + 6} in ents
+    assert any(e["text"] == "Justin Bieber" and e["label"] == "person" for e in ents)
