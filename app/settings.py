@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     max_model_len: int = 2048  # virtual tokens + prompt + generated tokens
     max_queue: int = 256  # waiting requests beyond which new ones are refused
     max_prefills_per_step: int = 4
-    prefix_cache_size: int = 256  # device-resident prompt sets kept (LRU)
+    prefix_cache_size: int = 4096  # device-resident prompt sets kept (LRU), bounded by count...
+    prefix_cache_mb: int = 1024  # ...and by memory
     default_max_tokens: int = 256
 
     host: str = "127.0.0.1"

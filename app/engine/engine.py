@@ -36,7 +36,8 @@ class EngineConfig:
     max_model_len: int = 2048
     max_queue: int = 256
     max_prefills_per_step: int = 4
-    prefix_cache_size: int = 256
+    prefix_cache_size: int = 4096
+    prefix_cache_bytes: int = 1 << 30
 
 
 @dataclass
@@ -56,7 +57,8 @@ class Engine:
         self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, config.max_prefills_per_step,
                                    loaded.stop_token_ids)
         self.runner = ModelRunner(loaded.model, loaded.spec, loaded.device, loaded.dtype,
-                                  config.max_num_seqs, self.max_model_len, config.prefix_cache_size)
+                                  config.max_num_seqs, self.max_model_len, config.prefix_cache_size,
+                                  config.prefix_cache_bytes)
         self._subs: dict[str, _Subscriber] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()

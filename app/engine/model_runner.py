@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, shape, device: torch.device, dtype: torch.dtype,
-                 max_num_seqs: int, max_model_len: int, prefix_cache_size: int):
+                 max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30):
         self.device = device
         self.forward = LlamaForward(model)
         f = self.forward
         self.cache = KVCache(len(f.layers), max_num_seqs, f.num_kv_heads, max_model_len, f.head_dim,
                              dtype, device)
-        self.prefixes = PrefixCache(f, shape, device, dtype, prefix_cache_size)
+        self.prefixes = PrefixCache(f, shape, device, dtype, prefix_cache_size, prefix_cache_bytes)
         self._generators: dict[str, torch.Generator | None] = {}
         self._positions = torch.arange(max_model_len, device=device)
 

@@ -37,12 +37,14 @@ class Prefix:
 
 class PrefixCache:
     def __init__(self, forward: LlamaForward, shape: psf.BaseModelShape, device: torch.device,
-                 dtype: torch.dtype, capacity: int):
+                 dtype: torch.dtype, capacity: int, max_bytes: int = 1 << 30):
         self.forward = forward
         self.shape = shape
         self.device = device
         self.dtype = dtype
         self.capacity = max(1, capacity)
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._entries: OrderedDict[tuple[str, int], Prefix] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -60,9 +62,13 @@ class PrefixCache:
         if prefix.length != ref.num_virtual_tokens:
             raise psf.PromptSetError(f"{ref.task} v{ref.version} changed on disk")
         with self._lock:
-            self._entries[ref.key] = prefix
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            if ref.key not in self._entries:
+                self._entries[ref.key] = prefix
+                self._bytes += prefix.nbytes()
+            # bounded by count and by bytes; a running request keeps its own reference to an evicted prefix
+            while len(self._entries) > 1 and (len(self._entries) > self.capacity or self._bytes > self.max_bytes):
+                _, old = self._entries.popitem(last=False)
+                self._bytes -= old.nbytes()
         return prefix
 
     @torch.inference_mode()
@@ -82,5 +88,4 @@ class PrefixCache:
         return len(self._entries)
 
     def resident_bytes(self) -> int:
-        with self._lock:
-            return sum(p.nbytes() for p in self._entries.values())
+        return self._bytes
