@@ -14,13 +14,31 @@ def _serve(args) -> int:
     from app.api.shutdown import DrainingServer
     from app.settings import get_settings
 
+    import signal
+    import threading
+    import time
+
     settings = get_settings()
     grace = args.grace if args.grace is not None else settings.drain_grace
-    app = create_app(settings)
+    app = create_app(settings, engine_on_main_thread=True)
     config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
                             log_level=args.log_level, timeout_graceful_shutdown=5, log_config=None)
-    DrainingServer(config, app.state, grace).run()
-    return 0
+    server = DrainingServer(config, app.state, grace)
+    # HTTP on a thread, the model loop on the main thread (see Engine.start for why). Signals arrive on
+    # the main thread, so they are routed to the server's drain logic here.
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    http.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, server.handle_exit)
+    while http.is_alive():
+        engine = app.state.engine
+        if engine is None:
+            time.sleep(0.02)
+            continue
+        engine.run_forever()  # returns when the app's lifespan stops the engine at shutdown
+        break
+    http.join()
+    return 0 if server.started else 1
 
 
 def _prepare_model(args) -> int:
@@ -60,6 +78,12 @@ def _eval(args) -> int:
     from training.evaluate import main as eval_main
 
     return eval_main(args)
+
+
+def _bench(args) -> int:
+    from benchmarks.serving import main as bench_main
+
+    return bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--concurrency", type=int, default=16)
     ev.add_argument("--json", help="write the figures here")
     ev.set_defaults(func=_eval)
+
+    be = sub.add_parser("bench", help="serving benchmark against plain-transformers baselines")
+    be.add_argument("--url", help="a running server (default: start one here)")
+    be.add_argument("--fingerprint", help="base-model fingerprint, with --url")
+    be.add_argument("--concurrency", default="1,8,32,64", help="closed-loop clients, comma-separated")
+    be.add_argument("--rate", type=float, help="Poisson arrivals per second instead of a closed loop")
+    be.add_argument("--mix", default="chat:1,ner:1,spam:1", help="task proportions")
+    be.add_argument("--requests", type=int, help="requests per phase (default: the top concurrency)")
+    be.add_argument("--output-len", type=int, default=64)
+    be.add_argument("--many", type=int, default=1000, help="prompt sets registered for the many-sets phase")
+    be.add_argument("--baseline-requests", type=int, default=4, help="requests for the batch-1 baselines")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--json", default="benchmarks/results.json")
+    be.add_argument("--plot", default="benchmarks/results.png")
+    be.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     from app.observability import RequestIdFilter

@@ -15,6 +15,7 @@ Prints a table with ratios, writes JSON, draws a PNG of throughput and latency a
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import os
 import random
@@ -35,6 +36,7 @@ from training.data import read_jsonl
 from training.presets import DATASETS, ROOT
 
 ADMIN_TOKEN = "bench-admin"
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @dataclass
@@ -263,3 +265,135 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+# -- the whole run ------------------------------------------------------------------------------
+def plot(sweep: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = [s["concurrency"] for s in sweep]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(c, [s["output_tok_s"] for s in sweep], "o-")
+    a.set(xlabel="concurrent clients", ylabel="output tokens/s", title="throughput", xscale="log")
+    for key, label in (("ttft_p50", "TTFT p50"), ("e2e_p50", "end-to-end p50"), ("e2e_p99", "end-to-end p99")):
+        b.plot(c, [s[key] for s in sweep], "o-", label=label)
+    b.set(xlabel="concurrent clients", ylabel="seconds", title="latency", xscale="log")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args) -> int:
+    from app.model.loader import load_model
+    from app.settings import Settings
+
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    top = max(concurrencies)
+    mix = {k: float(v) for k, v in (p.split(":") for p in args.mix.split(","))}
+    n = args.requests or top
+    prompts = load_prompts(max(n, 64), seed=args.seed)
+    report: dict = {"output_len": args.output_len, "mix": mix, "requests_per_phase": n}
+
+    proc, url = (None, args.url) if args.url else start_server(top)
+    try:
+        fingerprint = httpx.get(f"{url}/v1/tasks").json()["data"][0]["name"]
+        spec = load_model(Settings()).spec if not args.url else None
+        fp = spec.fingerprint if spec else args.fingerprint
+        sets = bench_prompt_sets(fp)
+
+        async def setup():
+            async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+                for name, data in sets.items():
+                    await upload(client, name, data)
+        asyncio.run(setup())
+        tasks = {k: f"bench-{k}" for k in mix}
+        jobs = mixed_jobs(prompts, tasks, mix, n, args.seed)
+        asyncio.run(closed_loop(url, jobs[:4], 4, 4))  # warm the prefix cache and the allocator
+
+        sweep = []
+        for c in concurrencies:
+            if args.rate:
+                stats = asyncio.run(poisson(url, jobs, args.rate, args.output_len, args.seed))
+            else:
+                stats = asyncio.run(closed_loop(url, jobs if c > 1 else jobs[:4], c, args.output_len))
+            sweep.append({"concurrency": c, **stats})
+            print(f"sweep c={c}: {stats['output_tok_s']:.1f} tok/s, ttft p50 {stats['ttft_p50']:.3f}s, "
+                  f"e2e p50 {stats['e2e_p50']:.2f}s, failed {stats['failed']}", flush=True)
+        report["sweep"] = sweep
+        first = next(iter(mix))
+        single = [Job(tasks[first], prompts[first][i]) for i in range(n)]
+        report["single_task"] = asyncio.run(closed_loop(url, single, top, args.output_len))
+        print(f"single task ({first}): {report['single_task']['output_tok_s']:.1f} tok/s", flush=True)
+
+        if args.many:
+            async def register_many():
+                async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+                    names = []
+                    for name, data in many_prompt_sets(sets["bench-ner"], args.many, args.seed):
+                        await upload(client, name, data)
+                        names.append(name)
+                    return names
+            t0 = time.perf_counter()
+            names = asyncio.run(register_many())
+            report["many_register_s"] = time.perf_counter() - t0
+            rng = random.Random(args.seed)
+            many_jobs = [Job(rng.choice(names), prompts["ner"][i]) for i in range(n)]
+            one_jobs = [Job(tasks.get("ner", tasks[first]), prompts["ner"][i]) for i in range(n)]
+            report["one_prompt_set"] = asyncio.run(closed_loop(url, one_jobs, top, args.output_len))
+            report["many_prompt_sets"] = asyncio.run(closed_loop(url, many_jobs, top, args.output_len))
+            print(f"1 prompt set: {report['one_prompt_set']['output_tok_s']:.1f} tok/s; {args.many} prompt sets: "
+                  f"{report['many_prompt_sets']['output_tok_s']:.1f} tok/s", flush=True)
+        report["upload_under_load"] = asyncio.run(upload_under_load(
+            url, jobs, min(top, 16), args.output_len, sets["bench-chat"]))
+        u = report["upload_under_load"]
+        print(f"upload under load: v{u['new_version']} served after {u['served_within_s'] * 1000:.0f} ms, "
+              f"failed {u['failed_requests']}", flush=True)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+
+    # Baselines, with the server stopped so they have the machine to themselves.
+    loaded = load_model(Settings())
+    model, tok = loaded.model, loaded.tokenizer
+    base_prompts = [j.messages for j in jobs]
+    report["hf_batch"] = hf_batched(model, tok, base_prompts, args.output_len, top)
+    report["hf_batch1"] = hf_batched(model, tok, base_prompts[:args.baseline_requests], args.output_len, 1)
+    from prompt_store import format as psf
+    emb = psf.load(ROOT / "demo/prompt_sets/chat.safetensors").tensors["embeddings"]
+    report["hf_inputs_embeds"] = hf_inputs_embeds_per_request(model, tok, emb, base_prompts[:args.baseline_requests],
+                                                              args.output_len)
+    top_stats = next(s for s in sweep if s["concurrency"] == top)
+    one = next((s for s in sweep if s["concurrency"] == 1), None)
+    ratios = {
+        f"server {top} clients mixed / HF generate batch {top}": top_stats["output_tok_s"] / report["hf_batch"]["output_tok_s"],
+        "mixed / single task (same concurrency)": top_stats["output_tok_s"] / report["single_task"]["output_tok_s"],
+        f"server {top} clients / per-request inputs_embeds": top_stats["output_tok_s"] / report["hf_inputs_embeds"]["output_tok_s"],
+    }
+    if one:
+        ratios["one client decode / HF generate batch 1"] = one["decode_tok_s_per_request"] / report["hf_batch1"]["output_tok_s"]
+    if args.many:
+        ratios[f"{args.many} prompt sets / one prompt set"] = (report["many_prompt_sets"]["output_tok_s"]
+                                                               / report["one_prompt_set"]["output_tok_s"])
+    report["ratios"] = ratios
+    report["device"] = f"{loaded.device} {loaded.dtype} torch {torch.__version__} threads {torch.get_num_threads()}"
+
+    print("\n| measure | output tok/s |\n|---|---|")
+    for s in sweep:
+        print(f"| server, {s['concurrency']} clients, mixed | {s['output_tok_s']:.1f} |")
+    print(f"| server, {top} clients, one task | {report['single_task']['output_tok_s']:.1f} |")
+    for key, label in (("hf_batch", f"HF generate, bare model, batch {top}"), ("hf_batch1", "HF generate, batch 1"),
+                       ("hf_inputs_embeds", "HF generate per request, inputs_embeds")):
+        print(f"| {label} | {report[key]['output_tok_s']:.1f} |")
+    print("\n| ratio | value | goal |\n|---|---|---|")
+    goals = {"HF generate batch": 1.0, "single task": 0.95, "inputs_embeds": 10.0, "batch 1": 1.0,
+             "one prompt set": 0.9}
+    for k, v in ratios.items():
+        goal = next((g for key, g in goals.items() if key in k), None)
+        print(f"| {k} | {v:.2f}x | >= {goal}x |")
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    plot(sweep, Path(args.plot))
+    print(f"\nwrote {args.json} and {args.plot}")
+    return 0

@@ -46,7 +46,10 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
         prefix_cache_bytes=settings.prefix_cache_mb << 20))
 
 
-def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None,
+               engine_on_main_thread: bool = False) -> FastAPI:
+    """engine_on_main_thread: the caller runs engine.run_forever() itself once app.state.engine is set
+    (see app/cli.py); otherwise the engine starts its own thread."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -55,7 +58,8 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         # a model handed in (tests, or a caller that already holds one) is used as it is
         model = loaded or getattr(app.state, "preloaded", None) or await run_in_threadpool(load_model, settings)
         engine = build_engine(settings, model)
-        engine.start()
+        if not engine_on_main_thread:
+            engine.start()
         service = TaskService(engine, store, model.spec, model.tokenizer)
         await run_in_threadpool(seed_store, store, service, settings.seed_dir)
         app.state.engine, app.state.store, app.state.tasks = engine, store, service
