@@ -20,7 +20,14 @@ def _serve(args) -> int:
 
     settings = get_settings()
     grace = args.grace if args.grace is not None else settings.drain_grace
-    app = create_app(settings, engine_on_main_thread=True)
+    # The model loop and the HTTP thread share the GIL. With the default 5 ms switch interval the model
+    # loop, re-taking the GIL after each kernel, can wait up to 5 ms behind HTTP work; a short interval
+    # keeps kernels back to back.
+    sys.setswitchinterval(0.0005)
+    from app.model.loader import load_model
+
+    # Load on the main thread too: the thread that first runs torch kernels owns the OpenMP team.
+    app = create_app(settings, loaded=load_model(settings), engine_on_main_thread=True)
     config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
                             log_level=args.log_level, timeout_graceful_shutdown=5, log_config=None)
     server = DrainingServer(config, app.state, grace)

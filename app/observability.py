@@ -27,6 +27,13 @@ class _PrefixCacheCollector:
 
     def collect(self):
         engine = self.engine_ref()
+        steps = CounterMetricFamily("promptserve_engine_steps", "model steps run")
+        busy = CounterMetricFamily("promptserve_engine_busy_seconds", "seconds spent running the model")
+        if engine is not None:
+            steps.add_metric([], engine.steps)
+            busy.add_metric([], engine.step_seconds)
+        yield steps
+        yield busy
         hits = CounterMetricFamily("promptserve_prompt_set_cache_hits", "device prompt-set cache hits")
         misses = CounterMetricFamily("promptserve_prompt_set_cache_misses", "device prompt-set cache misses")
         if engine is not None:

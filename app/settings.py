@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = 64  # running sequences in one batch (KV-cache rows)
     max_model_len: int = 2048  # virtual tokens + prompt + generated tokens
     max_queue: int = 256  # waiting requests beyond which new ones are refused
-    max_prefills_per_step: int = 4
+    max_prefills_per_step: int = 16
     prefix_cache_size: int = 4096  # device-resident prompt sets kept (LRU), bounded by count...
     prefix_cache_mb: int = 1024  # ...and by memory
     default_max_tokens: int = 256

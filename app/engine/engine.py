@@ -35,7 +35,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int = 2048
     max_queue: int = 256
-    max_prefills_per_step: int = 4
+    max_prefills_per_step: int = 16
     prefix_cache_size: int = 4096
     prefix_cache_bytes: int = 1 << 30
 
@@ -64,6 +64,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.step_seconds = 0.0  # time spent running the model, for the metrics and benchmarks
         self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -162,7 +163,9 @@ class Engine:
             self._emit_final(seq)
         if step.empty:
             return
+        started = time.perf_counter()
         sampled, errors, results = self.runner.execute(step)
+        self.step_seconds += time.perf_counter() - started
         for seq in step.prefills:
             if seq.request_id in errors:
                 self.scheduler.finish(seq, "error", errors[seq.request_id])

@@ -41,53 +41,78 @@ class ModelRunner:
         if step.decodes:
             tokens = self._decode(step.decodes)
             sampled.update(zip((s.request_id for s in step.decodes), tokens))
-        for seq in step.prefills:
-            try:
-                out = self._prefill(seq)
-                if isinstance(out, dict):
-                    results[seq.request_id] = out
-                    self.release(seq.request_id)
-                else:
-                    sampled[seq.request_id] = out
-            except Exception as exc:  # a prompt set deleted or broken since the request was made
-                log.warning("prefill of %s failed: %s", seq.request_id, exc)
-                self.release(seq.request_id)
-                errors[seq.request_id] = str(exc)
+        if step.prefills:
+            self._prefill(step.prefills, sampled, errors, results)
         return sampled, errors, results
 
     def release(self, request_id: str) -> None:
         self.cache.release(request_id)
         self._generators.pop(request_id, None)
 
-    def _prefill(self, seq: Sequence) -> int | dict:
-        req = seq.request
-        row = self.cache.allocate(req.request_id)
-        prefix = None
-        if req.prompt_set is not None:
-            prefix = self.prefixes.get(req.prompt_set)
-            self.cache.write_prefix(row, prefix.keys, prefix.values)
-        start = self.cache.lengths[row]
-        ids = torch.tensor(req.prompt_token_ids, device=self.device).unsqueeze(0)
-        t = ids.shape[1]
-        end = start + t
-        positions = self._positions[start:end].unsqueeze(0)
-        # Query i (at cache index start+i) may see every index up to and including its own.
-        allowed = (self._positions[:end].unsqueeze(0) <= positions.transpose(0, 1)).unsqueeze(0)
+    def _prefill(self, seqs: list[Sequence], sampled: dict, errors: dict, results: dict) -> None:
+        """All admitted prompts in one forward pass: right-padded to the longest, each row attending to its
+        own prefix and tokens only. Rows are allocated consecutively, so the batch reads cache[r0:r0+B]."""
         cache = self.cache
+        ready = []
+        for seq in seqs:
+            req = seq.request
+            try:
+                prefix = self.prefixes.get(req.prompt_set) if req.prompt_set is not None else None
+            except Exception as exc:  # a prompt set deleted or broken since the request was made
+                log.warning("prefill of %s failed: %s", req.request_id, exc)
+                errors[req.request_id] = str(exc)
+                continue
+            row = cache.allocate(req.request_id)
+            if prefix is not None:
+                cache.write_prefix(row, prefix.keys, prefix.values)
+            ready.append((seq, row, prefix))
+        if not ready:
+            return
+        b = len(ready)
+        r0 = ready[0][1]
+        starts = torch.tensor([cache.lengths[row] for _, row, _ in ready], device=self.device)
+        lens = [len(seq.request.prompt_token_ids) for seq, _, _ in ready]
+        t = max(lens)
+        ids = torch.zeros((b, t), dtype=torch.long, device=self.device)
+        for k, (seq, _, _) in enumerate(ready):
+            ids[k, :lens[k]] = torch.tensor(seq.request.prompt_token_ids, device=self.device)
+        positions = starts.unsqueeze(1) + self._positions[:t].unsqueeze(0)  # [B, T]
+        # pads write past their row's valid length (clamped into the buffer); nothing ever reads them
+        write_at = positions.clamp(max=cache.max_len - 1)
+        width = int(max(int(st) + n for st, n in zip(starts.tolist(), lens)))
+        # query t of row b (cache index starts[b] + t) sees every index up to and including its own
+        allowed = self._positions[:width].view(1, 1, -1) <= positions.unsqueeze(2)  # [B, T, W]
+        row_index = torch.arange(r0, r0 + b, device=self.device).unsqueeze(1).expand(b, t)
 
         def attend(i, q, k, v):
-            cache.k[i, row, :, start:end] = k[0]
-            cache.v[i, row, :, start:end] = v[0]
-            return self.forward.grouped_attention(
-                q, cache.k[i, row:row + 1, :, :end], cache.v[i, row:row + 1, :, :end], allowed)
+            cache.k[i][row_index, :, write_at] = k.transpose(1, 2)
+            cache.v[i][row_index, :, write_at] = v.transpose(1, 2)
+            return self.forward.grouped_attention(q, cache.k[i, r0:r0 + b, :, :width],
+                                                  cache.v[i, r0:r0 + b, :, :width], allowed)
 
         hidden = self.forward.hidden(self.forward.embed(ids), positions, attend)
-        cache.lengths[row] = end
-        if req.mode != "generate":
-            return self._apply_head(req, prefix, hidden[0])
-        self._generators[req.request_id] = make_generator(req.sampling, self.device)
-        logits = self.forward.logits(hidden[:, -1])
-        return sample(logits, [req.sampling], [self._generators[req.request_id]])[0]
+        generate = []
+        for k, (seq, row, prefix) in enumerate(ready):
+            req = seq.request
+            cache.lengths[row] = int(starts[k]) + lens[k]
+            if req.mode == "generate":
+                generate.append(k)
+                continue
+            try:
+                results[req.request_id] = self._apply_head(req, prefix, hidden[k, :lens[k]])
+            except Exception as exc:
+                errors[req.request_id] = str(exc)
+        for seq, _, _ in ready:  # head requests are done after their forward pass
+            if seq.request.mode != "generate":
+                self.release(seq.request_id)
+        if generate:
+            reqs = [ready[k][0].request for k in generate]
+            for req in reqs:
+                self._generators[req.request_id] = make_generator(req.sampling, self.device)
+            last = hidden[generate, [lens[k] - 1 for k in generate]]
+            tokens = sample(self.forward.logits(last), [r.sampling for r in reqs],
+                            [self._generators[r.request_id] for r in reqs])
+            sampled.update(zip((r.request_id for r in reqs), tokens))
 
     @staticmethod
     def _apply_head(req, prefix, hidden: torch.Tensor) -> dict:

@@ -17,9 +17,11 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_queue: int, max_prefills_per_step: int = 4,
-                 stop_token_ids: frozenset[int] = frozenset()):
+    def __init__(self, max_num_seqs: int, max_queue: int, max_prefills_per_step: int = 16,
+                 stop_token_ids: frozenset[int] = frozenset(), max_prefill_tokens: int = 4096):
         self.max_num_seqs = max_num_seqs
+        # prefills of one step run as one padded forward pass: bound its size by count and by tokens
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
         self.max_prefills_per_step = max_prefills_per_step
         self.stop_token_ids = stop_token_ids
@@ -62,7 +64,12 @@ class Scheduler:
                 self.waiting = kept
             admitted = []
             free = self.max_num_seqs - len(self.running)
+            longest = 0
             while self.waiting and free > 0 and len(admitted) < self.max_prefills_per_step:
+                nxt = self.waiting[0]
+                longest = max(longest, nxt.request.prefix_len + len(nxt.request.prompt_token_ids))
+                if admitted and longest * (len(admitted) + 1) > self.max_prefill_tokens:
+                    break  # the padded batch would be too large: the rest waits for the next step
                 admitted.append(self.waiting.popleft())
                 free -= 1
         if aborts:

@@ -1,28 +1,23 @@
 """SIGTERM drains: in-flight requests complete, new ones get 503, the process exits within the grace."""
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
-from tests.deploy.test_replicas import _wait_ready
-from tests.e2e.test_serve_real_model import _free_port
+from tests.servers import free_port, spawn, wait_ready
 
 
 def test_sigterm_drains_then_exits(tiny_model_dir, tiny, tmp_path):
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PROMPTSERVE_MODEL": str(tiny_model_dir), "PROMPTSERVE_STORE_DIR": str(tmp_path / "s"),
+    env = {"PROMPTSERVE_MODEL": str(tiny_model_dir), "PROMPTSERVE_STORE_DIR": str(tmp_path / "s"),
            "PROMPTSERVE_DTYPE": "float32", "PROMPTSERVE_MAX_MODEL_LEN": "4096", "PROMPTSERVE_SEED_DIR": "",
            "PROMPTSERVE_DRAIN_GRACE": "20"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn(env, port)
     try:
-        _wait_ready(base, proc)
+        wait_ready(base, proc)
         result = {}
 
         def long_request():  # 1000 tokens: still running when SIGTERM arrives

@@ -1,46 +1,27 @@
 """Two server processes on one store directory: an upload to one is served by the other within 2 s."""
 
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
-import pytest
 
-from tests.e2e.test_serve_real_model import _free_port
 from tests.helpers import input_prompt_set
+from tests.servers import free_port, spawn, stop, wait_ready
 
 
 def _start(model_dir, store, port):
-    env = {**os.environ, "PROMPTSERVE_MODEL": str(model_dir), "PROMPTSERVE_STORE_DIR": str(store),
-           "PROMPTSERVE_ADMIN_TOKEN": "tok", "PROMPTSERVE_DTYPE": "float32", "PROMPTSERVE_SEED_DIR": str(store / "none")}
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_ready(base, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "server exited"
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    pytest.fail("server not ready")
+    env = {"PROMPTSERVE_MODEL": str(model_dir), "PROMPTSERVE_STORE_DIR": str(store), "PROMPTSERVE_ADMIN_TOKEN": "tok",
+           "PROMPTSERVE_DTYPE": "float32", "PROMPTSERVE_SEED_DIR": ""}
+    return spawn(env, port)
 
 
 def test_upload_to_one_replica_is_served_by_the_other(tiny_model_dir, tiny, tmp_path):
     store = tmp_path / "store"
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     procs = [_start(tiny_model_dir, store, p) for p in ports]
     a, b = (f"http://127.0.0.1:{p}" for p in ports)
     try:
         for base, proc in zip((a, b), procs):
-            _wait_ready(base, proc)
+            wait_ready(base, proc)
         assert httpx.post(f"{b}/v1/tasks/shared", json={"prompt": "hi"}).status_code == 404
         for version in (1, 2):
             data = input_prompt_set(tiny.spec, 3, seed=version).to_bytes(tiny.spec)
@@ -55,9 +36,4 @@ def test_upload_to_one_replica_is_served_by_the_other(tiny_model_dir, tiny, tmp_
                 time.sleep(0.05)
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)

@@ -1,55 +1,26 @@
 """`promptserve serve` as a real process on the embedded SmolLM2: ready, then answers a chat request."""
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 
 from tests.helpers import input_prompt_set
+from tests.servers import free_port, spawn, stop, wait_ready
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.real_model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PROMPTSERVE_STORE_DIR": str(tmp_path / "store"), "PROMPTSERVE_ADMIN_TOKEN": "tok",
+    port = free_port()
+    env = {"PROMPTSERVE_STORE_DIR": str(tmp_path / "store"), "PROMPTSERVE_ADMIN_TOKEN": "tok",
            "PROMPTSERVE_SEED_DIR": str(ROOT / "demo/prompt_sets"), "PROMPTSERVE_MAX_NUM_SEQS": "8"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn(env, port, quiet=False)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server not ready within 180 s")
+    wait_ready(base, proc)
     yield base
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)
 
 
 def test_serves_chat_and_an_uploaded_prompt_set(server, smol):

@@ -79,3 +79,12 @@ def test_prefills_per_step_are_capped():
         s.add(seq(r))
     assert len(s.schedule().prefills) == 2
     assert len(s.schedule().prefills) == 2
+
+
+def test_prefill_batch_is_bounded_by_padded_tokens():
+    s = make(max_num_seqs=8, max_queue=8, max_prefills_per_step=8, max_prefill_tokens=10)
+    for r in "abcd":
+        s.add(seq(r))  # 2 prompt tokens each
+    s.add(Sequence(GenerationRequest("long", list(range(9)), SamplingParams())))
+    assert [x.request_id for x in s.schedule().prefills] == ["a", "b", "c", "d"]  # 4 x 2 <= 10
+    assert [x.request_id for x in s.schedule().prefills] == ["long"]  # always at least one
