@@ -6,7 +6,7 @@ PORT ?= 8000
 export PROMPTSERVE_SEED_DIR ?= demo/prompt_sets
 export PROMPTSERVE_STORE_DIR ?= var/prompt-store
 
-.PHONY: install serve test
+.PHONY: install serve test bench
 install:
 	VENV=$(VENV) bash scripts/install.sh
 	$(VENV)/bin/promptserve prepare-model
@@ -16,3 +16,6 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/promptserve bench

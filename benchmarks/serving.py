@@ -185,12 +185,19 @@ async def upload_under_load(url: str, jobs: list[Job], concurrency: int, output_
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         info = await upload(client, "bench-chat", data)
         answered = time.perf_counter()
+        # 1) the next request resolves the new version (the store is read per request); a 1-token request
+        #    sent now completes after the step in flight and its own prefill
         r = await client.post("/v1/tasks/bench-chat", json={"messages": [{"role": "user", "content": "hi"}],
                                                             "max_tokens": 1})
         served = time.perf_counter() - answered
         version_served = r.json()["prompt_set"]["version"]
+        # 2) how long until the task listing (what a request resolves against) shows the new version
+        t0 = time.perf_counter()
+        listed = {t["name"]: t["active_version"] for t in (await client.get("/v1/tasks")).json()["data"]}
+        visible = time.perf_counter() - t0
     stats = await load
     return {"new_version": info["version"], "version_served": version_served, "served_within_s": served,
+            "listing_round_trip_s": visible, "listed_version": listed.get("bench-chat"),
             "failed_requests": stats["failed"], "load": stats}
 
 
