@@ -212,12 +212,13 @@ class TaskService:
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 try:
-                    member = archive.read(root + name)
+                    entry = archive.getinfo(root + name)
                 except KeyError:
                     raise InvalidPromptSet(f"the adapter lacks {name}") from None
-                if len(member) > 512 * 1024 * 1024:
-                    raise InvalidPromptSet(f"{name} is too large")
-                (Path(tmp) / name).write_bytes(member)
+                # checked before decompressing, so a zip bomb is refused without being expanded
+                if entry.file_size > 512 * 1024 * 1024:
+                    raise InvalidPromptSet(f"{name} is too large ({entry.file_size} bytes uncompressed)")
+                (Path(tmp) / name).write_bytes(archive.read(entry))
             try:
                 ps = import_peft(tmp, self.spec, self.spec.name, task_type=task_type)
             except (PromptSetError, ValueError, KeyError) as exc:
