@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
 
     be = sub.add_parser("bench", help="serving benchmark against plain-transformers baselines")
     be.add_argument("--url", help="a running server (default: start one here)")
-    be.add_argument("--fingerprint", help="base-model fingerprint, with --url")
     be.add_argument("--concurrency", default="1,8,32,64", help="closed-loop clients, comma-separated")
     be.add_argument("--rate", type=float, help="Poisson arrivals per second instead of a closed loop")
     be.add_argument("--mix", default="chat:1,ner:1,spam:1", help="task proportions")

@@ -308,10 +308,8 @@ def main(args) -> int:
 
     proc, url = (None, args.url) if args.url else start_server(top)
     try:
-        fingerprint = httpx.get(f"{url}/v1/tasks").json()["data"][0]["name"]
-        spec = load_model(Settings()).spec if not args.url else None
-        fp = spec.fingerprint if spec else args.fingerprint
-        sets = bench_prompt_sets(fp)
+        base = httpx.get(f"{url}/v1/models").json()["data"][0]  # the base model, with its fingerprint
+        sets = bench_prompt_sets(base["fingerprint"])
 
         async def setup():
             async with httpx.AsyncClient(base_url=url, timeout=600) as client:

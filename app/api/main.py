@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,7 +18,6 @@ from app.observability import Metrics
 from app.services.tasks import TaskService
 from app.settings import Settings, get_settings
 from prompt_store import PromptStore
-from prompt_store import format as psf
 
 log = logging.getLogger("promptserve")
 

@@ -17,8 +17,7 @@ from typing import AsyncIterator
 from app.engine.detokenizer import Detokenizer
 from app.engine.model_runner import ModelRunner
 from app.engine.scheduler import QueueFull, Scheduler
-from app.engine.types import (GenerationRequest, PromptSetRef, RequestOutput, SamplingParams, Sequence,
-                              SeqStatus)
+from app.engine.types import (GenerationRequest, PromptSetRef, RequestOutput, SamplingParams, Sequence)
 from app.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,6 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
-from app.model.loader import load_model
-from app.settings import Settings
 from prompt_store import format as psf
 from tests.api.conftest import ADMIN, make_settings
 from training.run import run_training

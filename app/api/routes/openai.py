@@ -73,7 +73,9 @@ def _error_event(exc) -> str:
 @router.get("/models")
 async def list_models(tasks: TasksDep):
     created = int(time.time())
-    models = [{"id": tasks.base_model_id, "object": "model", "created": created, "owned_by": "promptserve"}]
+    # the base model first, with the fingerprint prompt sets must be trained for
+    models = [{"id": tasks.base_model_id, "object": "model", "created": created, "owned_by": "promptserve",
+               "fingerprint": tasks.spec.fingerprint}]
     models += [{"id": info.task, "object": "model", "created": int(info.created), "owned_by": "promptserve",
                 "task_type": info.meta.task_type} for info in tasks.list_tasks()]
     return {"object": "list", "data": models}
