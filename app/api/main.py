@@ -45,31 +45,33 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
 
 
 def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None,
-               engine_on_main_thread: bool = False) -> FastAPI:
-    """engine_on_main_thread: the caller runs engine.run_forever() itself once app.state.engine is set
-    (see app/cli.py); otherwise the engine starts its own thread."""
+               engine: Engine | None = None) -> FastAPI:
+    """With `engine`, the caller built it and runs its loop (engine.run_forever(), see app/cli.py);
+    otherwise the app builds one at start-up and it runs on its own thread."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         store = PromptStore(settings.store_dir)
         # a model handed in (tests, or a caller that already holds one) is used as it is
-        model = loaded or getattr(app.state, "preloaded", None) or await run_in_threadpool(load_model, settings)
-        engine = build_engine(settings, model)
-        if not engine_on_main_thread:
-            engine.start()
-        service = TaskService(engine, store, model.spec, model.tokenizer)
-        await run_in_threadpool(seed_store, store, service, settings.seed_dir)
-        app.state.engine, app.state.store, app.state.tasks = engine, store, service
-        if settings.warmup:
-            await engine.warmup()
+        if engine is not None:
+            model, running = engine.loaded, engine
         else:
-            engine.ready = True
+            model = loaded or getattr(app.state, "preloaded", None) or await run_in_threadpool(load_model, settings)
+            running = build_engine(settings, model)
+            running.start()
+        service = TaskService(running, store, model.spec, model.tokenizer)
+        await run_in_threadpool(seed_store, store, service, settings.seed_dir)
+        app.state.engine, app.state.store, app.state.tasks = running, store, service
+        if settings.warmup:
+            await running.warmup()
+        else:
+            running.ready = True
         log.info("ready: %s on %s (%s)", model.spec.name, model.device, model.dtype)
         try:
             yield
         finally:
-            engine.stop()
+            running.stop()
 
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan,
                   description="Many P-Tuning v2 tasks served from one frozen Llama-family model.")

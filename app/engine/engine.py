@@ -69,8 +69,8 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         """Run the model loop on a background thread (tests, embedding). `promptserve serve` instead runs
-        it on the main thread with run_forever(): on CPU, OpenMP kernels called from a secondary thread
-        ran about 1.5x slower per decode step here (62 vs 40 ms for SmolLM2 at batch 1)."""
+        it on the main thread with run_forever(), where the model was loaded and the cache allocated:
+        on CPU, decode steps ran about 1.5x slower when another live thread had run torch kernels first."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="promptserve-engine", daemon=True)
             self._thread.start()
