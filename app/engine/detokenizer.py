@@ -31,11 +31,7 @@ class Detokenizer:
             if idx != -1:
                 self.text = self.text[:idx]
                 self.stopped = True
-        if self.stopped:
-            end = len(self.text)
-            first = min((self.text.find(s) for s in self.stop if s in self.text), default=end)
-            end = min(end, first)
-        elif final:
+        if self.stopped or final:  # the text was already cut at the stop string
             end = len(self.text)
         else:
             end = len(self.text)

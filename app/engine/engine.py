@@ -44,7 +44,6 @@ class _Subscriber:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     detok: Detokenizer
-    submitted: float
 
 
 class Engine:
@@ -112,7 +111,7 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         req = GenerationRequest(request_id, list(prompt_token_ids), sampling, prompt_set, mode, tag_positions)
         sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(),
-                          Detokenizer(self.tokenizer, sampling.stop), time.monotonic())
+                          Detokenizer(self.tokenizer, sampling.stop))
         self._subs[request_id] = sub
         try:
             self.scheduler.add(Sequence(req))

@@ -93,16 +93,16 @@ class TaskService:
     def stream(self, task: ResolvedTask, ids: list[int], sampling: SamplingParams,
                request_id: str | None = None, mode: str = "generate",
                tag_positions: list[int] | None = None) -> AsyncIterator[RequestOutput]:
-        try:
-            self.engine.check_length(len(ids), task.ref, sampling.max_tokens if mode == "generate" else 0)
-            return self._stream(task, ids, sampling, request_id, mode, tag_positions)
-        except RequestTooLong as exc:
-            raise InvalidRequest(str(exc)) from None
+        """The engine refuses a request (too long, queue full) when its first output is awaited, so callers
+        that must answer with a status (streaming) await that first output before responding."""
+        return self._stream(task, ids, sampling, request_id, mode, tag_positions)
 
     async def _stream(self, task, ids, sampling, request_id, mode, tag_positions):
         try:
             gen = self.engine.generate(ids, sampling, task.ref, request_id, mode, tag_positions)
             first = await gen.__anext__()
+        except RequestTooLong as exc:
+            raise InvalidRequest(str(exc)) from None
         except QueueFull as exc:
             raise Overloaded(f"server busy: {exc}", {"Retry-After": "1"}) from None
         try:
