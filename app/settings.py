@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     prefix_cache_size: int = 4096  # device-resident prompt sets kept (LRU), bounded by count...
     prefix_cache_mb: int = 1024  # ...and by memory
     default_max_tokens: int = 256
+    pack_weights: bool = True  # CPU: oneDNN-packed copies of the linear weights (faster; weights held twice)
 
     host: str = "127.0.0.1"
     port: int = 8000

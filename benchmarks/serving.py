@@ -178,27 +178,73 @@ async def upload(client: httpx.AsyncClient, name: str, data: bytes) -> dict:
     return r.json()
 
 
-async def upload_under_load(url: str, jobs: list[Job], concurrency: int, output_len: int, data: bytes) -> dict:
-    """Upload a new version of bench-chat while the server is busy; measure how soon it is served."""
-    load = asyncio.create_task(closed_loop(url, jobs, concurrency, output_len))
-    await asyncio.sleep(3)
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        info = await upload(client, "bench-chat", data)
-        answered = time.perf_counter()
-        # 1) the next request resolves the new version (the store is read per request); a 1-token request
-        #    sent now completes after the step in flight and its own prefill
-        r = await client.post("/v1/tasks/bench-chat", json={"messages": [{"role": "user", "content": "hi"}],
-                                                            "max_tokens": 1})
-        served = time.perf_counter() - answered
-        version_served = r.json()["prompt_set"]["version"]
-        # 2) how long until the task listing (what a request resolves against) shows the new version
-        t0 = time.perf_counter()
-        listed = {t["name"]: t["active_version"] for t in (await client.get("/v1/tasks")).json()["data"]}
-        visible = time.perf_counter() - t0
-    stats = await load
-    return {"new_version": info["version"], "version_served": version_served, "served_within_s": served,
-            "listing_round_trip_s": visible, "listed_version": listed.get("bench-chat"),
-            "failed_requests": stats["failed"], "load": stats}
+async def first_token_after(client: httpx.AsyncClient, task: str, since: float) -> tuple[float, int | None]:
+    """Stream a one-token request; return (seconds from `since` to its first event, prompt-set version)."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "stream": True}
+    first, version = None, None
+    async with client.stream("POST", f"/v1/tasks/{task}", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            first = first or time.perf_counter() - since
+            event = json.loads(line[6:])
+            version = event.get("prompt_set", {}).get("version", version)
+    return first, version
+
+
+async def upload_under_load(url: str, jobs: list[Job], concurrency: int, output_len: int, data: bytes,
+                            trials: int = 10, seed: int = 0) -> dict:
+    """Upload new versions of bench-chat while `concurrency` clients keep the server busy.
+
+    Right after each upload's answer one request goes to bench-chat: the version is servable when that
+    request runs it (not the old one), and its first token comes as soon as a request's does at this load.
+    That load's own first-token time is measured by a control request to an unchanged task (bench-spam)
+    sent at another random moment of the same trial: it is what any request waits (the step in flight,
+    then its own prefill). The control is not sent together with the probe: batched into the same step,
+    it would share any delay the new version caused and hide it."""
+    rng = random.Random(seed)
+    records: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        load = asyncio.create_task(closed_loop_until(client, jobs, concurrency, output_len, records))
+        await asyncio.sleep(3)
+        trials_out = []
+        for _ in range(trials):
+            await asyncio.sleep(rng.uniform(0.5, 1.5))  # land at random points of the load's steps
+            sent = time.perf_counter()
+            info = await upload(client, "bench-chat", data)
+            answered = time.perf_counter()
+            new_s, version = await first_token_after(client, "bench-chat", answered)
+            await asyncio.sleep(rng.uniform(0.2, 0.6))
+            control_s, _ = await first_token_after(client, "bench-spam", time.perf_counter())
+            trials_out.append({"new_version": info["version"], "version_served": version, "upload_s": answered - sent,
+                               "first_token_s": new_s, "control_first_token_s": control_s})
+        load.cancel()
+        try:
+            await load
+        except asyncio.CancelledError:
+            pass
+    first = [t["first_token_s"] for t in trials_out]
+    control = [t["control_first_token_s"] for t in trials_out]
+    return {"concurrency": concurrency, "trials": trials_out,
+            "all_served_new_version": all(t["version_served"] == t["new_version"] for t in trials_out),
+            "first_token_p50_s": statistics.median(first), "first_token_max_s": max(first),
+            "control_first_token_p50_s": statistics.median(control), "control_first_token_max_s": max(control),
+            "extra_p50_s": statistics.median(first) - statistics.median(control),
+            "upload_p50_s": statistics.median(t["upload_s"] for t in trials_out),
+            "load_requests": len(records), "failed_requests": sum(not r["ok"] for r in records)}
+
+
+async def closed_loop_until(client: httpx.AsyncClient, jobs: list[Job], concurrency: int, output_len: int,
+                            records: list[dict]) -> None:
+    """Keep `concurrency` requests in flight, cycling through jobs, until cancelled."""
+    counter = iter(range(1 << 62))
+
+    async def worker():
+        while True:
+            records.append(await one_request(client, jobs[next(counter) % len(jobs)], output_len))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
 # -- baselines ----------------------------------------------------------------------------------
@@ -356,8 +402,11 @@ def main(args) -> int:
         report["upload_under_load"] = asyncio.run(upload_under_load(
             url, jobs, min(top, 16), args.output_len, sets["bench-chat"]))
         u = report["upload_under_load"]
-        print(f"upload under load: v{u['new_version']} served after {u['served_within_s'] * 1000:.0f} ms, "
-              f"failed {u['failed_requests']}", flush=True)
+        print(f"upload under load ({u['concurrency']} clients, {len(u['trials'])} uploads): first request ran the "
+              f"new version: {u['all_served_new_version']}; its first token {u['first_token_p50_s'] * 1000:.0f} ms "
+              f"after the answer vs {u['control_first_token_p50_s'] * 1000:.0f} ms for an unchanged task "
+              f"(p50 difference {u['extra_p50_s'] * 1000:+.0f} ms); "
+              f"{u['failed_requests']} of {u['load_requests']} load requests failed", flush=True)
     finally:
         if proc is not None:
             stop_server(proc)

@@ -41,7 +41,7 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     return Engine(loaded, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len, max_queue=settings.max_queue,
         max_prefills_per_step=settings.max_prefills_per_step, prefix_cache_size=settings.prefix_cache_size,
-        prefix_cache_bytes=settings.prefix_cache_mb << 20))
+        prefix_cache_bytes=settings.prefix_cache_mb << 20, pack_weights=settings.pack_weights))
 
 
 def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None,

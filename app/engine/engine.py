@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from app.engine.detokenizer import Detokenizer
 from app.engine.model_runner import ModelRunner
@@ -37,6 +39,7 @@ class EngineConfig:
     max_prefills_per_step: int = 16
     prefix_cache_size: int = 4096
     prefix_cache_bytes: int = 1 << 30
+    pack_weights: bool = True  # CPU: oneDNN-packed linear weights (faster, one more copy of the weights)
 
 
 @dataclass
@@ -56,11 +59,14 @@ class Engine:
                                    loaded.stop_token_ids)
         self.runner = ModelRunner(loaded.model, loaded.spec, loaded.device, loaded.dtype,
                                   config.max_num_seqs, self.max_model_len, config.prefix_cache_size,
-                                  config.prefix_cache_bytes)
+                                  config.prefix_cache_bytes, config.pack_weights)
         self._subs: dict[str, _Subscriber] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._looping = False
+        # work that must run on the model's thread between steps (e.g. preloading a prompt set)
+        self._calls: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self.steps = 0
         self.step_seconds = 0.0  # time spent running the model, for the metrics and benchmarks
         self.ready = False
@@ -121,6 +127,33 @@ class Engine:
         self._wake.set()
         return request_id, sub.queue
 
+    def preload(self, prompt_set: PromptSetRef) -> Future:
+        """Make a prompt set's prefix device-resident (for an `input` set: run it through the model) on the
+        engine's thread between two steps, so the first request with it does not pay for that. The future
+        is done at once, with nothing loaded, when the model loop is not running."""
+        return self._between_steps(lambda: self.runner.prefixes.get(prompt_set) and None)
+
+    def _between_steps(self, fn: Callable[[], object]) -> Future:
+        future: Future = Future()
+        if not self._looping:
+            future.set_result(None)
+            return future
+        self._calls.put((fn, future))
+        self._wake.set()
+        return future
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # reported to the caller; the loop goes on
+                    future.set_exception(exc)
+
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
         self._wake.set()
@@ -143,16 +176,22 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            if not self.scheduler.has_work():
-                self._wake.wait(0.1)
-                self._wake.clear()
-                continue
-            try:
-                self.step()
-            except Exception:  # never let one bad step kill the server or leave a caller waiting
-                log.exception("engine step failed")
-                self._fail_in_flight("internal engine error")
+        self._looping = True
+        try:
+            while not self._stop.is_set():
+                self._run_calls()
+                if not self.scheduler.has_work():
+                    self._wake.wait(0.1)
+                    self._wake.clear()
+                    continue
+                try:
+                    self.step()
+                except Exception:  # never let one bad step kill the server or leave a caller waiting
+                    log.exception("engine step failed")
+                    self._fail_in_flight("internal engine error")
+        finally:
+            self._looping = False
+            self._run_calls()  # what was queued before the loop ended still gets its answer
 
     def step(self) -> None:
         step = self.scheduler.schedule()
@@ -161,21 +200,33 @@ class Engine:
             self._emit_final(seq)
         if step.empty:
             return
-        started = time.perf_counter()
-        sampled, errors, results = self.runner.execute(step)
-        self.step_seconds += time.perf_counter() - started
-        for seq in step.prefills:
-            if seq.request_id in errors:
-                self.scheduler.finish(seq, "error", errors[seq.request_id])
-                self._emit_final(seq)
-            elif seq.request_id in results:
-                seq.result = results[seq.request_id]
-                self.scheduler.finish(seq, "stop")
-                self._emit_final(seq)
-        finished = self.scheduler.update_from_output(sampled)
+        # Prefill first, and its first tokens go out before the decode runs: a new request's time to first
+        # token is then the step in flight plus its own prefill, not also a decode of the whole batch.
+        if step.prefills:
+            started = time.perf_counter()
+            sampled, errors, results = self.runner.prefill(step.prefills)
+            self.step_seconds += time.perf_counter() - started
+            for seq in step.prefills:
+                if seq.request_id in errors:
+                    self.scheduler.finish(seq, "error", errors[seq.request_id])
+                    self._emit_final(seq)
+                elif seq.request_id in results:
+                    seq.result = results[seq.request_id]
+                    self.scheduler.finish(seq, "stop")
+                    self._emit_final(seq)
+            self._advance(step.prefills, sampled)
+        if step.decodes:
+            started = time.perf_counter()
+            sampled = self.runner.decode(step.decodes)
+            self.step_seconds += time.perf_counter() - started
+            self._advance(step.decodes, sampled)
         self.steps += 1
+
+    def _advance(self, seqs: list[Sequence], sampled: dict[str, int]) -> None:
+        """Append the sampled tokens, stream them, and retire the sequences that finished."""
+        finished = self.scheduler.update_from_output(sampled)
         done = {s.request_id for s in finished}
-        for seq in step.decodes + step.prefills:
+        for seq in seqs:
             if seq.request_id in sampled and seq.request_id not in done:
                 self._emit_progress(seq)
         for seq in finished:

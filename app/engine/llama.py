@@ -13,18 +13,40 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from app.engine.packed_linear import Linear, linear
+
 # attend(layer_index, q [B, H, T, D], k [B, KVH, T, D], v) -> attention output [B, H, T, D]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class _LayerLinears:
+    """One decoder layer's projections: the model's modules, or packed copies of them."""
+
+    def __init__(self, layer: torch.nn.Module, pack: bool):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.q: Linear = linear(attn.q_proj, pack)
+        self.k: Linear = linear(attn.k_proj, pack)
+        self.v: Linear = linear(attn.v_proj, pack)
+        self.o: Linear = linear(attn.o_proj, pack)
+        self.gate: Linear = linear(mlp.gate_proj, pack)
+        self.up: Linear = linear(mlp.up_proj, pack)
+        self.down: Linear = linear(mlp.down_proj, pack)
+        self.act = mlp.act_fn
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:  # LlamaMLP.forward
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
 class LlamaForward:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, pack_weights: bool = False):
+        """pack_weights: use oneDNN-packed copies of the linear weights (CPU; see packed_linear.py)."""
         cfg = model.config
         self.model = model
         self.embed = model.get_input_embeddings()
         self.layers = list(model.model.layers)
         self.norm = model.model.norm
-        self.lm_head = model.lm_head
+        self.linears = [_LayerLinears(layer, pack_weights) for layer in self.layers]
+        self.lm_head = linear(model.lm_head, pack_weights)
         self.rotary = model.model.rotary_emb
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -36,16 +58,15 @@ class LlamaForward:
         """Run all layers on embeddings x [B, T, hidden] at rotary positions [B, T]; final norm applied."""
         cos, sin = self.rotary(x, positions)
         b, t, _ = x.shape
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
+        for i, (layer, lin) in enumerate(zip(self.layers, self.linears)):
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = lin.q(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k = lin.k(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = lin.v(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             o = attend(i, q, k, v)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + lin.o(o.transpose(1, 2).reshape(b, t, -1))
+            x = x + lin.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

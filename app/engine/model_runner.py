@@ -12,6 +12,7 @@ import torch
 
 from app.engine.kv_cache import KVCache
 from app.engine.llama import LlamaForward
+from app.engine.packed_linear import packing_works
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import make_generator, sample
 from app.engine.types import SchedulerOutput, Sequence
@@ -21,9 +22,11 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, shape, device: torch.device, dtype: torch.dtype,
-                 max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30):
+                 max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30,
+                 pack_weights: bool = True):
         self.device = device
-        self.forward = LlamaForward(model)
+        self.packed_weights = pack_weights and packing_works(device, dtype)
+        self.forward = LlamaForward(model, pack_weights=self.packed_weights)
         f = self.forward
         self.cache = KVCache(len(f.layers), max_num_seqs, f.num_kv_heads, max_model_len, f.head_dim,
                              dtype, device)
@@ -32,18 +35,19 @@ class ModelRunner:
         self._positions = torch.arange(max_model_len, device=device)
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> tuple[dict[str, int], dict[str, str], dict[str, dict]]:
-        """Returns (sampled token per request id, error per request id that could not run, head results of
-        classify/tag requests, which are done after their prefill)."""
+    def prefill(self, seqs: list[Sequence]) -> tuple[dict[str, int], dict[str, str], dict[str, dict]]:
+        """Run newly admitted sequences. Returns (first sampled token per request id, error per request id
+        that could not run, head results of classify/tag requests, which are done after their prefill)."""
         sampled: dict[str, int] = {}
         errors: dict[str, str] = {}
         results: dict[str, dict] = {}
-        if step.decodes:
-            tokens = self._decode(step.decodes)
-            sampled.update(zip((s.request_id for s in step.decodes), tokens))
-        if step.prefills:
-            self._prefill(step.prefills, sampled, errors, results)
+        self._prefill(seqs, sampled, errors, results)
         return sampled, errors, results
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> dict[str, int]:
+        """One token for each running sequence; they occupy the cache rows 0..len(seqs)-1."""
+        return dict(zip((s.request_id for s in seqs), self._decode(seqs)))
 
     def release(self, request_id: str) -> None:
         self.cache.release(request_id)
@@ -128,12 +132,13 @@ class ModelRunner:
 
     def _decode(self, seqs: list[Sequence]) -> list[int]:
         cache = self.cache
-        n = cache.num_used
+        n = len(seqs)
         rows = [cache.row_of(s.request_id) for s in seqs]
-        # Decode runs every occupied row, in row order; seqs is the same set in scheduler order.
+        # Decode runs rows 0..n-1 in row order (seqs is the same set in scheduler order). Sequences prefilled
+        # in this step were given the rows after these, so the decode batch is still one contiguous view.
         order = sorted(range(len(seqs)), key=rows.__getitem__)
         seqs = [seqs[i] for i in order]
-        assert [rows[i] for i in order] == list(range(n)), "decode batch must be exactly the used rows"
+        assert [rows[i] for i in order] == list(range(n)), "decode batch must be exactly rows 0..n-1"
         last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device).unsqueeze(1)
         lengths = torch.tensor(cache.lengths[:n], device=self.device)
         width = int(max(cache.lengths[:n])) + 1

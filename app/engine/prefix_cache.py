@@ -84,6 +84,10 @@ class PrefixCache:
         keys, values = self.forward.prefix_kv(embeddings)
         return Prefix(keys.contiguous(), values.contiguous(), *head)
 
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        with self._lock:
+            return key in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 

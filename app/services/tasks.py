@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -15,6 +16,8 @@ from app.services.errors import (Conflict, GenerationFailed, InvalidPromptSet, I
 from prompt_store import PromptSetError, PromptSetMeta, PromptStore, StoreError, TaskNotFound, VersionInfo
 from prompt_store import format as psf
 from prompt_store.store import VersionNotFound
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class Completion:
 
 
 class TaskService:
+    preload_timeout = 30.0  # seconds an upload or activation waits for the engine to load the version
+
     def __init__(self, engine: Engine, store: PromptStore, spec: ModelSpec, tokenizer):
         self.engine = engine
         self.store = store
@@ -60,8 +65,21 @@ class TaskService:
             raise NotFound(f"no task named {task!r}") from None
         except (StoreError, PromptSetError) as exc:
             raise NotFound(f"task {task!r} cannot be served: {exc}") from None
-        ref = PromptSetRef(task, info.version, str(info.path), info.meta.num_virtual_tokens)
-        return ResolvedTask(task, info.version, info.meta, ref)
+        return ResolvedTask(task, info.version, info.meta, self._ref(info))
+
+    @staticmethod
+    def _ref(info: VersionInfo) -> PromptSetRef:
+        return PromptSetRef(info.task, info.version, str(info.path), info.meta.num_virtual_tokens)
+
+    def _preload(self, info: VersionInfo) -> VersionInfo:
+        """Have the engine load a version that just became active before the admin gets the answer, so
+        the first request after it runs at once. A failure here is logged, not raised: the version is
+        stored and active, and a request would load it (and report any error) itself."""
+        try:
+            self.engine.preload(self._ref(info)).result(timeout=self.preload_timeout)
+        except Exception as exc:
+            log.warning("could not preload %s v%d: %s", info.task, info.version, exc)
+        return info
 
     # -- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -172,11 +190,12 @@ class TaskService:
 
     def activate(self, task: str, version: int) -> VersionInfo:
         try:
-            return self.store.activate(task, version)
+            info = self.store.activate(task, version)
         except (TaskNotFound, VersionNotFound) as exc:
             raise NotFound(str(exc)) from None
         except StoreError as exc:
             raise InvalidRequest(str(exc)) from None
+        return self._preload(info)
 
     def delete_version(self, task: str, version: int) -> None:
         try:
@@ -238,6 +257,7 @@ class TaskService:
         except PromptSetError as exc:
             raise InvalidPromptSet(str(exc)) from None
         try:
-            return self.store.put(task, data)
+            info = self.store.put(task, data)
         except StoreError as exc:
             raise InvalidRequest(str(exc)) from None
+        return self._preload(info)

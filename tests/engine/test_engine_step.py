@@ -1,0 +1,95 @@
+"""The engine's step order and its work between steps (tiny model, float32)."""
+
+import asyncio
+
+from app.engine.engine import Engine, EngineConfig
+from tests.helpers import greedy, input_prompt_set, make_engine, save_ref
+
+
+def test_first_token_of_a_new_request_goes_out_before_the_batch_decodes(tiny):
+    """A step with both runs the prefill, streams its first tokens, then decodes the running batch."""
+    engine = Engine(tiny, EngineConfig(max_num_seqs=4, max_model_len=128))  # stepped by hand, no loop
+    events: list[tuple] = []
+    real_put, real_decode = engine._put, engine.runner.decode
+
+    def put(sub, out):
+        events.append(("out", out.request_id))
+        real_put(sub, out)
+
+    def decode(seqs):
+        events.append(("decode", tuple(s.request_id for s in seqs)))
+        return real_decode(seqs)
+
+    engine._put, engine.runner.decode = put, decode
+    ids = tiny.tokenizer.encode("Hello there")
+
+    async def scenario():
+        _, first = engine.submit(ids, greedy(5, ignore_eos=True), request_id="running")
+        engine.step()  # prefill of "running"
+        engine.submit(ids, greedy(5, ignore_eos=True), request_id="new")
+        events.clear()
+        engine.step()  # prefill of "new" and decode of "running" in one step
+        await asyncio.sleep(0)
+        return first
+
+    asyncio.run(scenario())
+    assert events == [("out", "new"), ("decode", ("running",)), ("out", "running")]
+
+
+def test_later_steps_decode_both_rows_and_match_separate_runs(tiny):
+    """After a prefill-first step the new sequence sits after the running ones; both go on correctly."""
+    engine = make_engine(tiny, max_num_seqs=4)
+    ids_a, ids_b = tiny.tokenizer.encode("Hello there"), tiny.tokenizer.encode("Write a poem")
+
+    async def run(ids, wait=None):
+        if wait is not None:
+            await wait.wait()
+        tokens = []
+        async for out in engine.generate(ids, greedy(8, ignore_eos=True)):
+            tokens.extend(out.token_ids)
+        return tokens
+
+    try:
+        alone = [asyncio.run(run(ids_a)), asyncio.run(run(ids_b))]
+
+        async def together():
+            go = asyncio.Event()
+
+            async def first():
+                tokens = []
+                async for out in engine.generate(ids_a, greedy(8, ignore_eos=True)):
+                    tokens.extend(out.token_ids)
+                    if len(tokens) == 3:
+                        go.set()
+                return tokens
+            return list(await asyncio.gather(first(), run(ids_b, go)))
+
+        assert asyncio.run(together()) == alone
+    finally:
+        engine.stop()
+
+
+def test_preload_makes_a_prompt_set_resident_on_the_engine_thread(tiny, tmp_path):
+    ref = save_ref(tmp_path, "t", input_prompt_set(tiny.spec, 3, seed=1), tiny.spec)
+    idle = Engine(tiny, EngineConfig(max_num_seqs=2, max_model_len=64))
+    assert idle.preload(ref).result(timeout=1) is None and ref.key not in idle.runner.prefixes  # no loop: no-op
+    engine = make_engine(tiny)
+    try:
+        engine.preload(ref).result(timeout=30)
+        assert ref.key in engine.runner.prefixes and engine.runner.prefixes.misses == 1
+        missing = save_ref(tmp_path, "gone", input_prompt_set(tiny.spec, 3), tiny.spec)
+        (tmp_path / "gone-v1.safetensors").unlink()
+        try:
+            engine.preload(missing).result(timeout=30)
+        except Exception as exc:  # the error reaches the caller, and the loop goes on serving
+            assert "gone" in str(exc) or "No such file" in str(exc)
+        else:
+            raise AssertionError("preloading a missing file should fail")
+
+        async def one():
+            async for out in engine.generate(tiny.tokenizer.encode("Hi"), greedy(2), ref):
+                pass
+            return out
+        assert asyncio.run(one()).finish_reason == "length" and engine.runner.prefixes.hits == 1
+    finally:
+        engine.stop()

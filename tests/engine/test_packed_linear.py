@@ -1,0 +1,43 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.engine.llama import LlamaForward
+from app.engine.packed_linear import PackedLinear, packing_works
+
+needs_packing = pytest.mark.skipif(not packing_works(torch.device("cpu"), torch.float32),
+                                   reason="this torch build has no oneDNN packed linear")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear(dtype, bias):
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(96, 80, bias=bias).to(dtype)
+    packed = PackedLinear(layer)
+    for shape in ((1, 96), (7, 96), (3, 5, 96)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        with torch.inference_mode():
+            got, want = packed(x), F.linear(x, layer.weight, layer.bias)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+    noncontiguous = torch.randn(96, 4, generator=g).to(dtype).T  # e.g. a transposed attention output
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(noncontiguous), F.linear(noncontiguous, layer.weight, layer.bias),
+                                   atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+
+
+def test_packing_is_cpu_only():
+    assert not packing_works(torch.device("cuda"), torch.float32)
+
+
+@needs_packing
+def test_packed_forward_equals_the_model_modules(tiny):
+    plain, packed = LlamaForward(tiny.model), LlamaForward(tiny.model, pack_weights=True)
+    emb = torch.randn(4, tiny.spec.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.05
+    with torch.inference_mode():
+        for a, b in zip(plain.prefix_kv(emb), packed.prefix_kv(emb)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        h = torch.randn(2, tiny.spec.hidden_size)
+        torch.testing.assert_close(plain.logits(h), packed.logits(h), atol=1e-4, rtol=1e-4)
