@@ -194,7 +194,7 @@ async def first_token_after(client: httpx.AsyncClient, task: str, since: float) 
 
 
 async def upload_under_load(url: str, jobs: list[Job], concurrency: int, output_len: int, data: bytes,
-                            trials: int = 10, seed: int = 0) -> dict:
+                            trials: int = 10, seed: int = 0, settle_s: float = 3.0) -> dict:
     """Upload new versions of bench-chat while `concurrency` clients keep the server busy.
 
     Right after each upload's answer one request goes to bench-chat: the version is servable when that
@@ -208,7 +208,7 @@ async def upload_under_load(url: str, jobs: list[Job], concurrency: int, output_
     limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         load = asyncio.create_task(closed_loop_until(client, jobs, concurrency, output_len, records))
-        await asyncio.sleep(3)
+        await asyncio.sleep(settle_s)  # let the load reach its steady state
         trials_out = []
         for _ in range(trials):
             await asyncio.sleep(rng.uniform(0.5, 1.5))  # land at random points of the load's steps

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, TypeVar
 
 from app.engine.engine import Engine, QueueFull, RequestTooLong
 from app.task_types.encoding import bio_tags, classify_ids, decode_entities, extract_encoding
@@ -18,6 +19,7 @@ from prompt_store import format as psf
 from prompt_store.store import VersionNotFound
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Completion:
 
 
 class TaskService:
-    preload_timeout = 30.0  # seconds an upload or activation waits for the engine to load the version
+    engine_call_timeout = 60.0  # seconds an upload or activation waits for its tensor work on the engine
 
     def __init__(self, engine: Engine, store: PromptStore, spec: ModelSpec, tokenizer):
         self.engine = engine
@@ -76,10 +78,19 @@ class TaskService:
         the first request after it runs at once. A failure here is logged, not raised: the version is
         stored and active, and a request would load it (and report any error) itself."""
         try:
-            self.engine.preload(self._ref(info)).result(timeout=self.preload_timeout)
+            self.engine.preload(self._ref(info)).result(timeout=self.engine_call_timeout)
         except Exception as exc:
             log.warning("could not preload %s v%d: %s", info.task, info.version, exc)
         return info
+
+    def _on_engine(self, fn: Callable[[], T]) -> T:
+        """Run tensor work (parsing, validating, converting prompt sets) on the engine's thread and wait for
+        it: torch on a second thread slows every decode step (see Engine.call). fn's errors propagate."""
+        try:
+            return self.engine.call(fn).result(timeout=self.engine_call_timeout)
+        except FutureTimeout:
+            raise Overloaded(f"the engine did not get to this within {self.engine_call_timeout:g} s",
+                             {"Retry-After": "1"}) from None
 
     # -- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -238,11 +249,14 @@ class TaskService:
                 if entry.file_size > 512 * 1024 * 1024:
                     raise InvalidPromptSet(f"{name} is too large ({entry.file_size} bytes uncompressed)")
                 (Path(tmp) / name).write_bytes(archive.read(entry))
-            try:
-                ps = import_peft(tmp, self.spec, self.spec.name, task_type=task_type)
-            except (PromptSetError, ValueError, KeyError) as exc:
-                raise InvalidPromptSet(f"cannot import the PEFT adapter: {exc}") from None
-        return self.upload(task, ps.to_bytes(self.spec))
+
+            def convert() -> bytes:
+                try:
+                    return import_peft(tmp, self.spec, self.spec.name, task_type=task_type).to_bytes(self.spec)
+                except (PromptSetError, ValueError, KeyError) as exc:
+                    raise InvalidPromptSet(f"cannot import the PEFT adapter: {exc}") from None
+            data = self._on_engine(convert)
+        return self.upload(task, data)
 
     # -- uploads ---------------------------------------------------------------------------------
     def upload(self, task: str, data: bytes) -> VersionInfo:
@@ -252,10 +266,13 @@ class TaskService:
         """
         if task == self.base_model_id:
             raise Conflict(f"{task!r} is the base model's own id and cannot be a task name")
-        try:
-            psf.parse_for_model(data, self.spec)
-        except PromptSetError as exc:
-            raise InvalidPromptSet(str(exc)) from None
+
+        def validate() -> None:
+            try:
+                psf.parse_for_model(data, self.spec)
+            except PromptSetError as exc:
+                raise InvalidPromptSet(str(exc)) from None
+        self._on_engine(validate)
         try:
             info = self.store.put(task, data)
         except StoreError as exc:

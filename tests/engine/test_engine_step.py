@@ -1,6 +1,9 @@
 """The engine's step order and its work between steps (tiny model, float32)."""
 
 import asyncio
+import threading
+
+import pytest
 
 from app.engine.engine import Engine, EngineConfig
 from tests.helpers import greedy, input_prompt_set, make_engine, save_ref
@@ -69,10 +72,24 @@ def test_later_steps_decode_both_rows_and_match_separate_runs(tiny):
         engine.stop()
 
 
+def test_calls_run_on_the_engine_thread_once_the_loop_runs_and_fail_after_stop(tiny):
+    engine = Engine(tiny, EngineConfig(max_num_seqs=2, max_model_len=64))
+    early = engine.call(threading.current_thread)  # made before the loop starts: waits for it
+    assert not early.done()
+    engine.start()
+    try:
+        assert early.result(timeout=30).name == "promptserve-engine"
+        with pytest.raises(ZeroDivisionError):  # fn's own error reaches the caller; the loop goes on
+            engine.call(lambda: 1 / 0).result(timeout=30)
+        assert engine.call(lambda: 42).result(timeout=30) == 42
+    finally:
+        engine.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.call(lambda: 1).result(timeout=1)
+
+
 def test_preload_makes_a_prompt_set_resident_on_the_engine_thread(tiny, tmp_path):
     ref = save_ref(tmp_path, "t", input_prompt_set(tiny.spec, 3, seed=1), tiny.spec)
-    idle = Engine(tiny, EngineConfig(max_num_seqs=2, max_model_len=64))
-    assert idle.preload(ref).result(timeout=1) is None and ref.key not in idle.runner.prefixes  # no loop: no-op
     engine = make_engine(tiny)
     try:
         engine.preload(ref).result(timeout=30)

@@ -1,0 +1,37 @@
+"""The benchmark's measurements themselves, against a live server on the tiny model."""
+
+import asyncio
+
+from benchmarks import serving
+from benchmarks.serving import Job, closed_loop, percentile, summarize, upload_under_load
+from tests.helpers import input_prompt_set, random_deep_prompt_set
+
+
+def test_percentile_and_summary():
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0], 90) == 1.9
+    records = [{"ok": True, "tokens": 5, "ttft": 0.1, "e2e": 0.5}, {"ok": False, "status": 503, "tokens": 0}]
+    out = summarize(records, wall=2.0)
+    assert out["failed"] == 1 and out["output_tok_s"] == 2.5 and out["tpot_p50"] == 0.1
+
+
+def test_closed_loop_and_upload_under_load(live_server, tiny, monkeypatch):
+    url, _ = live_server
+    monkeypatch.setattr(serving, "ADMIN_TOKEN", "s3cret")
+    chat = input_prompt_set(tiny.spec, 4, seed=1).to_bytes(tiny.spec)
+    spam = random_deep_prompt_set(tiny.spec, 3, seed=2, scale=0.5).to_bytes(tiny.spec)
+
+    async def scenario():
+        import httpx
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            await serving.upload(client, "bench-chat", chat)
+            await serving.upload(client, "bench-spam", spam)
+        jobs = [Job(t, [{"role": "user", "content": f"Say something about {i}"}])
+                for i, t in enumerate(["bench-chat", "bench-spam"] * 3)]
+        loop_stats = await closed_loop(url, jobs, 2, 4)
+        return loop_stats, await upload_under_load(url, jobs, 2, 4, chat, trials=2, settle_s=0.2)
+
+    loop_stats, u = asyncio.run(scenario())
+    assert loop_stats["requests"] == 6 and loop_stats["failed"] == 0 and loop_stats["output_tok_s"] > 0
+    assert [t["new_version"] for t in u["trials"]] == [2, 3]
+    assert u["all_served_new_version"] and u["failed_requests"] == 0 and u["load_requests"] > 0
+    assert all(t["first_token_s"] > 0 and t["control_first_token_s"] > 0 for t in u["trials"])
