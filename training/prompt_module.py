@@ -69,17 +69,17 @@ class PromptModule(nn.Module):
         # needs no extra mask: real tokens never attend to the pads after them.
         q_idx = torch.arange(total, device=ids.device).unsqueeze(1) + offset
         k_idx = torch.arange(total + offset, device=ids.device).unsqueeze(0)
-        allowed = (k_idx <= q_idx).unsqueeze(0)
+        mask = f.group_mask((k_idx <= q_idx).unsqueeze(0), dtype)
         if self.kind == "deep":
             keys, values = (t_.to(dtype) for t_ in self.deep_kv())
 
             def attend(i, q, k, v):
                 k = torch.cat([keys[i].unsqueeze(0).expand(b, -1, -1, -1), k], dim=2)
                 v = torch.cat([values[i].unsqueeze(0).expand(b, -1, -1, -1), v], dim=2)
-                return f.grouped_attention(q, k, v, allowed)
+                return f.grouped_attention(q, k, v, mask)
         else:
             def attend(i, q, k, v):
-                return f.grouped_attention(q, k, v, allowed)
+                return f.grouped_attention(q, k, v, mask)
 
         h = f.hidden(x, positions, attend)
         return h[:, p:] if self.kind == "input" else h

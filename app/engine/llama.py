@@ -72,16 +72,21 @@ class LlamaForward:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def group_mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """allowed [B or 1, T, S] (True = may attend) -> the additive mask grouped_attention takes,
+        [B, 1, group*T, S]. Built once per forward pass rather than in each of the layers."""
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        return mask.repeat(1, self.group, 1).unsqueeze(1)
+
     def grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          allowed: torch.Tensor) -> torch.Tensor:
+                          mask: torch.Tensor) -> torch.Tensor:
         """Grouped-query attention without repeating K/V.
 
-        q [B, H, T, D]; k, v [B, KVH, S, D]; allowed [B or 1, T, S] (True = may attend). The query heads
-        that share a KV head are folded into the query-length axis, so K/V are read in place.
+        q [B, H, T, D]; k, v [B, KVH, S, D]; mask from group_mask(). The query heads that share a KV head
+        are folded into the query-length axis, so K/V are read in place.
         """
         b, _, t, d = q.shape
         qg = q.reshape(b, self.num_kv_heads, self.group * t, d)
-        mask = allowed.repeat(1, self.group, 1).unsqueeze(1)  # [B, 1, group*T, S]
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
         return o.reshape(b, self.num_heads, t, d)
 
@@ -94,7 +99,7 @@ class LlamaForward:
         p = embeddings.shape[0]
         x = embeddings.unsqueeze(0)
         positions = torch.arange(p, device=x.device).unsqueeze(0)
-        causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril().unsqueeze(0)
+        causal = self.group_mask(torch.ones(p, p, dtype=torch.bool, device=x.device).tril().unsqueeze(0), x.dtype)
         keys, values = [], []
 
         def attend(i, q, k, v):

@@ -86,13 +86,14 @@ class ModelRunner:
         width = int(max(int(st) + n for st, n in zip(starts.tolist(), lens)))
         # query t of row b (cache index starts[b] + t) sees every index up to and including its own
         allowed = self._positions[:width].view(1, 1, -1) <= positions.unsqueeze(2)  # [B, T, W]
+        mask = self.forward.group_mask(allowed, cache.k.dtype)
         row_index = torch.arange(r0, r0 + b, device=self.device).unsqueeze(1).expand(b, t)
 
         def attend(i, q, k, v):
             cache.k[i][row_index, :, write_at] = k.transpose(1, 2)
             cache.v[i][row_index, :, write_at] = v.transpose(1, 2)
             return self.forward.grouped_attention(q, cache.k[i, r0:r0 + b, :, :width],
-                                                  cache.v[i, r0:r0 + b, :, :width], allowed)
+                                                  cache.v[i, r0:r0 + b, :, :width], mask)
 
         hidden = self.forward.hidden(self.forward.embed(ids), positions, attend)
         generate = []
@@ -144,12 +145,13 @@ class ModelRunner:
         width = int(max(cache.lengths[:n])) + 1
         row_index = torch.arange(n, device=self.device)
         allowed = (self._positions[:width].unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)  # [n,1,S]
+        mask = self.forward.group_mask(allowed, cache.k.dtype)
 
         def attend(i, q, k, v):
             cache.k[i, row_index, :, lengths] = k[:, :, 0]
             cache.v[i, row_index, :, lengths] = v[:, :, 0]
             return self.forward.grouped_attention(q, cache.k[i, :n, :, :width], cache.v[i, :n, :, :width],
-                                                  allowed)
+                                                  mask)
 
         hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attend)
         for r in range(n):
