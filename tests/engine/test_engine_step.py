@@ -82,6 +82,8 @@ def test_calls_run_on_the_engine_thread_once_the_loop_runs_and_fail_after_stop(t
         with pytest.raises(ZeroDivisionError):  # fn's own error reaches the caller; the loop goes on
             engine.call(lambda: 1 / 0).result(timeout=30)
         assert engine.call(lambda: 42).result(timeout=30) == 42
+        nested = engine.call(lambda: engine.call(lambda: 7).result(timeout=5))  # from the engine thread itself
+        assert nested.result(timeout=30) == 7
     finally:
         engine.stop()
     with pytest.raises(RuntimeError, match="stopped"):
