@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     be = sub.add_parser("bench", help="serving benchmark against plain-transformers baselines")
     be.add_argument("--url", help="a running server (default: start one here)")
     be.add_argument("--concurrency", default="1,8,32,64", help="closed-loop clients, comma-separated")
-    be.add_argument("--rate", type=float, help="Poisson arrivals per second instead of a closed loop")
+    be.add_argument("--rate", help="Poisson arrivals per second, comma-separated: the sweep runs open-loop at "
+                                   "these rates (the ratios still use a closed loop at the top concurrency)")
     be.add_argument("--mix", default="chat:1,ner:1,spam:1", help="task proportions")
     be.add_argument("--requests", type=int, help="requests per phase (default: the top concurrency)")
     be.add_argument("--output-len", type=int, default=64)

@@ -2,7 +2,9 @@
 
 Phases against a live server (started here unless --url is given), all with a fixed output length
 (ignore_eos) and streamed responses so time-to-first-token is measured:
-  sweep      closed loop of N clients for each concurrency, tasks mixed in the chosen proportions
+  sweep      closed loop of N clients for each concurrency, tasks mixed in the chosen proportions; or,
+             with --rate, Poisson arrivals at each rate (plus one closed loop at the top concurrency,
+             which the ratios use)
   single     the top concurrency with every request on one task
   many       1,000 registered prompt sets, each request picking one at random
   upload     a new version uploaded under load: time until it is served, and failed requests
@@ -329,16 +331,26 @@ def plot(sweep: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = [s["concurrency"] for s in sweep]
+    axis = "rate" if "rate" in sweep[0] else "concurrency"
+    label = "arrival rate (requests/s)" if axis == "rate" else "concurrent clients"
+    c = [s[axis] for s in sweep]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(c, [s["output_tok_s"] for s in sweep], "o-")
-    a.set(xlabel="concurrent clients", ylabel="output tokens/s", title="throughput", xscale="log")
-    for key, label in (("ttft_p50", "TTFT p50"), ("e2e_p50", "end-to-end p50"), ("e2e_p99", "end-to-end p99")):
-        b.plot(c, [s[key] for s in sweep], "o-", label=label)
-    b.set(xlabel="concurrent clients", ylabel="seconds", title="latency", xscale="log")
+    a.set(xlabel=label, ylabel="output tokens/s", title="throughput", xscale="log")
+    for key, name in (("ttft_p50", "TTFT p50"), ("e2e_p50", "end-to-end p50"), ("e2e_p99", "end-to-end p99")):
+        b.plot(c, [s[key] for s in sweep], "o-", label=name)
+    b.set(xlabel=label, ylabel="seconds", title="latency", xscale="log")
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def phase_line(name: str, stats: dict) -> str:
+    """One table row: throughput, then TTFT / TPOT / end-to-end latency at p50, p90, p99."""
+    def ps(key: str, scale: float = 1.0) -> str:
+        return " / ".join(f"{stats[f'{key}_p{p}'] * scale:.{0 if scale > 1 else 2}f}" for p in (50, 90, 99))
+    return (f"| {name} | {stats['output_tok_s']:.1f} | {stats['req_s']:.2f} | {ps('ttft')} | {ps('tpot', 1000)} | "
+            f"{ps('e2e')} | {stats['failed']} |")
 
 
 def main(args) -> int:
@@ -367,14 +379,21 @@ def main(args) -> int:
         asyncio.run(closed_loop(url, jobs[:4], 4, 4))  # warm the prefix cache and the allocator
 
         sweep = []
-        for c in concurrencies:
-            if args.rate:
-                stats = asyncio.run(poisson(url, jobs, args.rate, args.output_len, args.seed))
-            else:
-                stats = asyncio.run(closed_loop(url, jobs if c > 1 else jobs[:4], c, args.output_len))
-            sweep.append({"concurrency": c, **stats})
-            print(f"sweep c={c}: {stats['output_tok_s']:.1f} tok/s, ttft p50 {stats['ttft_p50']:.3f}s, "
+        if args.rate:  # open loop: Poisson arrivals at each rate
+            for rate in (float(r) for r in args.rate.split(",")):
+                stats = asyncio.run(poisson(url, jobs, rate, args.output_len, args.seed))
+                sweep.append({"rate": rate, **stats})
+                print(f"sweep rate={rate:g}/s: {stats['output_tok_s']:.1f} tok/s, ttft p50 {stats['ttft_p50']:.3f}s, "
+                      f"e2e p50 {stats['e2e_p50']:.2f}s, failed {stats['failed']}", flush=True)
+        runs = [] if args.rate else concurrencies
+        closed = []
+        for c in runs or [top]:
+            stats = asyncio.run(closed_loop(url, jobs if c > 1 else jobs[:4], c, args.output_len))
+            closed.append({"concurrency": c, **stats})
+            print(f"closed loop c={c}: {stats['output_tok_s']:.1f} tok/s, ttft p50 {stats['ttft_p50']:.3f}s, "
                   f"e2e p50 {stats['e2e_p50']:.2f}s, failed {stats['failed']}", flush=True)
+        sweep = sweep or closed
+        report["closed_loop"] = closed
         report["sweep"] = sweep
         first = next(iter(mix))
         single = [Job(tasks[first], prompts[first][i]) for i in range(n)]
@@ -421,8 +440,8 @@ def main(args) -> int:
     emb = psf.load(ROOT / "demo/prompt_sets/chat.safetensors").tensors["embeddings"]
     report["hf_inputs_embeds"] = hf_inputs_embeds_per_request(model, tok, emb, base_prompts[:args.baseline_requests],
                                                               args.output_len)
-    top_stats = next(s for s in sweep if s["concurrency"] == top)
-    one = next((s for s in sweep if s["concurrency"] == 1), None)
+    top_stats = next(s for s in closed if s["concurrency"] == top)
+    one = next((s for s in closed if s["concurrency"] == 1), None)
     ratios = {
         f"server {top} clients mixed / HF generate batch {top}": top_stats["output_tok_s"] / report["hf_batch"]["output_tok_s"],
         "mixed / single task (same concurrency)": top_stats["output_tok_s"] / report["single_task"]["output_tok_s"],
@@ -436,10 +455,17 @@ def main(args) -> int:
     report["ratios"] = ratios
     report["device"] = f"{loaded.device} {loaded.dtype} torch {torch.__version__} threads {torch.get_num_threads()}"
 
-    print("\n| measure | output tok/s |\n|---|---|")
-    for s in sweep:
-        print(f"| server, {s['concurrency']} clients, mixed | {s['output_tok_s']:.1f} |")
-    print(f"| server, {top} clients, one task | {report['single_task']['output_tok_s']:.1f} |")
+    print("\n| server phase (mixed tasks unless said) | output tok/s | req/s | TTFT p50/p90/p99 (s) | "
+          "TPOT p50/p90/p99 (ms) | end-to-end p50/p90/p99 (s) | failed |\n|---|---|---|---|---|---|---|")
+    for s in sweep if args.rate else []:
+        print(phase_line(f"Poisson {s['rate']:g} req/s", s))
+    for s in closed:
+        print(phase_line(f"{s['concurrency']} clients", s))
+    print(phase_line(f"{top} clients, one task", report["single_task"]))
+    if args.many:
+        print(phase_line(f"{top} clients, one prompt set", report["one_prompt_set"]))
+        print(phase_line(f"{top} clients, {args.many} prompt sets", report["many_prompt_sets"]))
+    print("\n| baseline (in-process, server stopped) | output tok/s |\n|---|---|")
     for key, label in (("hf_batch", f"HF generate, bare model, batch {top}"), ("hf_batch1", "HF generate, batch 1"),
                        ("hf_inputs_embeds", "HF generate per request, inputs_embeds")):
         print(f"| {label} | {report[key]['output_tok_s']:.1f} |")
