@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_model_len: int = 2048  # virtual tokens + prompt + generated tokens
     max_queue: int = 256  # waiting requests beyond which new ones are refused
     max_prefills_per_step: int = 16
+    # prompt tokens (padded) one step prefills: bounds how long a burst of prompts, or one long prompt
+    # (prefilled in chunks of this size), holds up the running streams
+    max_prefill_tokens: int = Field(1024, ge=16)
     prefix_cache_size: int = 4096  # device-resident prompt sets kept (LRU), bounded by count...
     prefix_cache_mb: int = 1024  # ...and by memory
     default_max_tokens: int = 256

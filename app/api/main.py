@@ -40,7 +40,8 @@ def seed_store(store: PromptStore, service: TaskService, seed_dir: Path | None) 
 def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     return Engine(loaded, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len, max_queue=settings.max_queue,
-        max_prefills_per_step=settings.max_prefills_per_step, prefix_cache_size=settings.prefix_cache_size,
+        max_prefills_per_step=settings.max_prefills_per_step, max_prefill_tokens=settings.max_prefill_tokens,
+        prefix_cache_size=settings.prefix_cache_size,
         prefix_cache_bytes=settings.prefix_cache_mb << 20, pack_weights=settings.pack_weights))
 
 

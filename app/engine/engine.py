@@ -37,6 +37,7 @@ class EngineConfig:
     max_model_len: int = 2048
     max_queue: int = 256
     max_prefills_per_step: int = 16
+    max_prefill_tokens: int = 1024  # prompt tokens (padded) one step prefills; longer prompts go in chunks
     prefix_cache_size: int = 4096
     prefix_cache_bytes: int = 1 << 30
     pack_weights: bool = True  # CPU: oneDNN-packed linear weights (faster, one more copy of the weights)
@@ -63,7 +64,7 @@ class Engine:
         self.config = config
         self.max_model_len = min(config.max_model_len, loaded.max_position_embeddings)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, config.max_prefills_per_step,
-                                   loaded.stop_token_ids)
+                                   loaded.stop_token_ids, config.max_prefill_tokens)
         self.runner = ModelRunner(loaded.model, loaded.spec, loaded.device, loaded.dtype,
                                   config.max_num_seqs, self.max_model_len, config.prefix_cache_size,
                                   config.prefix_cache_bytes, config.pack_weights)
@@ -217,6 +218,7 @@ class Engine:
             started = time.perf_counter()
             sampled, errors, results = self.runner.prefill(step.prefills)
             self.step_seconds += time.perf_counter() - started
+            self.scheduler.prefilled([s for s in step.prefills if s.request_id not in errors])
             for seq in step.prefills:
                 if seq.request_id in errors:
                     self.scheduler.finish(seq, "error", errors[seq.request_id])
@@ -245,7 +247,8 @@ class Engine:
             self._emit_final(seq)
 
     def _fail_in_flight(self, message: str) -> None:
-        for seq in list(self.scheduler.running):
+        partial = [self.scheduler.partial] if self.scheduler.partial is not None else []
+        for seq in list(self.scheduler.running) + partial:
             self.scheduler.finish(seq, "error", message)
             self.runner.release(seq.request_id)
         for request_id in list(self._subs):

@@ -54,19 +54,28 @@ class ModelRunner:
         self._generators.pop(request_id, None)
 
     def _prefill(self, seqs: list[Sequence], sampled: dict, errors: dict, results: dict) -> None:
-        """All admitted prompts in one forward pass: right-padded to the longest, each row attending to its
-        own prefix and tokens only. Rows are allocated consecutively, so the batch reads cache[r0:r0+B]."""
+        """Each sequence's chunk of its prompt (usually all of it), in one forward pass: right-padded to
+        the longest, each row attending to its own prefix and tokens only. New rows are allocated
+        consecutively, so the batch reads cache[r0:r0+B]; a chunked prompt (alone in its step, see the
+        scheduler) lives in the staging row until its last chunk."""
         cache = self.cache
+        if len(seqs) > 1 and any(s.prefill_range != (0, s.prompt_len) for s in seqs):
+            raise RuntimeError("a chunked prompt must be prefilled alone")
         ready = []
         for seq in seqs:
             req = seq.request
+            start, end = seq.prefill_range
+            if start > 0:  # a later chunk: the prefix is in the row already
+                ready.append((seq, cache.row_of(req.request_id), None))
+                continue
             try:
                 prefix = self.prefixes.get(req.prompt_set) if req.prompt_set is not None else None
             except Exception as exc:  # a prompt set deleted or broken since the request was made
                 log.warning("prefill of %s failed: %s", req.request_id, exc)
                 errors[req.request_id] = str(exc)
                 continue
-            row = cache.allocate(req.request_id)
+            staged = end < seq.prompt_len
+            row = cache.allocate_staging(req.request_id) if staged else cache.allocate(req.request_id)
             if prefix is not None:
                 cache.write_prefix(row, prefix.keys, prefix.values)
             ready.append((seq, row, prefix))
@@ -74,12 +83,13 @@ class ModelRunner:
             return
         b = len(ready)
         r0 = ready[0][1]
-        starts = torch.tensor([cache.lengths[row] for _, row, _ in ready], device=self.device)
-        lens = [len(seq.request.prompt_token_ids) for seq, _, _ in ready]
+        starts = torch.tensor([cache.length(row) for _, row, _ in ready], device=self.device)
+        chunks = [seq.request.prompt_token_ids[slice(*seq.prefill_range)] for seq, _, _ in ready]
+        lens = [len(c) for c in chunks]
         t = max(lens)
         ids = torch.zeros((b, t), dtype=torch.long, device=self.device)
-        for k, (seq, _, _) in enumerate(ready):
-            ids[k, :lens[k]] = torch.tensor(seq.request.prompt_token_ids, device=self.device)
+        for k, chunk in enumerate(chunks):
+            ids[k, :lens[k]] = torch.tensor(chunk, device=self.device)
         positions = starts.unsqueeze(1) + self._positions[:t].unsqueeze(0)  # [B, T]
         # pads write past their row's valid length (clamped into the buffer); nothing ever reads them
         write_at = positions.clamp(max=cache.max_len - 1)
@@ -99,7 +109,11 @@ class ModelRunner:
         generate = []
         for k, (seq, row, prefix) in enumerate(ready):
             req = seq.request
-            cache.lengths[row] = int(starts[k]) + lens[k]
+            cache.set_length(row, int(starts[k]) + lens[k])
+            if not seq.chunk_is_last:
+                continue  # more chunks to come: nothing to sample yet
+            if row == cache.staging_row:
+                cache.commit_staging()
             if req.mode == "generate":
                 generate.append(k)
                 continue

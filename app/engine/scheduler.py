@@ -1,7 +1,9 @@
 """Iteration-level (continuous) batching, testable without a model.
 
 Each engine step calls ``schedule()`` (apply aborts, admit waiting requests into free batch rows, decode
-the rest), runs the model, then ``update_from_output()`` with the sampled tokens.
+the rest), runs the model, then ``prefilled()`` and ``update_from_output()`` with the sampled tokens.
+A step prefills at most ``max_prefill_tokens`` (padded) prompt tokens, so a burst of prompts or one long
+prompt (in chunks) cannot stall the running streams for longer than that.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Scheduler:
         self.stop_token_ids = stop_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.partial: Sequence | None = None  # a long prompt part-way through its chunked prefill
         self._pending_aborts: set[str] = set()
         self._lock = threading.Lock()  # add/abort come from other threads; schedule runs on the loop
 
@@ -47,10 +50,10 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + (self.partial is not None)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._pending_aborts)
+        return bool(self.waiting or self.running or self.partial or self._pending_aborts)
 
     # -- called by the engine loop ---------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -62,16 +65,10 @@ class Scheduler:
                 for seq in self.waiting:
                     (out.aborted if seq.request_id in aborts else kept).append(seq)
                 self.waiting = kept
-            admitted = []
-            free = self.max_num_seqs - len(self.running)
-            longest = 0
-            while self.waiting and free > 0 and len(admitted) < self.max_prefills_per_step:
-                nxt = self.waiting[0]
-                longest = max(longest, nxt.request.prefix_len + len(nxt.request.prompt_token_ids))
-                if admitted and longest * (len(admitted) + 1) > self.max_prefill_tokens:
-                    break  # the padded batch would be too large: the rest waits for the next step
-                admitted.append(self.waiting.popleft())
-                free -= 1
+                if self.partial is not None and self.partial.request_id in aborts:
+                    out.aborted.append(self.partial)
+                    self.partial = None
+            admitted = self._admit() if self.partial is None else []
         if aborts:
             still = []
             for seq in self.running:
@@ -80,11 +77,47 @@ class Scheduler:
         for seq in out.aborted:
             self._finish(seq, "abort")
         out.decodes = list(self.running)
+        if self.partial is not None:  # a long prompt goes on, one chunk a step; the queue waits behind it
+            start = self.partial.num_prefilled
+            self.partial.chunk = (start, min(self.partial.prompt_len, start + self.max_prefill_tokens))
+            out.prefills = [self.partial]
+            return out
         for seq in admitted:
             seq.status = SeqStatus.RUNNING
+            seq.chunk = None  # all of it
             self.running.append(seq)
         out.prefills = admitted
         return out
+
+    def _admit(self) -> list[Sequence]:
+        """Whole prompts from the head of the queue while the padded batch (longest x count) fits the
+        step's token budget. A generate prompt over the budget on its own becomes the partial sequence,
+        prefilled in chunks of the budget (it joins the running batch after its last chunk)."""
+        admitted: list[Sequence] = []
+        free = self.max_num_seqs - len(self.running)
+        longest = 0
+        while self.waiting and free > 0 and len(admitted) < self.max_prefills_per_step:
+            nxt = self.waiting[0]
+            size = nxt.request.prefix_len + nxt.prompt_len
+            if not admitted and nxt.prompt_len > self.max_prefill_tokens and nxt.request.mode == "generate":
+                self.partial = self.waiting.popleft()
+                self.partial.status = SeqStatus.RUNNING
+                return []
+            longest = max(longest, size)
+            if admitted and longest * (len(admitted) + 1) > self.max_prefill_tokens:
+                break  # the padded batch would be too large: the rest waits for the next step
+            admitted.append(self.waiting.popleft())
+            free -= 1
+        return admitted
+
+    def prefilled(self, seqs: list[Sequence]) -> None:
+        """Record that the step ran these sequences' chunks; a partial sequence whose last chunk ran
+        joins the running batch (before its first token is appended by update_from_output)."""
+        for seq in seqs:
+            seq.num_prefilled = seq.prefill_range[1]
+            if seq is self.partial and seq.chunk_is_last and seq.status is SeqStatus.RUNNING:
+                self.partial = None
+                self.running.append(seq)
 
     def update_from_output(self, sampled: dict[str, int]) -> list[Sequence]:
         """Append each sequence's new token; return those that finished on it (eos or length)."""
@@ -108,6 +141,8 @@ class Scheduler:
         """Finish a running sequence for a reason found outside the scheduler (stop string, error)."""
         self._finish(seq, reason, error)
         self.running = [s for s in self.running if s is not seq]
+        if seq is self.partial:
+            self.partial = None
 
     @staticmethod
     def _finish(seq: Sequence, reason: str, error: str | None = None) -> None:

@@ -68,6 +68,10 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     result: dict | None = None  # classify/tag output
+    # Prompt tokens already in the KV cache, and the slice [start, end) of the prompt this step prefills
+    # (None: all of it). A prompt longer than a step's token budget is prefilled in chunks over steps.
+    num_prefilled: int = 0
+    chunk: tuple[int, int] | None = None
 
     @property
     def request_id(self) -> str:
@@ -77,10 +81,23 @@ class Sequence:
     def total_len(self) -> int:
         return self.request.prefix_len + len(self.request.prompt_token_ids) + len(self.output_ids)
 
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def prefill_range(self) -> tuple[int, int]:
+        return self.chunk or (0, self.prompt_len)
+
+    @property
+    def chunk_is_last(self) -> bool:
+        return self.prefill_range[1] >= self.prompt_len
+
 
 @dataclass
 class SchedulerOutput:
-    prefills: list[Sequence] = field(default_factory=list)  # to run their prompt now, then sample
+    # to run their prompt (each its .chunk of it) now, then sample those whose chunk ends the prompt
+    prefills: list[Sequence] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)  # running: one token each
     aborted: list[Sequence] = field(default_factory=list)  # to free before the step
 

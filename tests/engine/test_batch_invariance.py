@@ -60,3 +60,30 @@ def test_mixed_batch_equals_alone(loaded, tmp_path):
     assert all(len(t) == n for t in alone)
     # they really shared batches: far fewer steps than running them one after another
     assert steps < len(reqs) * n
+
+
+def test_chunked_prefill_equals_whole_prefill(tiny, tmp_path):
+    """With a 3-token step budget every prompt here is prefilled in chunks (the first row alone in the
+    staging row), while the others decode; outputs are those of whole-prompt prefills."""
+    reqs = _requests(tiny, tmp_path)
+    assert all(len(ids) > 3 for ids, _ in reqs)
+    n = 8
+    whole = make_engine(tiny)
+    try:
+        alone = [asyncio.run(_run(whole, ids, ref, n)) for ids, ref in reqs]
+    finally:
+        whole.stop()
+    chunked = make_engine(tiny, max_prefill_tokens=3)
+    try:
+        async def together():
+            events = [asyncio.Event() for _ in reqs[1:]]
+            progress = [(i + 1, e) for i, e in enumerate(events)]
+            first = _run(chunked, *reqs[0], n, progress=progress)
+            rest = (_run(chunked, ids, ref, n, start=e) for (ids, ref), e in zip(reqs[1:], events))
+            return await asyncio.gather(first, *rest)
+
+        assert asyncio.run(together()) == alone
+        assert [asyncio.run(_run(chunked, ids, ref, n)) for ids, ref in reqs] == alone
+        assert chunked.scheduler.partial is None and chunked.runner.cache.num_used == 0
+    finally:
+        chunked.stop()

@@ -88,3 +88,51 @@ def test_prefill_batch_is_bounded_by_padded_tokens():
     s.add(Sequence(GenerationRequest("long", list(range(9)), SamplingParams())))
     assert [x.request_id for x in s.schedule().prefills] == ["a", "b", "c", "d"]  # 4 x 2 <= 10
     assert [x.request_id for x in s.schedule().prefills] == ["long"]  # always at least one
+
+
+def long_seq(rid, n, max_tokens=3):
+    return Sequence(GenerationRequest(rid, list(range(10, 10 + n)), SamplingParams(max_tokens=max_tokens)))
+
+
+def test_a_prompt_over_the_budget_is_prefilled_in_chunks_while_the_batch_decodes():
+    s = make(max_num_seqs=3, max_prefill_tokens=4)
+    s.add(seq("a", max_tokens=10))
+    out = s.schedule()
+    s.prefilled(out.prefills)
+    s.update_from_output({"a": 7})
+    s.add(long_seq("long", 10))
+    s.add(seq("b"))
+    chunks = []
+    for _ in range(3):
+        out = s.schedule()
+        assert [x.request_id for x in out.decodes] == ["a"]  # the running stream keeps going
+        assert [x.request_id for x in out.prefills] == ["long"]  # and b waits behind the long prompt
+        chunks.append(out.prefills[0].chunk)
+        s.prefilled(out.prefills)
+        s.update_from_output({"a": 8} if len(chunks) < 3 else {"a": 8, "long": 9})
+        if len(chunks) == 1:
+            s.abort("nobody")
+    assert chunks == [(0, 4), (4, 8), (8, 10)]
+    assert s.partial is None and [x.request_id for x in s.running] == ["a", "long"]
+    assert s.running[1].output_ids == [9] and s.running[0].output_ids == [7, 8, 8, 8]
+    out = s.schedule()
+    assert [x.request_id for x in out.prefills] == ["b"] and [x.request_id for x in out.decodes] == ["a", "long"]
+
+
+def test_aborting_a_partial_prompt_frees_the_scheduler():
+    s = make(max_prefill_tokens=4)
+    s.add(long_seq("long", 9))
+    s.add(seq("b"))
+    out = s.schedule()
+    s.prefilled(out.prefills)
+    s.abort("long")
+    out = s.schedule()
+    assert [x.request_id for x in out.aborted] == ["long"] and out.aborted[0].finish_reason == "abort"
+    assert [x.request_id for x in out.prefills] == ["b"] and s.partial is None
+
+
+def test_padded_prompts_share_a_step_only_within_the_budget():
+    s = make(max_num_seqs=4, max_prefill_tokens=5)
+    for r in "abc":
+        s.add(seq(r))  # 2 tokens each: two fit in 5 padded tokens, three do not
+    assert [x.request_id for x in s.schedule().prefills] == ["a", "b"]
