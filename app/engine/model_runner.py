@@ -15,7 +15,7 @@ from app.engine.llama import LlamaForward
 from app.engine.packed_linear import packing_works
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import make_generator, sample
-from app.engine.types import SchedulerOutput, Sequence
+from app.engine.types import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ class QueueFull(Exception):
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_queue: int, max_prefills_per_step: int = 16,
-                 stop_token_ids: frozenset[int] = frozenset(), max_prefill_tokens: int = 4096):
+                 stop_token_ids: frozenset[int] = frozenset(), max_prefill_tokens: int = 1024):
         self.max_num_seqs = max_num_seqs
         # prefills of one step run as one padded forward pass: bound its size by count and by tokens
         self.max_prefill_tokens = max_prefill_tokens
