@@ -13,28 +13,34 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from app.engine.packed_linear import Linear, linear
+from app.engine.packed_linear import Linear, PackedLinear, linear
 
 # attend(layer_index, q [B, H, T, D], k [B, KVH, T, D], v) -> attention output [B, H, T, D]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _LayerLinears:
-    """One decoder layer's projections: the model's modules, or packed copies of them."""
+    """One decoder layer's projections: the model's modules, or packed copies of them (q/k/v and gate/up
+    each fused into one matmul)."""
 
     def __init__(self, layer: torch.nn.Module, pack: bool):
         attn, mlp = layer.self_attn, layer.mlp
-        self.q: Linear = linear(attn.q_proj, pack)
-        self.k: Linear = linear(attn.k_proj, pack)
-        self.v: Linear = linear(attn.v_proj, pack)
+        if pack:
+            qkv = PackedLinear.concat([attn.q_proj, attn.k_proj, attn.v_proj])
+            sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+            gate_up = PackedLinear.concat([mlp.gate_proj, mlp.up_proj])
+            self.qkv: Callable[[torch.Tensor], tuple] = lambda h: qkv(h).split(sizes, dim=-1)
+            self._gate_up: Callable[[torch.Tensor], tuple] = lambda x: gate_up(x).chunk(2, dim=-1)
+        else:
+            self.qkv = lambda h: (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+            self._gate_up = lambda x: (mlp.gate_proj(x), mlp.up_proj(x))
         self.o: Linear = linear(attn.o_proj, pack)
-        self.gate: Linear = linear(mlp.gate_proj, pack)
-        self.up: Linear = linear(mlp.up_proj, pack)
         self.down: Linear = linear(mlp.down_proj, pack)
         self.act = mlp.act_fn
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:  # LlamaMLP.forward
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        gate, up = self._gate_up(x)
+        return self.down(self.act(gate) * up)
 
 
 class LlamaForward:
@@ -59,10 +65,10 @@ class LlamaForward:
         cos, sin = self.rotary(x, positions)
         b, t, _ = x.shape
         for i, (layer, lin) in enumerate(zip(self.layers, self.linears)):
-            h = layer.input_layernorm(x)
-            q = lin.q(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-            k = lin.k(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = lin.v(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = lin.qkv(layer.input_layernorm(x))
+            q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             o = attend(i, q, k, v)
             x = x + lin.o(o.transpose(1, 2).reshape(b, t, -1))

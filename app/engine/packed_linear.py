@@ -22,10 +22,26 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 
 class PackedLinear:
     def __init__(self, linear: torch.nn.Linear):
+        self._pack(linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None)
+
+    @classmethod
+    def concat(cls, linears: list[torch.nn.Linear]) -> PackedLinear:
+        """Several linears of the same input as one (outputs side by side): one matmul instead of several,
+        e.g. q/k/v or gate/up. SmolLM2's 30 layers' projections, measured alone: 13.6 -> 11.5 ms at batch
+        1, 17.5 -> 15.0 ms at 16, 41.5 -> 38.3 ms at 64 (4 calls a layer instead of 7)."""
+        self = cls.__new__(cls)
+        biases = [lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features,
+                                                                              dtype=lin.weight.dtype)
+                  for lin in linears]
+        has_bias = any(lin.bias is not None for lin in linears)
+        self._pack(torch.cat([lin.weight.detach() for lin in linears]), torch.cat(biases) if has_bias else None)
+        return self
+
+    def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         # the batch-size hint only tunes the packing; measured equally fast for batches of 1 to 300
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
-        self.bias = linear.bias.detach() if linear.bias is not None else None
-        self.out_features = linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.bias = bias
+        self.out_features = weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

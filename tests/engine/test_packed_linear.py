@@ -41,3 +41,15 @@ def test_packed_forward_equals_the_model_modules(tiny):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
         h = torch.randn(2, tiny.spec.hidden_size)
         torch.testing.assert_close(plain.logits(h), packed.logits(h), atol=1e-4, rtol=1e-4)
+
+
+@needs_packing
+@pytest.mark.parametrize("bias", [(False, False), (True, False), (True, True)])
+def test_concatenated_linears_equal_each_one(bias):
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.nn.Linear(32, n, bias=b) for n, b in zip((16, 8), bias)]
+    x = torch.randn(2, 3, 32, generator=g)
+    with torch.inference_mode():
+        got = PackedLinear.concat(parts)(x).split([16, 8], dim=-1)
+        for y, lin in zip(got, parts):
+            torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-4)
