@@ -6,6 +6,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
@@ -77,7 +78,7 @@ async def list_models(tasks: TasksDep):
     models = [{"id": tasks.base_model_id, "object": "model", "created": created, "owned_by": "promptserve",
                "fingerprint": tasks.spec.fingerprint}]
     models += [{"id": info.task, "object": "model", "created": int(info.created), "owned_by": "promptserve",
-                "task_type": info.meta.task_type} for info in tasks.list_tasks()]
+                "task_type": info.meta.task_type} for info in await run_in_threadpool(tasks.list_tasks)]
     return {"object": "list", "data": models}
 
 

@@ -2,6 +2,7 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError
@@ -18,7 +19,7 @@ async def list_tasks(tasks: TasksDep):
     """The tasks this server serves: the base model itself, and every task with an active prompt set."""
     data = [TaskOut(name=tasks.base_model_id, type="generate", kind=None, labels=[], active_version=None,
                     num_virtual_tokens=0)]
-    for info in tasks.list_tasks():
+    for info in await run_in_threadpool(tasks.list_tasks):  # reads every task's metadata from the store
         data.append(TaskOut(name=info.task, type=info.meta.task_type, kind=info.meta.kind,
                             labels=list(info.meta.labels), active_version=info.version,
                             num_virtual_tokens=info.meta.num_virtual_tokens))
