@@ -3,10 +3,10 @@ streamed responses, and must let routes see client disconnects)."""
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 
+from app.api.errors import error_response
 from app.observability import request_id_var
 
 EXEMPT = {"/health", "/ready", "/metrics"}
@@ -35,12 +35,9 @@ class ServingMiddleware:
 
         try:
             if self.state.draining and not exempt:
-                body = json.dumps({"error": {"type": "unavailable", "status": 503,
-                                             "message": "the server is shutting down"}}).encode()
-                await send_with_id({"type": "http.response.start", "status": 503,
-                                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"5"),
-                                                (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body})
+                refusal = error_response(503, "unavailable", "the server is shutting down",
+                                         {"Retry-After": "5", "Connection": "close"})
+                await refusal(scope, receive, send_with_id)
                 return
             if not exempt:
                 self.state.inflight += 1
