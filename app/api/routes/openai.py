@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError
 from app.api.generation import run_completion, start_stream, stream_outputs
-from app.api.schemas import SamplingFields
+from app.api.schemas import SamplingFields, Usage
 from app.api.sse import sse
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKeyDep])
@@ -53,10 +53,6 @@ class ChatMessageIn(BaseModel):
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-
-
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _generate_task(tasks, name: str):
@@ -112,7 +108,7 @@ async def _serve(request, body, tasks, settings, metrics, ids, resolved, kind: s
                 end = {"delta": {}} if kind == "chat" else {"text": ""}
                 events.append(chunk({"index": 0, **end, "finish_reason": out.finish_reason, "logprobs": None}))
                 if include_usage:
-                    events.append(chunk({}, _usage(out.prompt_tokens, out.completion_tokens)))
+                    events.append(chunk({}, Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()))
                 events.append(sse("[DONE]"))
             return events
 
@@ -124,7 +120,7 @@ async def _serve(request, body, tasks, settings, metrics, ids, resolved, kind: s
               else {"index": 0, "text": result.text})
     return {"id": rid, "object": obj, "created": created, "model": body.model,
             "choices": [{**choice, "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": _usage(result.prompt_tokens, result.completion_tokens)}
+            "usage": Usage.of(result.prompt_tokens, result.completion_tokens).model_dump()}
 
 
 @router.post("/completions")

@@ -55,8 +55,7 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
             event = {"text": out.text, "finish_reason": out.finish_reason if out.finished else None,
                      "prompt_set": ref.model_dump()}
             if out.finished:
-                event["usage"] = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                                  "total_tokens": out.prompt_tokens + out.completion_tokens}
+                event["usage"] = Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()
             return [sse(event)] + ([sse("[DONE]")] if out.finished else [])
 
         def render_error(exc):
@@ -68,5 +67,4 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
     result = await run_completion(request, tasks, metrics, resolved, ids, sampling, settings.request_timeout)
     return GenerateResponse(
         text=result.text, finish_reason=result.finish_reason, prompt_set=ref,
-        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                    total_tokens=result.prompt_tokens + result.completion_tokens))
+        usage=Usage.of(result.prompt_tokens, result.completion_tokens))
