@@ -23,7 +23,8 @@ from app.model.source import resolve_checkpoint  # noqa: E402
 from training.evaluate import answer_loss, eval_module  # noqa: E402
 from training.presets import PERSONA_QUESTIONS_PATH, PRESETS  # noqa: E402
 from training.prompt_module import PromptModule  # noqa: E402
-from training.run import demo_rows, load_base, run_training  # noqa: E402
+from app.model.loader import load_checkpoint  # noqa: E402
+from training.run import demo_rows, run_training  # noqa: E402
 from training.trainer import TrainConfig  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def main() -> int:
     results_path = out / "results.json"
     for name in args.tasks.split(","):
         if name == "chat":  # the base model's own held-out loss and persona rate, for comparison
-            model, tok = load_base(checkpoint, device, dtype)
+            model, tok = load_checkpoint(checkpoint, device, dtype)
             from app.model.spec import model_spec
             from app.engine.llama import LlamaForward
             bare = PromptModule(LlamaForward(model), model_spec(model, base_name), None, 0)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from app.model.loader import choose_device, choose_dtype, load_checkpoint
 from app.model.spec import model_spec
 from prompt_store import format as psf
 from prompt_store.format import PromptSetMeta
@@ -16,15 +17,6 @@ from training.presets import PRESETS
 from training.trainer import TrainConfig, train
 
 log = logging.getLogger(__name__)
-
-
-def load_base(checkpoint: Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-    model.requires_grad_(False)
-    return model, tokenizer
 
 
 def demo_rows(name: str, limit: int | None = None) -> list[dict]:
@@ -41,7 +33,7 @@ def run_training(checkpoint: Path, name: str, out: Path, kind: str | None, rows:
     full = cfg.full_finetune
     # Prompt training runs the frozen base in `dtype` (bf16 on this CPU); full fine-tuning keeps float32
     # master weights and computes in bf16 under autocast.
-    model, tokenizer = load_base(checkpoint, device, torch.float32 if full else dtype)
+    model, tokenizer = load_checkpoint(checkpoint, device, torch.float32 if full else dtype)
     spec = model_spec(model, base_name)
     examples = build_examples(tokenizer, rows, cfg.task_type, cfg.labels)
     result = train(model, spec, tokenizer, examples, cfg, device, progress=progress,
@@ -78,7 +70,6 @@ def config_for(name: str | None, args) -> TrainConfig:
 
 
 def main(args) -> int:
-    from app.model.loader import choose_device, choose_dtype
     from app.model.source import resolve_checkpoint
     from app.settings import get_settings
 

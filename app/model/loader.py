@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -74,17 +75,23 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def load_checkpoint(checkpoint: Path, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) of a local checkpoint: the model on device in dtype, in eval mode, frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    checkpoint, name = resolve_checkpoint(settings.model, settings.cache_dir)
-    device = choose_device(settings.device)
-    dtype = choose_dtype(settings.dtype, device)
-    log.info("loading %s from %s on %s as %s", name, checkpoint, device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     model.to(device).eval()
     model.requires_grad_(False)  # frozen: only prompt parameters are ever trained
+    return model, tokenizer
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    checkpoint, name = resolve_checkpoint(settings.model, settings.cache_dir)
+    device = choose_device(settings.device)
+    dtype = choose_dtype(settings.dtype, device)
+    log.info("loading %s from %s on %s as %s", name, checkpoint, device, dtype)
+    model, tokenizer = load_checkpoint(checkpoint, device, dtype)
     spec = model_spec(model, name)
     return LoadedModel(
         model=model,
