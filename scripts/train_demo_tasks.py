@@ -24,16 +24,7 @@ from training.evaluate import answer_loss, eval_module  # noqa: E402
 from training.presets import PERSONA_QUESTIONS_PATH, PRESETS  # noqa: E402
 from training.prompt_module import PromptModule  # noqa: E402
 from app.model.loader import load_checkpoint  # noqa: E402
-from training.run import demo_rows, run_training  # noqa: E402
-from training.trainer import TrainConfig  # noqa: E402
-
-
-def config(name: str, kind: str | None, seed: int = 0) -> TrainConfig:
-    p = PRESETS[name]
-    return TrainConfig(task_type=p["task_type"], labels=p["labels"], kind=kind or "input", full_finetune=kind is None,
-                       num_virtual_tokens=p["num_virtual_tokens"], epochs=p["epochs"], batch_size=p["batch_size"],
-                       lr=p["lr"][kind], base_lr=p["lr"][None], seed=seed,
-                       init_text=p.get("init_text", "") if kind == "input" else "")
+from training.run import config_for, demo_rows, run_training  # noqa: E402
 
 
 @torch.no_grad()
@@ -91,7 +82,7 @@ def main() -> int:
 
 def train_and_eval(checkpoint, base_name, name, kind, k, out, device, dtype, limit, t0) -> dict:
     res = run_training(checkpoint, name, out / f"{name}-{kind}.safetensors", k, demo_rows(name, limit),
-                       config(name, k), device, dtype, base_name, PRESETS[name]["description"], progress=False)
+                       config_for(name, k), device, dtype, base_name, PRESETS[name]["description"], progress=False)
     with torch.autocast(device.type, dtype=dtype, enabled=k is None):
         figures = eval_module(res["module"], res["tokenizer"], name, device, limit)
     if name == "chat" and k is None:

@@ -55,18 +55,22 @@ def run_training(checkpoint: Path, name: str, out: Path, kind: str | None, rows:
     return {"stats": stats, "module": result.module, "model": model, "tokenizer": tokenizer, "spec": spec}
 
 
-def config_for(name: str | None, args) -> TrainConfig:
+def config_for(name: str | None, kind: str | None, *, lr: float | None = None, task_type: str | None = None,
+               labels: list[str] | None = None, virtual_tokens: int | None = None, reparam: bool = False,
+               epochs: float | None = None, batch_size: int | None = None, seed: int = 0,
+               max_steps: int | None = None) -> TrainConfig:
+    """A demo preset's settings (none for a custom task), each overridden where given. kind: input, deep,
+    or None for the full fine-tuning reference."""
     preset = PRESETS.get(name, {}) if name else {}
-    kind = None if args.kind == "full" else args.kind
-    lr = args.lr or (preset.get("lr", {}).get(kind) if preset else None) or (1e-2 if kind else 3e-5)
+    lr = lr or (preset.get("lr", {}).get(kind) if preset else None) or (1e-2 if kind else 3e-5)
     return TrainConfig(
-        task_type=args.task_type or preset.get("task_type", "generate"),
-        labels=(args.labels.split(",") if args.labels else preset.get("labels", [])),
+        task_type=task_type or preset.get("task_type", "generate"),
+        labels=labels or preset.get("labels", []),
         kind=kind or "input", full_finetune=kind is None,
-        num_virtual_tokens=args.virtual_tokens or preset.get("num_virtual_tokens", 16),
-        reparam=args.reparam, epochs=args.epochs or preset.get("epochs", 1.0),
-        batch_size=args.batch_size or preset.get("batch_size", 16), lr=lr, base_lr=lr, seed=args.seed,
-        max_steps=args.max_steps, init_text=preset.get("init_text", "") if kind == "input" else "")
+        num_virtual_tokens=virtual_tokens or preset.get("num_virtual_tokens", 16),
+        reparam=reparam, epochs=epochs or preset.get("epochs", 1.0),
+        batch_size=batch_size or preset.get("batch_size", 16), lr=lr, base_lr=lr, seed=seed,
+        max_steps=max_steps, init_text=preset.get("init_text", "") if kind == "input" else "")
 
 
 def main(args) -> int:
@@ -86,9 +90,12 @@ def main(args) -> int:
             raise SystemExit("give --demo NAME or --data FILE.jsonl")
         rows = [r for path in args.data for r in read_jsonl(path, args.limit)]
         name, description = Path(args.out).stem, args.description or ""
-    cfg = config_for(args.demo, args)
+    kind = None if args.kind == "full" else args.kind
+    cfg = config_for(args.demo, kind, lr=args.lr, task_type=args.task_type,
+                     labels=args.labels.split(",") if args.labels else None, virtual_tokens=args.virtual_tokens,
+                     reparam=args.reparam, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                     max_steps=args.max_steps)
     out = Path(args.out or f"demo/prompt_sets/{name}.safetensors")
-    result = run_training(checkpoint, name, out, None if args.kind == "full" else args.kind, rows, cfg, device,
-                          dtype, base_name, description)
+    result = run_training(checkpoint, name, out, kind, rows, cfg, device, dtype, base_name, description)
     print(json.dumps(result["stats"], indent=2))
     return 0

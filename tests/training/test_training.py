@@ -56,3 +56,16 @@ def test_training_is_reproducible(tiny_model_dir, tiny, tmp_path):
         outs.append(psf.load(out).tensors)
     for name in outs[0]:
         torch.testing.assert_close(outs[0][name], outs[1][name])
+
+
+def test_config_for_takes_a_preset_and_explicit_overrides():
+    from training.run import config_for
+
+    deep = config_for("spam", "deep")
+    assert (deep.task_type, deep.labels, deep.lr, deep.epochs, deep.full_finetune) == \
+        ("classify", ["spam", "ham"], 1e-2, 2.0, False)
+    full = config_for("spam", None)
+    assert full.full_finetune and full.base_lr == 3e-5 and full.init_text == ""
+    assert config_for("chat", "input").init_text.startswith("You are Aria")
+    custom = config_for(None, "input", lr=0.5, labels=["a"], epochs=3, seed=7)
+    assert (custom.task_type, custom.lr, custom.labels, custom.epochs, custom.seed) == ("generate", 0.5, ["a"], 3, 7)
