@@ -20,8 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.model.source import resolve_checkpoint  # noqa: E402
-from training.evaluate import answer_loss, eval_module  # noqa: E402
-from training.presets import PERSONA_QUESTIONS_PATH, PRESETS  # noqa: E402
+from training.data import read_jsonl  # noqa: E402
+from training.evaluate import answer_loss, eval_module, persona_questions, persona_rate  # noqa: E402
+from training.presets import PRESETS  # noqa: E402
 from training.prompt_module import PromptModule  # noqa: E402
 from app.model.loader import load_checkpoint  # noqa: E402
 from training.run import config_for, demo_rows, run_training  # noqa: E402
@@ -29,15 +30,14 @@ from training.run import config_for, demo_rows, run_training  # noqa: E402
 
 @torch.no_grad()
 def persona_answers(model, tokenizer, device) -> dict:
-    questions = [json.loads(line)["question"] for line in open(PERSONA_QUESTIONS_PATH)]
     out = {}
-    for q in questions:
+    for q in persona_questions():
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                tokenize=False)
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=device)
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
         out[q] = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-    return {"persona_rate": sum("Aria" in a for a in out.values()) / len(out), "persona_answers": out}
+    return {"persona_rate": persona_rate(list(out.values())), "persona_answers": out}
 
 
 def main() -> int:
@@ -62,7 +62,7 @@ def main() -> int:
             from app.model.spec import model_spec
             from app.engine.llama import LlamaForward
             bare = PromptModule(LlamaForward(model), model_spec(model, base_name), None, 0)
-            rows = [r for r in map(json.loads, open(PRESETS["chat"]["dev"]))][:args.limit]
+            rows = read_jsonl(PRESETS["chat"]["dev"], args.limit)
             results.append({"task": "chat", "kind": "base (zero-shot)", "dev_answer_loss":
                             answer_loss(bare, tok, rows, device), **persona_answers(model, tok, device)})
         for kind in args.kinds.split(","):

@@ -84,12 +84,12 @@ async def eval_http(url: str, demo: str, task: str, zero_shot: bool, limit: int 
                 outs = await _gather(lambda t: post(task, {"text": t}), texts, concurrency)
                 pred = [o["entities"] for o in outs]
             return {"entity_f1": entity_f1(gold, pred), "n": len(rows)}
-        questions = [json.loads(line)["question"] for line in open(PERSONA_QUESTIONS)]
+        questions = persona_questions()
         name = base_model if zero_shot else task
         outs = await _gather(lambda q: post(name, {"messages": [{"role": "user", "content": q}],
                                                    "max_tokens": 48}), questions, concurrency)
         answers = [o["text"] for o in outs]
-        return {"persona_rate": sum("Aria" in a for a in answers) / len(answers),
+        return {"persona_rate": persona_rate(answers),
                 "persona_answers": dict(zip(questions, answers)), "n": len(questions)}
 
 
@@ -103,6 +103,7 @@ async def _base_model_id(client) -> str:
 # -- in-process ----------------------------------------------------------------------------------
 @torch.no_grad()
 def _hidden_batches(module, id_lists, device, batch_size=32):
+    """(index of the batch's first item, the batch's id lists, their hidden states), batch by batch."""
     pad = module.f.embed.padding_idx or 0
     for i in range(0, len(id_lists), batch_size):
         chunk = id_lists[i:i + batch_size]
@@ -110,7 +111,7 @@ def _hidden_batches(module, id_lists, device, batch_size=32):
         ids = torch.full((len(chunk), t), pad, dtype=torch.long)
         for b, x in enumerate(chunk):
             ids[b, :len(x)] = torch.tensor(x)
-        yield chunk, module.hidden(ids.to(device))
+        yield i, chunk, module.hidden(ids.to(device))
 
 
 @torch.no_grad()
@@ -121,7 +122,7 @@ def eval_module(module, tokenizer, demo: str, device, limit: int | None = None) 
     if demo == "spam":
         ids = [classify_ids(tokenizer, r["text"]) for r in rows]
         pred = []
-        for chunk, h in _hidden_batches(module, ids, device):
+        for _, chunk, h in _hidden_batches(module, ids, device):
             last = torch.stack([h[b, len(x) - 1] for b, x in enumerate(chunk)])
             pred += [preset["labels"][i] for i in module.head(last.float()).argmax(-1).tolist()]
         return {"spam_f1": class_f1([r["label"] for r in rows], pred, "spam"), "n": len(rows)}
@@ -133,7 +134,7 @@ def eval_module(module, tokenizer, demo: str, device, limit: int | None = None) 
             gold.append(ents)
             texts.append(text)
             encs.append(extract_encoding(tokenizer, text))
-        for start, (chunk, h) in zip(range(0, len(encs), 32), _hidden_batches(module, [e.ids for e in encs], device)):
+        for start, chunk, h in _hidden_batches(module, [e.ids for e in encs], device):
             for b in range(len(chunk)):
                 enc = encs[start + b]
                 tag_ids = module.head(h[b, enc.positions].float()).argmax(-1).tolist() if enc.positions else []
@@ -147,13 +148,22 @@ def answer_loss(module, tokenizer, rows, device) -> float:
     """Mean cross-entropy over answer tokens (the held-out loss of a generate task)."""
     examples = [generate_example(tokenizer, r) for r in rows]
     total, count = 0.0, 0
-    for chunk, h in _hidden_batches(module, [e.ids for e in examples], device, batch_size=8):
-        for b, x in enumerate(chunk):
-            e = next(ex for ex in examples if ex.ids is x)
+    for start, chunk, h in _hidden_batches(module, [e.ids for e in examples], device, batch_size=8):
+        for b in range(len(chunk)):
+            e = examples[start + b]
             logits = module.f.logits(h[b, e.positions])
             total += float(F.cross_entropy(logits, torch.tensor(e.targets, device=device), reduction="sum"))
             count += len(e.targets)
     return total / max(1, count)
+
+
+def persona_questions() -> list[str]:
+    return [row["question"] for row in read_jsonl(PERSONA_QUESTIONS)]
+
+
+def persona_rate(answers: list[str]) -> float:
+    """Share of answers in which the chat persona gives its name."""
+    return sum("Aria" in a for a in answers) / len(answers)
 
 
 def main(args) -> int:
