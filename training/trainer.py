@@ -102,13 +102,13 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
     module = build_module(model, spec, tokenizer, cfg).to(device)
     groups = []
     prompt_params = [p for n, p in module.named_parameters(recurse=False)] + \
-        ([p for p in module.mlp.parameters()] if cfg.reparam and module.kind == "deep" else [])
+        (list(module.mlp.parameters()) if cfg.reparam and module.kind == "deep" else [])
     if prompt_params:
         groups.append({"params": prompt_params, "lr": cfg.lr})
     if module.head is not None:
         groups.append({"params": list(module.head.parameters()), "lr": cfg.head_lr})
     if cfg.full_finetune:
-        groups.append({"params": [p for p in model.parameters()], "lr": cfg.base_lr})
+        groups.append({"params": list(model.parameters()), "lr": cfg.base_lr})
     trainable = sum(p.numel() for g in groups for p in g["params"])
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -116,9 +116,9 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     warm = max(1, int(total * cfg.warmup))
+    # linear warm-up, then linear decay to zero
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm)) if s >= warm
-        else (s + 1) / warm)
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     pad_id = tokenizer.eos_token_id
     losses, tokens, step = [], 0, 0
     start = time.monotonic()
