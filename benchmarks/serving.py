@@ -19,13 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import json
-import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,6 +30,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from benchmarks.server_process import free_port, spawn, stop, wait_ready
 from training.data import read_jsonl
 from training.presets import DATASETS, ROOT
 
@@ -288,40 +285,16 @@ def hf_inputs_embeds_per_request(model, tokenizer, embeddings: torch.Tensor, pro
 
 
 # -- server lifecycle ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(max_num_seqs: int) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     store = tempfile.mkdtemp(prefix="promptserve-bench-")
-    env = {**os.environ, "PROMPTSERVE_STORE_DIR": store, "PROMPTSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
+    env = {"PROMPTSERVE_STORE_DIR": store, "PROMPTSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
            "PROMPTSERVE_SEED_DIR": "", "PROMPTSERVE_MAX_NUM_SEQS": str(max_num_seqs),
            "PROMPTSERVE_MAX_QUEUE": "100000", "PROMPTSERVE_MAX_MODEL_LEN": "1024"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "--log-level", "warning", "serve", "--port", str(port)],
-                            env=env)
+    proc = spawn(env, port, stdout=None, log_level="warning")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError("server exited")
-        time.sleep(0.5)
-    raise RuntimeError("server not ready")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    wait_ready(url, proc, timeout=300)
+    return proc, url
 
 
 # -- the whole run ------------------------------------------------------------------------------
@@ -428,7 +401,7 @@ def main(args) -> int:
               f"{u['failed_requests']} of {u['load_requests']} load requests failed", flush=True)
     finally:
         if proc is not None:
-            stop_server(proc)
+            stop(proc, timeout=60)
 
     # Baselines, with the server stopped so they have the machine to themselves.
     loaded = load_model(Settings())
