@@ -78,7 +78,7 @@ class Scheduler:
             self._finish(seq, "abort")
         out.decodes = list(self.running)
         if self.partial is not None:  # a long prompt goes on, one chunk a step; the queue waits behind it
-            start = self.partial.num_prefilled
+            start = self.partial.chunk[1] if self.partial.chunk else 0  # where the last chunk ended
             self.partial.chunk = (start, min(self.partial.prompt_len, start + self.max_prefill_tokens))
             out.prefills = [self.partial]
             return out
@@ -111,13 +111,13 @@ class Scheduler:
         return admitted
 
     def prefilled(self, seqs: list[Sequence]) -> None:
-        """Record that the step ran these sequences' chunks; a partial sequence whose last chunk ran
-        joins the running batch (before its first token is appended by update_from_output)."""
-        for seq in seqs:
-            seq.num_prefilled = seq.prefill_range[1]
-            if seq is self.partial and seq.chunk_is_last and seq.status is SeqStatus.RUNNING:
-                self.partial = None
-                self.running.append(seq)
+        """The step ran these sequences' chunks: a partial sequence whose last chunk ran joins the running
+        batch (before its first token is appended by update_from_output)."""
+        seq = self.partial
+        ran = seq is not None and any(s is seq for s in seqs)
+        if ran and seq.chunk_is_last and seq.status is SeqStatus.RUNNING:
+            self.partial = None
+            self.running.append(seq)
 
     def update_from_output(self, sampled: dict[str, int]) -> list[Sequence]:
         """Append each sequence's new token; return those that finished on it (eos or length)."""

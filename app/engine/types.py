@@ -68,9 +68,8 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     result: dict | None = None  # classify/tag output
-    # Prompt tokens already in the KV cache, and the slice [start, end) of the prompt this step prefills
-    # (None: all of it). A prompt longer than a step's token budget is prefilled in chunks over steps.
-    num_prefilled: int = 0
+    # The slice [start, end) of the prompt this step prefills (None: all of it). A prompt longer than a
+    # step's token budget is prefilled in chunks over several steps, each starting where the last ended.
     chunk: tuple[int, int] | None = None
 
     @property
