@@ -21,7 +21,9 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class _PrefixCacheCollector:
+class _EngineCollector:
+    """Counters read from the engine at scrape time: steps, busy seconds, prompt-set cache hits/misses."""
+
     def __init__(self, engine_ref):
         self.engine_ref = engine_ref
 
@@ -62,7 +64,7 @@ class Metrics:
         queue.set_function(lambda: engine_ref().num_waiting if engine_ref() else 0)
         running.set_function(lambda: engine_ref().num_running if engine_ref() else 0)
         resident.set_function(lambda: len(engine_ref().runner.prefixes) if engine_ref() else 0)
-        r.register(_PrefixCacheCollector(engine_ref))
+        r.register(_EngineCollector(engine_ref))
 
     def observe(self, task: str, status: str, latency: float | None = None, ttft: float | None = None,
                 prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
