@@ -351,20 +351,21 @@ def main(args) -> int:
         jobs = mixed_jobs(prompts, tasks, mix, n, args.seed)
         asyncio.run(closed_loop(url, jobs[:4], 4, 4))  # warm the prefix cache and the allocator
 
+        def progress(label: str, stats: dict) -> None:
+            print(f"{label}: {stats['output_tok_s']:.1f} tok/s, ttft p50 {stats['ttft_p50']:.3f}s, "
+                  f"e2e p50 {stats['e2e_p50']:.2f}s, failed {stats['failed']}", flush=True)
+
         sweep = []
         if args.rate:  # open loop: Poisson arrivals at each rate
             for rate in (float(r) for r in args.rate.split(",")):
                 stats = asyncio.run(poisson(url, jobs, rate, args.output_len, args.seed))
                 sweep.append({"rate": rate, **stats})
-                print(f"sweep rate={rate:g}/s: {stats['output_tok_s']:.1f} tok/s, ttft p50 {stats['ttft_p50']:.3f}s, "
-                      f"e2e p50 {stats['e2e_p50']:.2f}s, failed {stats['failed']}", flush=True)
-        runs = [] if args.rate else concurrencies
-        closed = []
-        for c in runs or [top]:
+                progress(f"sweep rate={rate:g}/s", stats)
+        closed = []  # the ratios' closed loops: the sweep itself, or only the top concurrency after a rate sweep
+        for c in [top] if args.rate else concurrencies:
             stats = asyncio.run(closed_loop(url, jobs if c > 1 else jobs[:4], c, args.output_len))
             closed.append({"concurrency": c, **stats})
-            print(f"closed loop c={c}: {stats['output_tok_s']:.1f} tok/s, ttft p50 {stats['ttft_p50']:.3f}s, "
-                  f"e2e p50 {stats['e2e_p50']:.2f}s, failed {stats['failed']}", flush=True)
+            progress(f"closed loop c={c}", stats)
         sweep = sweep or closed
         report["closed_loop"] = closed
         report["sweep"] = sweep
