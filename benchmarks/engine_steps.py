@@ -7,7 +7,7 @@
 2. decode steps at batch 1/16/63 and a 31-token prefill, with packed linear weights and with the model's
    own modules;
 3. the 30 layers' projections, packed separately against q/k/v and gate/up fused; greedy generations with
-   and without packed weights compared token for token;
+   and without packed weights compared token for token; an operator profile of a batch-1 decode step;
 4. eight streams beside one long prompt: the longest gap between their tokens, prefilled whole and in
    256-token chunks, and the long prompt's answer both ways.
 Everything runs in the model's dtype on this machine; medians of repeated steps.
@@ -104,6 +104,25 @@ def packed_weights(loaded, tokenizer) -> None:
         print(f"{key}: {figures[False][key]:.1f} ms with the model's modules, {figures[True][key]:.1f} ms packed")
 
 
+def decode_profile(loaded) -> None:
+    """Where a batch-1 decode step's time goes (packed weights), by operator."""
+    from torch.profiler import profile
+
+    runner = Engine(loaded, EngineConfig(max_num_seqs=2, max_model_len=512)).runner
+    seqs = _running(runner, 1)
+    for _ in range(3):
+        seqs[0].output_ids.append(runner.decode(seqs)[seqs[0].request_id])
+    with profile() as prof:
+        for _ in range(5):
+            seqs[0].output_ids.append(runner.decode(seqs)[seqs[0].request_id])
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    share = {"linear (packed matmuls)": "mkldnn::_linear_pointwise", "attention": "scaled_dot_product"}
+    parts = {name: sum(e.self_cpu_time_total for e in events if key in e.key) / total for name, key in share.items()}
+    print("batch-1 decode step profile: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in parts.items())
+          + f", everything else {100 * (1 - sum(parts.values())):.0f}%")
+
+
 def packed_generations(loaded, tokenizer) -> None:
     prompts = ["What is your name?", "Write a haiku about rain.", "List three colours.", "Why is the sky blue?"]
     texts = {}
@@ -197,6 +216,7 @@ def main() -> int:
     second_openmp_team(loaded)
     packed_weights(loaded, loaded.tokenizer)
     fused_projections(loaded)
+    decode_profile(loaded)
     packed_generations(loaded, loaded.tokenizer)
     chunked_prefill(loaded, loaded.tokenizer)
     return 0

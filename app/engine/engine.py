@@ -145,7 +145,7 @@ class Engine:
 
         Every torch operation of the server belongs on that thread, not only the model's: on CPU the first
         torch op a thread runs gives it its own OpenMP team, and with a second team alive (an upload
-        validated on a worker thread, say) decode steps ran ~1.3x slower here (benchmarks/engine_steps.py).
+        validated on a worker thread, say) decode steps ran 1.3-1.4x slower here (benchmarks/engine_steps.py).
         Calls made before the loop starts wait for it; after stop() they fail at once."""
         future: Future = Future()
         if threading.current_thread() is self._loop_thread:  # called from a step: waiting would deadlock

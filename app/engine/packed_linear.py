@@ -2,7 +2,8 @@
 
 On CPU, `F.linear` re-lays the weight out for the matmul kernel on every call. Packing once (what
 `torch.compile` with freezing does for CPU linears) skips that: on this 2-core AVX-512 machine SmolLM2's
-bf16 decode steps took ~30% less time at batch 1, with identical outputs (benchmarks/engine_steps.py).
+bf16 decode steps took about a third less time at batch 1, with identical outputs
+(benchmarks/engine_steps.py).
 The packed copy costs as much memory as the weights themselves; the model keeps its own (training and
 the Hugging Face baselines use it).
 """
@@ -27,8 +28,8 @@ class PackedLinear:
     @classmethod
     def concat(cls, linears: list[torch.nn.Linear]) -> PackedLinear:
         """Several linears of the same input as one (outputs side by side): one matmul instead of several,
-        e.g. q/k/v or gate/up: 4 calls a layer instead of 7 took SmolLM2's projections from 14.4 to 11.7 ms
-        at batch 1 (benchmarks/engine_steps.py)."""
+        e.g. q/k/v or gate/up: 4 calls a layer instead of 7 saved SmolLM2 1-4 ms of projections a step
+        (benchmarks/engine_steps.py)."""
         self = cls.__new__(cls)
         biases = [lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features,
                                                                               dtype=lin.weight.dtype)
