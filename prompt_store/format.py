@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -27,6 +26,8 @@ KINDS = ("input", "deep")
 TASK_TYPES = ("generate", "classify", "extract")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_VIRTUAL_TOKENS = 4096
+MAX_ABS_VALUE = 65504.0  # float16's largest finite value
+MAX_HEADER_BYTES = 1 << 20  # a prompt set's JSON header: a few tensors and a short metadata map
 
 
 class PromptSetError(ValueError):
@@ -77,10 +78,13 @@ class PromptSetMeta:
             kind = header["kind"]
             p = int(header["num_virtual_tokens"])
             task_type = header.get("task_type", "generate")
-            labels = tuple(json.loads(header.get("labels") or "[]"))
+            labels = json.loads(header.get("labels") or "[]")
             extra = json.loads(header.get("extra") or "{}")
-        except (KeyError, ValueError, TypeError) as exc:
-            raise PromptSetError(f"malformed prompt-set metadata: {exc}") from None
+        except (KeyError, ValueError, TypeError, RecursionError) as exc:
+            raise PromptSetError(f"malformed prompt-set metadata: {type(exc).__name__}: {exc}") from None
+        if not isinstance(labels, list):  # a string would otherwise become one label per character
+            raise PromptSetError(f"metadata 'labels' must be a JSON list of strings, got {type(labels).__name__}")
+        labels = tuple(labels)
         if kind not in KINDS:
             raise PromptSetError(f"kind {kind!r} is not one of {list(KINDS)}")
         if task_type not in TASK_TYPES:
@@ -121,10 +125,12 @@ def parse(data: bytes) -> PromptSet:
     if len(data) < 8:
         raise PromptSetError("not a safetensors file: shorter than its 8-byte header length")
     try:
+        header = header_of(data)
         tensors = st_load(data)
-        header = _header_of(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise PromptSetError(f"not a valid safetensors file: {exc}") from None
+    except PromptSetError:
+        raise
+    except Exception as exc:  # hostile bytes reach here: whatever the decoder raises, the file is invalid
+        raise PromptSetError(f"not a valid safetensors file: {type(exc).__name__}: {exc}") from None
     meta = PromptSetMeta.from_header(header)
     ps = PromptSet(meta=meta, tensors=tensors)
     _check_tensors(ps)
@@ -135,20 +141,19 @@ def load(path: str | Path) -> PromptSet:
     return parse(Path(path).read_bytes())
 
 
-def read_meta(path: str | Path) -> PromptSetMeta:
-    """The metadata alone, from the file header (no tensor data read)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return PromptSetMeta.from_header(f.metadata())
-    except (SafetensorError, OSError) as exc:
-        raise PromptSetError(f"cannot read prompt-set header: {exc}") from None
-
-
-def _header_of(data: bytes) -> dict[str, str]:
+def header_of(data: bytes) -> dict[str, str]:
+    """The metadata map of a safetensors file's bytes."""
     n = int.from_bytes(data[:8], "little")
-    if n <= 0 or 8 + n > len(data):
-        raise ValueError("header length out of range")
-    return json.loads(data[8:8 + n]).get("__metadata__") or {}
+    if n <= 0 or 8 + n > len(data) or n > MAX_HEADER_BYTES:
+        raise PromptSetError("not a valid safetensors file: header length out of range")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, RecursionError) as exc:
+        raise PromptSetError(f"not a valid safetensors file: unreadable header: {type(exc).__name__}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise PromptSetError("not a valid safetensors file: '__metadata__' must map strings to strings")
+    return meta or {}
 
 
 def _expected_names(kind: str) -> set[str]:
@@ -170,6 +175,10 @@ def _check_tensors(ps: PromptSet) -> None:
             raise PromptSetError(f"tensor {name!r} has dtype {t.dtype}; use float32, bfloat16 or float16")
         if not torch.isfinite(t).all():
             raise PromptSetError(f"tensor {name!r} contains NaN or infinite values")
+        # finite in every model dtype (float16's range is the narrowest): a value that overflows to inf
+        # in the served dtype would turn its requests' logits into NaN
+        if t.numel() and t.abs().max() > MAX_ABS_VALUE:
+            raise PromptSetError(f"tensor {name!r} has values beyond +-{MAX_ABS_VALUE:g}")
     if ps.kind == "input":
         e = ps.tensors["embeddings"]
         if e.dim() != 2 or e.shape[0] != p:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import torch
 from transformers import DynamicCache
@@ -90,7 +91,8 @@ def random_deep_prompt_set(spec, p: int, seed: int = 0, scale: float = 1.0, **me
 def save_ref(tmp_path, name: str, ps: PromptSet, spec, version: int = 1) -> PromptSetRef:
     path = tmp_path / f"{name}-v{version}.safetensors"
     ps.save(path, spec)
-    return PromptSetRef(name, version, str(path), ps.meta.num_virtual_tokens)
+    return PromptSetRef(name, version, str(path), ps.meta.num_virtual_tokens,
+                        hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def make_engine(loaded, **kw) -> Engine:

@@ -140,6 +140,10 @@ class Engine:
         between two steps, so the first request with it does not pay for that."""
         return self.call(lambda: self.runner.prefixes.get(prompt_set) and None)
 
+    def preload_content(self, sha256: str, prompt_set) -> Future:
+        """Make an uploaded prompt set resident under its content hash before it is stored."""
+        return self.call(lambda: self.runner.prefixes.put(sha256, prompt_set) and None)
+
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn on the model's thread between two steps; its result or exception arrives on the future.
 

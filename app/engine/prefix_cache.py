@@ -1,16 +1,19 @@
 """Device-resident per-layer prefixes of prompt sets, kept in a bounded LRU.
 
 Both kinds end up as keys/values [L, KVH, P, D] in the model dtype: a `deep` set is one already, an
-`input` set is run through the model once (see LlamaForward.prefix_kv). Stored versions are immutable,
-so (task, version) is a safe cache key: a new upload is a new key, and a running request keeps the
-tensors it started with even when its version is evicted.
+`input` set is run through the model once (see LlamaForward.prefix_kv). Entries are keyed by the
+content's sha256, never by (task, version): bytes read from disk are hashed and must match the hash the
+request was resolved with, so the cache cannot serve a deleted version's tensors for new bytes under a
+reused name or number. A running request keeps the tensors it started with even when they are evicted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -45,7 +48,7 @@ class PrefixCache:
         self.capacity = max(1, capacity)
         self.max_bytes = max_bytes
         self._bytes = 0
-        self._entries: OrderedDict[tuple[str, int], Prefix] = OrderedDict()
+        self._entries: OrderedDict[str, Prefix] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -58,12 +61,25 @@ class PrefixCache:
                 self.hits += 1
                 return prefix
             self.misses += 1
-        prefix = self.build(psf.load(ref.path))
-        if prefix.length != ref.num_virtual_tokens:
+        try:
+            data = Path(ref.path).read_bytes()
+        except OSError:
+            raise psf.PromptSetError(f"{ref.task} v{ref.version} is no longer stored") from None
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise psf.PromptSetError(f"{ref.task} v{ref.version} changed on disk")
+        return self.put(ref.sha256, psf.parse(data))
+
+    def put(self, sha256: str, ps: psf.PromptSet) -> Prefix:
+        """Build and keep the prefix of a prompt set whose bytes hash to sha256 (an upload preloads its
+        content this way before it is stored, so the first request to it finds it resident)."""
         with self._lock:
-            if ref.key not in self._entries:
-                self._entries[ref.key] = prefix
+            prefix = self._entries.get(sha256)
+        if prefix is not None:
+            return prefix
+        prefix = self.build(ps)
+        with self._lock:
+            if sha256 not in self._entries:
+                self._entries[sha256] = prefix
                 self._bytes += prefix.nbytes()
             # bounded by count and by bytes; a running request keeps its own reference to an evicted prefix
             while len(self._entries) > 1 and (len(self._entries) > self.capacity or self._bytes > self.max_bytes):
@@ -84,7 +100,7 @@ class PrefixCache:
         keys, values = self.forward.prefix_kv(embeddings)
         return Prefix(keys.contiguous(), values.contiguous(), *head)
 
-    def __contains__(self, key: tuple[str, int]) -> bool:
+    def __contains__(self, key: str) -> bool:
         with self._lock:
             return key in self._entries
 

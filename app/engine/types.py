@@ -24,16 +24,18 @@ class SamplingParams:
 @dataclass(frozen=True)
 class PromptSetRef:
     """Which stored prompt-set version a request runs with (resolved when the request is made, so a
-    running request keeps its version even if another is activated meanwhile)."""
+    running request keeps its version even if another is activated meanwhile). Its identity is the
+    content hash: caches key on it, and bytes read from `path` are checked against it."""
 
     task: str
     version: int
     path: str
     num_virtual_tokens: int
+    sha256: str
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.task, self.version)
+    def key(self) -> str:
+        return self.sha256
 
 
 @dataclass

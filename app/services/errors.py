@@ -27,6 +27,10 @@ class InvalidPromptSet(ServiceError):
     status, type = 422, "invalid_prompt_set"
 
 
+class IdempotencyKeyReused(ServiceError):
+    status, type = 422, "idempotency_key_reused"
+
+
 class Overloaded(ServiceError):
     status, type = 503, "overloaded"
 

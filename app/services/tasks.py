@@ -12,14 +12,17 @@ from app.engine.engine import Engine, QueueFull, RequestTooLong
 from app.task_types.encoding import bio_tags, classify_ids, decode_entities, extract_encoding
 from app.engine.types import PromptSetRef, RequestOutput, SamplingParams
 from app.model.spec import ModelSpec
-from app.services.errors import (Conflict, GenerationFailed, InvalidPromptSet, InvalidRequest, NotFound,
-                                 Overloaded)
+from app.services.errors import (Conflict, GenerationFailed, IdempotencyKeyReused, InvalidPromptSet,
+                                 InvalidRequest, NotFound, Overloaded)
 from prompt_store import PromptSetError, PromptSetMeta, PromptStore, StoreError, TaskNotFound, VersionInfo
 from prompt_store import format as psf
-from prompt_store.store import VersionNotFound
+from prompt_store.store import (ActiveVersion, IdempotencyConflict, VersionNotFound, sha256_of,
+                                validate_task_name)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# a prompt set must leave at least this many positions of the context for the prompt and the answer
+MIN_CONTEXT_ROOM = 16
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class TaskService:
 
     @staticmethod
     def _ref(info: VersionInfo) -> PromptSetRef:
-        return PromptSetRef(info.task, info.version, str(info.path), info.meta.num_virtual_tokens)
+        return PromptSetRef(info.task, info.version, str(info.path), info.meta.num_virtual_tokens, info.sha256)
 
     def _preload(self, info: VersionInfo) -> VersionInfo:
         """Have the engine load a version that just became active before the admin gets the answer, so
@@ -213,8 +216,10 @@ class TaskService:
             self.store.delete_version(task, version)
         except (TaskNotFound, VersionNotFound) as exc:
             raise NotFound(str(exc)) from None
-        except StoreError as exc:  # the active version: refuse rather than leave the task without one
+        except ActiveVersion as exc:  # refuse rather than leave the task without one
             raise Conflict(str(exc)) from None
+        except StoreError as exc:
+            raise InvalidRequest(str(exc)) from None
 
     def delete_task(self, task: str) -> None:
         try:
@@ -222,59 +227,85 @@ class TaskService:
         except (TaskNotFound, StoreError) as exc:
             raise NotFound(str(exc)) from None
 
-    def upload_peft_zip(self, task: str, data: bytes, task_type: str = "generate") -> VersionInfo:
+    def upload_peft_zip(self, task: str, data: bytes, task_type: str = "generate",
+                        idempotency_key: str | None = None) -> VersionInfo:
         """A zipped Hugging Face PEFT adapter directory -> prompt set -> the task's next version."""
-        import io
-        import tempfile
-        import zipfile
-        from pathlib import Path
-
-        from prompt_store.peft_import import import_peft
-
-        try:
-            archive = zipfile.ZipFile(io.BytesIO(data))
-        except zipfile.BadZipFile:
-            raise InvalidPromptSet("not a valid zip archive") from None
-        configs = [n for n in archive.namelist() if n.endswith("adapter_config.json")]
-        if len(configs) != 1:
-            raise InvalidPromptSet("the zip must hold exactly one PEFT adapter (one adapter_config.json)")
-        root = configs[0][: -len("adapter_config.json")]
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                try:
-                    entry = archive.getinfo(root + name)
-                except KeyError:
-                    raise InvalidPromptSet(f"the adapter lacks {name}") from None
-                # checked before decompressing, so a zip bomb is refused without being expanded
-                if entry.file_size > 512 * 1024 * 1024:
-                    raise InvalidPromptSet(f"{name} is too large ({entry.file_size} bytes uncompressed)")
-                (Path(tmp) / name).write_bytes(archive.read(entry))
-
-            def convert() -> bytes:
-                try:
-                    return import_peft(tmp, self.spec, self.spec.name, task_type=task_type).to_bytes(self.spec)
-                except (PromptSetError, ValueError, KeyError) as exc:
-                    raise InvalidPromptSet(f"cannot import the PEFT adapter: {exc}") from None
-            data = self._on_engine(convert)
-        return self.upload(task, data)
+        converted = self._on_engine(lambda: peft_zip_to_prompt_set(data, self.spec, task_type))
+        return self.upload(task, converted, idempotency_key)
 
     # -- uploads ---------------------------------------------------------------------------------
-    def upload(self, task: str, data: bytes) -> VersionInfo:
-        """Validate prompt-set bytes against this model, then store them as the next active version.
+    def upload(self, task: str, data: bytes, idempotency_key: str | None = None) -> VersionInfo:
+        """Validate prompt-set bytes against this model, make them device-resident, then store them as the
+        task's next active version (or return the stored one: see PromptStore.put).
 
         Validation comes first and the store's writes are atomic, so a bad file never changes anything.
-        """
+        The prefix is built before the store write, keyed by content, so the version is servable at once
+        when it becomes active, and the answer of the last upload to complete names the active version."""
         if task == self.base_model_id:
             raise Conflict(f"{task!r} is the base model's own id and cannot be a task name")
-
-        def validate() -> None:
-            try:
-                psf.parse_for_model(data, self.spec)
-            except PromptSetError as exc:
-                raise InvalidPromptSet(str(exc)) from None
-        self._on_engine(validate)
         try:
-            info = self.store.put(task, data)
+            validate_task_name(task)
         except StoreError as exc:
             raise InvalidRequest(str(exc)) from None
-        return self._preload(info)
+        sha = sha256_of(data)
+        ps = self._on_engine(lambda: self._validate(data))
+        try:
+            self.engine.preload_content(sha, ps).result(timeout=self.engine_call_timeout)
+        except Exception as exc:  # a request would load it (and report any error) itself
+            log.warning("could not preload the upload to %s: %s", task, exc)
+        try:
+            return self.store.put(task, data, idempotency_key=idempotency_key)
+        except IdempotencyConflict as exc:
+            raise IdempotencyKeyReused(str(exc)) from None
+        except StoreError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    def _validate(self, data: bytes) -> psf.PromptSet:
+        try:
+            ps = psf.parse_for_model(data, self.spec)
+        except PromptSetError as exc:
+            raise InvalidPromptSet(str(exc)) from None
+        room = self.engine.max_model_len - ps.meta.num_virtual_tokens
+        if room < MIN_CONTEXT_ROOM:
+            raise InvalidPromptSet(
+                f"{ps.meta.num_virtual_tokens} virtual tokens leave {max(room, 0)} of this server's "
+                f"{self.engine.max_model_len}-token context for the prompt and the answer; at most "
+                f"{self.engine.max_model_len - MIN_CONTEXT_ROOM} virtual tokens fit")
+        return ps
+
+
+def peft_zip_to_prompt_set(data: bytes, spec: ModelSpec, task_type: str) -> bytes:
+    """A zipped PEFT adapter directory -> prompt-set bytes. Any defect of the archive or the adapter is
+    the uploader's (InvalidPromptSet), whatever the decoder raised for it."""
+    import io
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    from prompt_store.peft_import import import_peft
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        configs = [n for n in archive.namelist() if n.endswith("adapter_config.json")]
+    except Exception as exc:
+        raise InvalidPromptSet(f"not a valid zip archive: {exc}") from None
+    if len(configs) != 1:
+        raise InvalidPromptSet("the zip must hold exactly one PEFT adapter (one adapter_config.json)")
+    root = configs[0][: -len("adapter_config.json")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            try:
+                entry = archive.getinfo(root + name)
+            except KeyError:
+                raise InvalidPromptSet(f"the adapter lacks {name}") from None
+            # checked before decompressing, so a zip bomb is refused without being expanded
+            if entry.file_size > 512 * 1024 * 1024:
+                raise InvalidPromptSet(f"{name} is too large ({entry.file_size} bytes uncompressed)")
+            try:
+                (Path(tmp) / name).write_bytes(archive.read(entry))
+            except Exception as exc:  # bad CRC, truncated or encrypted entry, unknown compression
+                raise InvalidPromptSet(f"cannot read {name} from the zip: {exc}") from None
+        try:
+            return import_peft(tmp, spec, spec.name, task_type=task_type).to_bytes(spec)
+        except Exception as exc:
+            raise InvalidPromptSet(f"cannot import the PEFT adapter: {type(exc).__name__}: {exc}") from None

@@ -78,13 +78,15 @@ def test_upload_size_cap_and_reserved_names(tiny, tmp_path):
 
 def test_an_uploaded_or_activated_version_is_resident_when_the_answer_comes(client, tiny):
     engine = client.app.state.engine
+    hashes = []
     for seed in (1, 2):
         r = client.put("/admin/prompt-sets/warm", content=input_prompt_set(tiny.spec, 3, seed=seed).to_bytes(tiny.spec),
                        headers=ADMIN)
-        assert r.status_code == 201 and ("warm", r.json()["version"]) in engine.runner.prefixes
+        hashes.append(r.json()["sha256"])
+        assert r.status_code == 201 and r.json()["sha256"] in engine.runner.prefixes
     engine.runner.prefixes._entries.clear()  # as if evicted
     assert client.post("/admin/prompt-sets/warm/versions/1/activate", headers=ADMIN).status_code == 200
-    assert ("warm", 1) in engine.runner.prefixes
+    assert hashes[0] in engine.runner.prefixes
     misses = engine.runner.prefixes.misses
     r = client.post("/v1/tasks/warm", json={"prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["prompt_set"]["version"] == 1

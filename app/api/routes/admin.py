@@ -38,12 +38,16 @@ async def read_body_capped(request: Request, limit: int) -> bytes:
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 "application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
-async def upload_prompt_set(name: str, request: Request, tasks: TasksDep, settings: SettingsDep,
-                            metrics: MetricsDep,
+async def upload_prompt_set(name: str, request: Request, response: Response, tasks: TasksDep,
+                            settings: SettingsDep, metrics: MetricsDep,
                             content_type: Annotated[str | None, Header()] = None,
+                            idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
                             task_type: Annotated[str, Query(pattern="^(generate|classify|extract)$")] = "generate"):
     """Upload a prompt set as the task's next version and activate it: raw `.safetensors` bytes, or a
-    zipped Hugging Face PEFT prompt-learning adapter (`Content-Type: application/zip`; `task_type` applies)."""
+    zipped Hugging Face PEFT prompt-learning adapter (`Content-Type: application/zip`; `task_type` applies).
+
+    Idempotent: a retry with the same `Idempotency-Key` header (or the same bytes as the task's newest
+    version) answers 200 with the version already stored instead of storing a duplicate (201)."""
     media = (content_type or "application/octet-stream").split(";")[0].strip().lower()
     if media not in SAFETENSORS_TYPES | ZIP_TYPES:
         raise ApiError(415, "unsupported_media_type",
@@ -53,10 +57,13 @@ async def upload_prompt_set(name: str, request: Request, tasks: TasksDep, settin
     if not data:
         raise ApiError(400, "invalid_request", "empty body: send the prompt-set file as the request body")
     if media in ZIP_TYPES:
-        info = await run_in_threadpool(tasks.upload_peft_zip, name, data, task_type)
+        info = await run_in_threadpool(tasks.upload_peft_zip, name, data, task_type, idempotency_key)
     else:
-        info = await run_in_threadpool(tasks.upload, name, data)
-    metrics.uploads.labels(task=name).inc()
+        info = await run_in_threadpool(tasks.upload, name, data, idempotency_key)
+    if info.created_now:
+        metrics.uploads.labels(task=name).inc()
+    else:
+        response.status_code = 200
     return version_out(info)
 
 
