@@ -60,7 +60,6 @@ class PrefixCache:
                 self._entries.move_to_end(ref.key)
                 self.hits += 1
                 return prefix
-            self.misses += 1
         try:
             data = Path(ref.path).read_bytes()
         except OSError:
@@ -78,6 +77,7 @@ class PrefixCache:
             return prefix
         prefix = self.build(ps)
         with self._lock:
+            self.misses += 1  # built: a load from disk, or an upload's preload
             if sha256 not in self._entries:
                 self._entries[sha256] = prefix
                 self._bytes += prefix.nbytes()

@@ -5,6 +5,8 @@ import threading
 
 import pytest
 
+from prompt_store.format import PromptSetError
+
 from app.engine.engine import Engine, EngineConfig
 from tests.helpers import greedy, input_prompt_set, make_engine, save_ref
 
@@ -98,7 +100,7 @@ def test_preload_makes_a_prompt_set_resident_on_the_engine_thread(tiny, tmp_path
         assert ref.key in engine.runner.prefixes and engine.runner.prefixes.misses == 1
         missing = save_ref(tmp_path, "gone", input_prompt_set(tiny.spec, 3), tiny.spec)
         (tmp_path / "gone-v1.safetensors").unlink()
-        with pytest.raises(FileNotFoundError):  # the error reaches the caller, and the loop goes on serving
+        with pytest.raises(PromptSetError, match="no longer stored"):  # reaches the caller; the loop goes on
             engine.preload(missing).result(timeout=30)
 
         async def one():

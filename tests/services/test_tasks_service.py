@@ -22,6 +22,8 @@ class StalledEngine:
 
 
 class InlineEngine:
+    max_model_len = 256
+
     def call(self, fn):
         future = Future()
         try:
@@ -31,6 +33,9 @@ class InlineEngine:
         return future
 
     def preload(self, ref):
+        return self.call(lambda: None)
+
+    def preload_content(self, sha256, prompt_set):
         return self.call(lambda: None)
 
 
