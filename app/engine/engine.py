@@ -19,7 +19,8 @@ from typing import AsyncIterator, Callable
 from app.engine.detokenizer import Detokenizer
 from app.engine.model_runner import ModelRunner
 from app.engine.scheduler import QueueFull, Scheduler
-from app.engine.types import (GenerationRequest, PromptSetRef, RequestOutput, SamplingParams, Sequence)
+from app.engine.types import (EngineError, ErrorKind, GenerationRequest, PromptSetRef, RequestOutput, SamplingParams,
+                              Sequence, SeqStatus)
 from app.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -219,25 +220,75 @@ class Engine:
         # Prefill first, and its first tokens go out before the decode runs: a new request's time to first
         # token is then the step in flight plus its own prefill, not also a decode of the whole batch.
         if step.prefills:
-            started = time.perf_counter()
-            sampled, errors, results = self.runner.prefill(step.prefills)
-            self.step_seconds += time.perf_counter() - started
-            self.scheduler.prefilled([s for s in step.prefills if s.request_id not in errors])
-            for seq in step.prefills:
-                if seq.request_id in errors:
-                    self.scheduler.finish(seq, "error", errors[seq.request_id])
-                    self._emit_final(seq)
-                elif seq.request_id in results:
-                    seq.result = results[seq.request_id]
-                    self.scheduler.finish(seq, "stop")
-                    self._emit_final(seq)
-            self._advance(step.prefills, sampled)
+            self._prefill(step.prefills)
         if step.decodes:
-            started = time.perf_counter()
-            sampled = self.runner.decode(step.decodes)
-            self.step_seconds += time.perf_counter() - started
-            self._advance(step.decodes, sampled)
+            self._decode(step.decodes)
         self.steps += 1
+
+    def _timed(self, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.step_seconds += time.perf_counter() - started
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill these sequences. When the forward pass fails, it is retried one sequence at a time,
+        so only the sequence that fails on its own is failed (a request never fails for its neighbour)."""
+        try:
+            sampled, errors, results = self._timed(self.runner.prefill, seqs)
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._blame(seqs[0], exc)
+                return
+            log.exception("prefill of %d sequences failed; retrying them one by one", len(seqs))
+            for seq in seqs:
+                if seq.prefill_range[0] == 0:  # rows of the failed attempt are rebuilt from scratch
+                    self.runner.release(seq.request_id)
+            for seq in seqs:
+                self._prefill([seq])
+            return
+        self.scheduler.prefilled([s for s in seqs if s.request_id not in errors])
+        for seq in seqs:
+            if seq.request_id in errors:
+                self._fail(seq, errors[seq.request_id])
+            elif seq.request_id in results:
+                seq.result = results[seq.request_id]
+                self.scheduler.finish(seq, "stop")
+                self._emit_final(seq)
+        self._advance(seqs, sampled)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        """One token for each running sequence. When the step fails, it is retried on each half of the
+        batch, down to the single sequence that fails alone: log2(batch) extra steps, once."""
+        try:
+            sampled, errors = self._timed(self.runner.decode, seqs)
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._blame(seqs[0], exc)
+                return
+            log.exception("decode of %d sequences failed; retrying each half", len(seqs))
+            half = len(seqs) // 2
+            for part in (seqs[:half], seqs[half:]):
+                part = [s for s in part if s.status is SeqStatus.RUNNING]  # the first half may have ended some
+                if part:
+                    self._decode(part)
+            return
+        for seq in seqs:
+            if seq.request_id in errors:
+                self._fail(seq, errors[seq.request_id])
+        self._advance(seqs, sampled)
+
+    def _blame(self, seq: Sequence, exc: Exception) -> None:
+        log.error("request %s fails alone: %s: %s", seq.request_id, type(exc).__name__, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        self._fail(seq, EngineError(f"the engine could not run this request: {type(exc).__name__}: {exc}"))
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        seq.error_kind = error.kind
+        self.scheduler.finish(seq, "error", error.message)
+        self.runner.release(seq.request_id)
+        self._emit_final(seq)
 
     def _advance(self, seqs: list[Sequence], sampled: dict[str, int]) -> None:
         """Append the sampled tokens, stream them, and retire the sequences that finished."""
@@ -245,7 +296,10 @@ class Engine:
         done = {s.request_id for s in finished}
         for seq in seqs:
             if seq.request_id in sampled and seq.request_id not in done:
-                self._emit_progress(seq)
+                try:
+                    self._emit_progress(seq)
+                except Exception as exc:  # e.g. detokenizing its text: that request alone fails
+                    self._blame(seq, exc)
         for seq in finished:
             self.runner.release(seq.request_id)
             self._emit_final(seq)
@@ -282,17 +336,26 @@ class Engine:
         text, new = "", []
         if not already_detokenized and seq.finish_reason in ("stop", "length") and seq.output_ids:
             new = [seq.output_ids[-1]]
-            text = sub.detok.step(new, final=True)
+            try:
+                text = sub.detok.step(new, final=True)
+            except Exception as exc:  # the subscriber is already taken off: answer it with the error
+                log.exception("detokenizing the end of %s failed", seq.request_id)
+                text, new = "", []
+                seq.finish_reason, seq.error_kind = "error", ErrorKind.INTERNAL
+                seq.error = f"the engine could not run this request: {type(exc).__name__}: {exc}"
             if sub.detok.stopped:  # the last token completed a stop string
                 seq.finish_reason = "stop"
         self._put(sub, RequestOutput(seq.request_id, text, new, finished=True, finish_reason=seq.finish_reason,
                                      prompt_tokens=len(seq.request.prompt_token_ids),
                                      completion_tokens=len(seq.output_ids), error=seq.error,
-                                     scores=(seq.result or {}).get("scores"), tags=(seq.result or {}).get("tags")))
+                                     error_kind=seq.error_kind, scores=(seq.result or {}).get("scores"), tags=(seq.result or {}).get("tags")))
 
     @staticmethod
     def _put(sub: _Subscriber, out: RequestOutput) -> None:
-        sub.loop.call_soon_threadsafe(sub.queue.put_nowait, out)
+        try:
+            sub.loop.call_soon_threadsafe(sub.queue.put_nowait, out)
+        except RuntimeError:  # its event loop is closed (the server is exiting): nobody is listening
+            pass
 
     # -- introspection ---------------------------------------------------------------------------
     @property

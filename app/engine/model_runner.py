@@ -14,8 +14,9 @@ from app.engine.kv_cache import KVCache
 from app.engine.llama import LlamaForward
 from app.engine.packed_linear import packing_works
 from app.engine.prefix_cache import PrefixCache
-from app.engine.sampling import make_generator, sample
-from app.engine.types import Sequence
+from app.engine.sampling import SamplingError, make_generator, sample
+from app.engine.types import EngineError, ErrorKind, Sequence
+from prompt_store import format as psf
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,26 @@ class ModelRunner:
         self._positions = torch.arange(max_model_len, device=device)
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> tuple[dict[str, int], dict[str, str], dict[str, dict]]:
+    def prefill(self, seqs: list[Sequence]) -> tuple[dict[str, int], dict[str, EngineError], dict[str, dict]]:
         """Run newly admitted sequences. Returns (first sampled token per request id, error per request id
         that could not run, head results of classify/tag requests, which are done after their prefill)."""
         sampled: dict[str, int] = {}
-        errors: dict[str, str] = {}
+        errors: dict[str, EngineError] = {}
         results: dict[str, dict] = {}
         self._prefill(seqs, sampled, errors, results)
         return sampled, errors, results
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> dict[str, int]:
-        """One token for each running sequence; they occupy the cache rows 0..len(seqs)-1."""
-        return dict(zip((s.request_id for s in seqs), self._decode(seqs)))
+    def decode(self, seqs: list[Sequence]) -> tuple[dict[str, int], dict[str, EngineError]]:
+        """One token for each of these running sequences (all of them: one contiguous view of rows
+        0..n-1; a subset, when the engine retries a failed step: rows gathered)."""
+        sampled, errors = {}, {}
+        for seq, token in zip(seqs, self._decode(seqs)):
+            if isinstance(token, SamplingError):
+                errors[seq.request_id] = EngineError(str(token), ErrorKind.INVALID)
+            else:
+                sampled[seq.request_id] = token
+        return sampled, errors
 
     def release(self, request_id: str) -> None:
         self.cache.release(request_id)
@@ -70,9 +78,13 @@ class ModelRunner:
                 continue
             try:
                 prefix = self.prefixes.get(req.prompt_set) if req.prompt_set is not None else None
-            except Exception as exc:  # a prompt set deleted or broken since the request was made
+            except OSError as exc:
                 log.warning("prefill of %s failed: %s", req.request_id, exc)
-                errors[req.request_id] = str(exc)
+                errors[req.request_id] = EngineError(str(exc), ErrorKind.UNAVAILABLE)
+                continue
+            except psf.PromptSetError as exc:  # deleted or changed since the request resolved it
+                log.warning("prefill of %s failed: %s", req.request_id, exc)
+                errors[req.request_id] = EngineError(str(exc), ErrorKind.UNAVAILABLE)
                 continue
             staged = end < seq.prompt_len
             row = cache.allocate_staging(req.request_id) if staged else cache.allocate(req.request_id)
@@ -120,7 +132,7 @@ class ModelRunner:
             try:
                 results[req.request_id] = self._apply_head(req, prefix, hidden[k, :lens[k]])
             except Exception as exc:
-                errors[req.request_id] = str(exc)
+                errors[req.request_id] = EngineError(str(exc), ErrorKind.INVALID)
         for seq, _, _ in ready:  # head requests are done after their forward pass
             if seq.request.mode != "generate":
                 self.release(seq.request_id)
@@ -131,7 +143,11 @@ class ModelRunner:
             last = hidden[generate, [lens[k] - 1 for k in generate]]
             tokens = sample(self.forward.logits(last), [r.sampling for r in reqs],
                             [self._generators[r.request_id] for r in reqs])
-            sampled.update(zip((r.request_id for r in reqs), tokens))
+            for req, token in zip(reqs, tokens):
+                if isinstance(token, SamplingError):
+                    errors[req.request_id] = EngineError(str(token), ErrorKind.INVALID)
+                else:
+                    sampled[req.request_id] = token
 
     @staticmethod
     def _apply_head(req, prefix, hidden: torch.Tensor) -> dict:
@@ -145,35 +161,41 @@ class ModelRunner:
             return {"scores": torch.softmax(logits[0], -1).tolist()}
         return {"tags": logits.argmax(-1).tolist()}
 
-    def _decode(self, seqs: list[Sequence]) -> list[int]:
+    def _decode(self, seqs: list[Sequence]) -> list[int | SamplingError]:
         cache = self.cache
         n = len(seqs)
         rows = [cache.row_of(s.request_id) for s in seqs]
-        # Decode runs rows 0..n-1 in row order (seqs is the same set in scheduler order). Sequences prefilled
-        # in this step were given the rows after these, so the decode batch is still one contiguous view.
-        order = sorted(range(len(seqs)), key=rows.__getitem__)
+        # A full decode runs rows 0..n-1 in row order (seqs is the same set in scheduler order; sequences
+        # prefilled in this step were given the rows after these), so it reads one contiguous view. A
+        # retry of part of a failed step gathers its rows instead (slower, and rare).
+        order = sorted(range(n), key=rows.__getitem__)
         seqs = [seqs[i] for i in order]
-        assert [rows[i] for i in order] == list(range(n)), "decode batch must be exactly rows 0..n-1"
+        sorted_rows = [rows[i] for i in order]
+        contiguous = sorted_rows == list(range(n))
         last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device).unsqueeze(1)
-        lengths = torch.tensor(cache.lengths[:n], device=self.device)
-        width = int(max(cache.lengths[:n])) + 1
-        row_index = torch.arange(n, device=self.device)
+        lengths = torch.tensor([cache.lengths[r] for r in sorted_rows], device=self.device)
+        width = int(lengths.max()) + 1
+        row_index = torch.tensor(sorted_rows, device=self.device)
         allowed = (self._positions[:width].unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)  # [n,1,S]
         mask = self.forward.group_mask(allowed, cache.k.dtype)
 
         def attend(i, q, k, v):
             cache.k[i, row_index, :, lengths] = k[:, :, 0]
             cache.v[i, row_index, :, lengths] = v[:, :, 0]
-            return self.forward.grouped_attention(q, cache.k[i, :n, :, :width], cache.v[i, :n, :, :width],
-                                                  mask)
+            if contiguous:
+                keys, values = cache.k[i, :n, :, :width], cache.v[i, :n, :, :width]
+            else:
+                keys, values = cache.k[i][row_index, :, :width], cache.v[i][row_index, :, :width]
+            return self.forward.grouped_attention(q, keys, values, mask)
 
         hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attend)
-        for r in range(n):
-            cache.lengths[r] += 1
         logits = self.forward.logits(hidden[:, -1])
         tokens = sample(logits, [s.request.sampling for s in seqs],
                         [self._generators.get(s.request_id) for s in seqs])
-        back = [0] * len(seqs)
+        # only now: a step that raised before here is retried over the same positions
+        for r in sorted_rows:
+            cache.lengths[r] += 1
+        back: list[int | SamplingError] = [0] * n
         for pos, i in enumerate(order):
             back[i] = tokens[pos]
         return back

@@ -1,4 +1,9 @@
-"""Turn logits into tokens: greedy rows in one argmax, sampled rows with their own seeded generator."""
+"""Turn logits into tokens: greedy rows in one argmax, sampled rows with their own seeded generator.
+
+Numerically safe for every value the API accepts: a temperature below SAMPLING_EPS is greedy (see
+SamplingParams.greedy), scores are shifted by their maximum before the
+softmax, and a row whose logits are not finite fails that request alone (SamplingError), never the batch.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import secrets
 import torch
 
 from app.engine.types import SamplingParams
+
+class SamplingError(ValueError):
+    """A row that cannot be sampled (its logits are not finite)."""
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -21,7 +29,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """logits [V] (float32)."""
     if params.greedy:
         return int(torch.argmax(logits))
-    scores = logits / params.temperature
+    scores = logits.float() / params.temperature
+    scores = scores - scores.max()  # the top score is 0: exp cannot overflow
     if params.top_k and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -37,8 +46,19 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """logits [B, V]; one token per row."""
+           generators: list[torch.Generator | None]) -> list[int | SamplingError]:
+    """logits [B, V]; one token per row, or the SamplingError of a row that could not be sampled."""
     greedy = torch.argmax(logits, dim=-1).tolist()
-    return [g if p.greedy else sample_row(logits[i], p, generators[i])
-            for i, (g, p) in enumerate(zip(greedy, params))]
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    out: list[int | SamplingError] = []
+    for i, (g, p) in enumerate(zip(greedy, params)):
+        if not finite[i]:
+            out.append(SamplingError("the model's output for this request is not finite (NaN or inf logits)"))
+        elif p.greedy:
+            out.append(g)
+        else:
+            try:
+                out.append(sample_row(logits[i], p, generators[i]))
+            except RuntimeError as exc:  # e.g. multinomial refusing a degenerate distribution
+                out.append(SamplingError(f"cannot sample this request's next token: {exc}"))
+    return out

@@ -6,6 +6,11 @@ import enum
 from dataclasses import dataclass, field
 
 
+# Below this temperature, scaling can only change the result by rounding: the request is greedy (vLLM draws
+# the same line). Dividing logits by 1e-40 made them infinite and the softmax NaN.
+SAMPLING_EPS = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -18,7 +23,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,20 @@ class GenerationRequest:
         return self.prompt_set.num_virtual_tokens if self.prompt_set else 0
 
 
+class ErrorKind:
+    """Why a request failed in the engine; the caller maps it to its own status codes."""
+
+    INVALID = "invalid"  # the request itself cannot be run (its numbers, its prompt set's contents)
+    UNAVAILABLE = "unavailable"  # something it names went away meanwhile (its prompt-set version): retry
+    INTERNAL = "internal"  # the engine failed on it
+
+
+@dataclass(frozen=True)
+class EngineError:
+    message: str
+    kind: str = ErrorKind.INTERNAL
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -69,6 +88,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: str | None = None
     result: dict | None = None  # classify/tag output
     # The slice [start, end) of the prompt this step prefills (None: all of it). A prompt longer than a
     # step's token budget is prefilled in chunks over several steps, each starting where the last ended.
@@ -119,5 +139,6 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_kind: str | None = None  # invalid | unavailable | internal (see ErrorKind)
     scores: list[float] | None = None  # classify: probability per label
     tags: list[int] | None = None  # tag: tag index per position

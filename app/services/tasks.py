@@ -10,10 +10,10 @@ from typing import AsyncIterator, Callable, TypeVar
 
 from app.engine.engine import Engine, QueueFull, RequestTooLong
 from app.task_types.encoding import bio_tags, classify_ids, decode_entities, extract_encoding
-from app.engine.types import PromptSetRef, RequestOutput, SamplingParams
+from app.engine.types import ErrorKind, PromptSetRef, RequestOutput, SamplingParams
 from app.model.spec import ModelSpec
 from app.services.errors import (Conflict, GenerationFailed, IdempotencyKeyReused, InvalidPromptSet,
-                                 InvalidRequest, NotFound, Overloaded)
+                                 InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable)
 from prompt_store import PromptSetError, PromptSetMeta, PromptStore, StoreError, TaskNotFound, VersionInfo
 from prompt_store import format as psf
 from prompt_store.store import (ActiveVersion, IdempotencyConflict, VersionNotFound, sha256_of,
@@ -141,7 +141,7 @@ class TaskService:
             out = first
             while True:
                 if out.finished and out.finish_reason == "error":
-                    raise GenerationFailed(out.error or "generation failed")
+                    raise engine_failure(out)
                 yield out
                 if out.finished:
                     return
@@ -272,6 +272,16 @@ class TaskService:
                 f"{self.engine.max_model_len}-token context for the prompt and the answer; at most "
                 f"{self.engine.max_model_len - MIN_CONTEXT_ROOM} virtual tokens fit")
         return ps
+
+
+def engine_failure(out: RequestOutput) -> ServiceError:
+    """The service error for a request the engine failed (alone: its neighbours are unaffected)."""
+    message = out.error or "generation failed"
+    if out.error_kind == ErrorKind.INVALID:
+        return InvalidRequest(message)
+    if out.error_kind == ErrorKind.UNAVAILABLE:
+        return Unavailable(f"{message}; retry the request", {"Retry-After": "1"})
+    return GenerationFailed(message)
 
 
 def peft_zip_to_prompt_set(data: bytes, spec: ModelSpec, task_type: str) -> bytes:
