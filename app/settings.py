@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     seed_dir: Path | None = None  # prompt-set files imported at start-up when their task is absent
     admin_token: str = ""
     admin_token_file: Path | None = None  # e.g. a Docker secret; wins over admin_token when set
-    max_upload_bytes: int = 64 * 1024 * 1024
+    max_upload_bytes: int = 64 * 1024 * 1024  # an admin upload's body
+    max_request_bytes: int = 4 * 1024 * 1024  # any other request's body (/v1): far above any prompt that fits
     api_keys: str = ""  # comma-separated client keys for /v1; empty = open
     request_timeout: float = 300.0  # seconds a task request may take before it is cancelled (504)
     drain_grace: float = 30.0  # on SIGTERM: seconds in-flight requests get to finish

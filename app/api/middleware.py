@@ -10,6 +10,7 @@ from app.api.errors import error_response
 from app.observability import request_id_var
 
 EXEMPT = {"/health", "/ready", "/metrics"}
+BODY_METHODS = {"POST", "PUT", "PATCH"}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -42,9 +43,44 @@ class ServingMiddleware:
             if not exempt:
                 self.state.inflight += 1
             try:
+                if scope["method"] in BODY_METHODS and not scope["path"].startswith("/admin/"):
+                    # the admin upload reads its own body against the (larger) upload cap
+                    receive = await self._capped_body(headers, receive, scope, send_with_id)
+                    if receive is None:
+                        return
                 await self.app(scope, receive, send_with_id)
             finally:
                 if not exempt:
                     self.state.inflight -= 1
         finally:
             request_id_var.reset(token)
+
+    async def _capped_body(self, headers: dict, receive, scope, send):
+        """Read the request body up to the configured cap and hand the app a receive() that replays it;
+        None when the request was answered here (413) or the client left."""
+        limit = self.state.settings.max_request_bytes
+        too_large = error_response(413, "too_large", f"request body exceeds the limit of {limit} bytes "
+                                   "(PROMPTSERVE_MAX_REQUEST_BYTES)", {"Connection": "close"})
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > limit:
+            await too_large(scope, receive, send)
+            return None
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                await too_large(scope, receive, send)
+                return None
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: disconnect notices, as the app expects
+        return replay

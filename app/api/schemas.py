@@ -2,25 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.engine.types import SamplingParams
 
+# Every text a request carries is bounded: the context holds a few thousand tokens, so 100,000 characters
+# is far more than any prompt that could run, and a 50 MB prompt is refused before it is tokenized.
+MAX_TEXT_CHARS = 100_000
+MAX_MESSAGES = 512
+MAX_NAME_CHARS = 256
 
-class ChatMessage(BaseModel):
+
+def _valid_unicode(text: str) -> str:
+    """JSON can carry a lone surrogate ("\ud800"); no tokenizer can encode it: refuse it by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: a lone surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_valid_unicode)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_valid_unicode)]
+StopString = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_valid_unicode)]
+
+
+class StrictModel(BaseModel):
+    # JSON as Python reads it allows NaN and Infinity: no number field of the API means either
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
-class SamplingFields(BaseModel):
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most")
+class SamplingFields(StrictModel):
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Tokens to generate at most")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] | str | None = Field(None, description="Stop strings (the text ends before them)")
+    stop: list[StopString] | StopString | None = Field(None, description="Stop strings (the text ends before them)")
     ignore_eos: bool = False
 
     @field_validator("stop")
@@ -40,13 +65,14 @@ class SamplingFields(BaseModel):
 
 
 class TaskRequest(SamplingFields):
-    model_config = ConfigDict(json_schema_extra={"examples": [
+    model_config = ConfigDict(allow_inf_nan=False, json_schema_extra={"examples": [
         {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 64}]})
 
-    prompt: str | None = Field(None, description="generate tasks: raw text, no template applied")
-    text: str | None = Field(None, min_length=1, max_length=20_000,
-                             description="classify and extract tasks: the text to label")
-    messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat; the template is applied")
+    prompt: Text | None = Field(None, description="generate tasks: raw text, no template applied")
+    text: Text | None = Field(None, min_length=1, max_length=20_000,
+                              description="classify and extract tasks: the text to label")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES,
+                                               description="Chat; the template is applied")
     stream: bool = Field(False, description="Stream tokens as server-sent events")
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -173,13 +174,14 @@ class TaskService:
         return final
 
     async def classify(self, task: ResolvedTask, text: str) -> dict:
-        out = await self._run_head(task, classify_ids(self.tokenizer, text), "classify")
+        ids = await asyncio.to_thread(classify_ids, self.tokenizer, text)  # off the caller's event loop
+        out = await self._run_head(task, ids, "classify")
         scores = dict(zip(task.meta.labels, out.scores))
         return {"label": max(scores, key=scores.get), "scores": scores,
                 "usage": {"prompt_tokens": out.prompt_tokens}}
 
     async def extract(self, task: ResolvedTask, text: str) -> dict:
-        enc = extract_encoding(self.tokenizer, text)
+        enc = await asyncio.to_thread(extract_encoding, self.tokenizer, text)
         if not enc.positions:  # nothing to tag (blank text): no model call needed
             return {"entities": [], "usage": {"prompt_tokens": 0}}
         out = await self._run_head(task, enc.ids, "tag", enc.positions)

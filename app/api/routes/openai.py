@@ -2,48 +2,48 @@
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError
 from app.api.generation import run_completion, start_stream, stream_outputs
-from app.api.schemas import SamplingFields, Usage
+from app.api.schemas import MAX_MESSAGES, Name, SamplingFields, StrictModel, Text, Usage
 from app.api.sse import sse
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKeyDep])
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
 class OpenAIFields(SamplingFields):
-    model: str
+    model: Name
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="OpenAI's default is 1.0; 0 = greedy")
     n: int = Field(1, ge=1, le=1, description="only n=1 is served")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Name | None = None
 
 
 class CompletionRequest(OpenAIFields):
-    prompt: str | list[str] = Field(description="a string, or a list of exactly one string")
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | list[Text] = Field(description="a string, or a list of exactly one string")
+    max_tokens: int | None = Field(16, ge=1, le=1_000_000)
 
 
-class ContentPart(BaseModel):
+class ContentPart(StrictModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessageIn(BaseModel):
+class ChatMessageIn(StrictModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart]
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)]
 
     def plain(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -51,12 +51,12 @@ class ChatMessageIn(BaseModel):
 
 
 class ChatCompletionRequest(OpenAIFields):
-    messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
 
 
-def _generate_task(tasks, name: str):
-    resolved = tasks.resolve(name)
+async def _generate_task(tasks, name: str):
+    resolved = await run_in_threadpool(tasks.resolve, name)  # store reads (and a first hash) off the loop
     if resolved.task_type != "generate":
         raise ApiError(400, "invalid_request", f"model {name!r} is a {resolved.task_type} task; use "
                                                f"POST /v1/tasks/{name} for it")
@@ -127,13 +127,13 @@ async def _serve(request, body, tasks, settings, metrics, ids, resolved, kind: s
 async def completions(body: CompletionRequest, request: Request, tasks: TasksDep, settings: SettingsDep,
                       metrics: MetricsDep):
     """OpenAI text completion; the task's prompt set is prepended to the raw prompt."""
-    resolved = _generate_task(tasks, body.model)
+    resolved = await _generate_task(tasks, body.model)
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise ApiError(400, "invalid_request", "send one prompt per request (a list of exactly one string)")
         prompt = prompt[0]
-    ids = tasks.encode(prompt=prompt)
+    ids = await run_in_threadpool(tasks.encode, prompt)  # tokenizing a long text must not block the loop
     return await _serve(request, body, tasks, settings, metrics, ids, resolved, "text")
 
 
@@ -141,8 +141,8 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
 async def chat_completions(body: ChatCompletionRequest, request: Request, tasks: TasksDep, settings: SettingsDep,
                            metrics: MetricsDep):
     """OpenAI chat completion; the chat template is applied, the task's prompt set prepended."""
-    resolved = _generate_task(tasks, body.model)
+    resolved = await _generate_task(tasks, body.model)
     if body.max_completion_tokens and not body.max_tokens:
         body.max_tokens = body.max_completion_tokens
-    ids = tasks.encode(messages=[m.plain() for m in body.messages])
+    ids = await run_in_threadpool(tasks.encode, None, [m.plain() for m in body.messages])
     return await _serve(request, body, tasks, settings, metrics, ids, resolved, "chat")

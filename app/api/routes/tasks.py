@@ -31,7 +31,7 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
                    metrics: MetricsDep):
     """Run a task with its active prompt set: generate text (`prompt` or `messages`, optionally streamed as
     server-sent events), classify a `text`, or extract entities from a `text`."""
-    resolved = tasks.resolve(task)
+    resolved = await run_in_threadpool(tasks.resolve, task)  # store reads (and a first hash) off the loop
     ref = PromptSetRefOut(name=resolved.name, version=resolved.version)
     if resolved.task_type != "generate":
         if body.text is None:
@@ -46,7 +46,7 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
     if body.text is not None:
         raise ApiError(422, "invalid_request", f"task {task!r} is a generate task: send 'prompt' or 'messages'")
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
-    ids = tasks.encode(body.prompt, messages)
+    ids = await run_in_threadpool(tasks.encode, body.prompt, messages)  # not on the event loop
     sampling = body.sampling(tasks.max_tokens_for(resolved, ids, body.max_tokens, settings.default_max_tokens))
     if body.stream:
         def render(out):
