@@ -14,7 +14,8 @@ def _serve(args) -> int:
     import uvicorn
 
     from app.api.main import build_engine, create_app
-    from app.api.shutdown import DrainingServer
+    from app.api.http_limits import guarded_protocol
+    from app.api.shutdown import SHUTDOWN_TIMEOUT, DrainingServer
     from app.model.loader import load_model
     from app.settings import get_settings
 
@@ -26,7 +27,11 @@ def _serve(args) -> int:
     engine = build_engine(settings, load_model(settings))
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
-                            log_level=args.log_level, timeout_graceful_shutdown=5, log_config=None)
+                            log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_TIMEOUT, log_config=None,
+                            http=guarded_protocol(settings.http_max_header_bytes, settings.http_header_timeout,
+                                                  settings.http_body_timeout),
+                            limit_concurrency=settings.http_max_connections,
+                            timeout_keep_alive=settings.http_keep_alive_timeout)
     server = DrainingServer(config, app.state, grace)
 
     def serve_http():

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # HTTP connection limits (app/api/http_limits.py): header size, slow headers, stalled bodies, idle
+    # keep-alive connections, and connections plus requests at once (more are answered 503)
+    http_max_header_bytes: int = 64 * 1024
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_keep_alive_timeout: float = 5.0
+    http_max_connections: int = 2048
     warmup: bool = True
 
 

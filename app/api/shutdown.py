@@ -1,4 +1,9 @@
-"""SIGTERM drain: stop taking work (503), let in-flight requests finish up to a grace period, then exit."""
+"""SIGTERM drain: stop taking work (503), let in-flight requests finish, and exit within the grace period.
+
+When requests are still running as the grace period nears its end, the engine fails them with a clear
+error (streams get an error event, then [DONE]) so that every client is answered before the process
+exits; the process then exits with status 0 within the grace period.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,11 @@ import time
 import uvicorn
 
 log = logging.getLogger(__name__)
+
+# Seconds before the end of the grace period at which still-running requests are cut, so their error
+# events are delivered and the connections closed before it ends.
+CUT_MARGIN = 2.0
+SHUTDOWN_TIMEOUT = 0.5  # uvicorn's own wait for connections, after ours (the config must match)
 
 
 class DrainingServer(uvicorn.Server):
@@ -25,12 +35,21 @@ class DrainingServer(uvicorn.Server):
         self._draining_since = time.monotonic()
         self.state.draining = True
         log.info("draining: refusing new requests, %d in flight, grace %.0f s", self.state.inflight, self.grace)
-        threading.Thread(target=self._wait_then_exit, args=(sig, frame), daemon=True).start()
+        threading.Thread(target=self._wait_then_exit, daemon=True).start()
 
-    def _wait_then_exit(self, sig, frame) -> None:
-        deadline = self._draining_since + self.grace
+    def _wait_until(self, deadline: float) -> None:
         while self.state.inflight > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def _wait_then_exit(self) -> None:
+        start = self._draining_since
+        end = start + max(self.grace - SHUTDOWN_TIMEOUT, 0.0)
+        self._wait_until(start + max(self.grace - CUT_MARGIN, self.grace / 2))
         if self.state.inflight:
-            log.warning("grace period over with %d requests in flight; exiting", self.state.inflight)
+            log.warning("grace period ending with %d requests in flight; failing them", self.state.inflight)
+            engine = getattr(self.state, "engine", None)
+            if engine is not None:
+                engine.cancel_all("the server is shutting down: this request was cut at the end of its "
+                                  "drain period; retry it")
+            self._wait_until(end)
         self.should_exit = True

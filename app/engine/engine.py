@@ -304,7 +304,11 @@ class Engine:
             self.runner.release(seq.request_id)
             self._emit_final(seq)
 
-    def _fail_in_flight(self, message: str) -> None:
+    def cancel_all(self, message: str) -> Future:
+        """Fail every request, running or waiting, as unavailable (the drain's end): between two steps."""
+        return self.call(lambda: self._fail_in_flight(message, ErrorKind.UNAVAILABLE))
+
+    def _fail_in_flight(self, message: str, kind: str = ErrorKind.INTERNAL) -> None:
         partial = [self.scheduler.partial] if self.scheduler.partial is not None else []
         for seq in list(self.scheduler.running) + partial:
             self.scheduler.finish(seq, "error", message)
@@ -312,7 +316,8 @@ class Engine:
         for request_id in list(self._subs):
             sub = self._subs.pop(request_id)
             self.scheduler.abort(request_id)  # drops it from the waiting queue, if it is there
-            self._put(sub, RequestOutput(request_id, finished=True, finish_reason="error", error=message))
+            self._put(sub, RequestOutput(request_id, finished=True, finish_reason="error", error=message,
+                                         error_kind=kind))
 
     def _emit_progress(self, seq: Sequence) -> None:
         sub = self._subs.get(seq.request_id)

@@ -41,3 +41,42 @@ def test_sigterm_drains_then_exits(tiny_model_dir, tiny, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_drain_past_its_grace_cuts_streams_with_an_error_then_done_and_exits_0_in_time(tmp_path):
+    # the embedded model: 2,000 tokens take far longer than the grace (the tiny one finishes first)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    grace = 4.0
+    env = {"PROMPTSERVE_STORE_DIR": str(tmp_path / "s"), "PROMPTSERVE_SEED_DIR": "", "PROMPTSERVE_WARMUP": "0",
+           "PROMPTSERVE_DRAIN_GRACE": str(grace)}
+    proc = spawn(env, port)
+    try:
+        wait_ready(base, proc)
+        events: list[str] = []
+
+        def endless_stream():  # far longer than the grace period
+            with httpx.stream("POST", f"{base}/v1/completions", timeout=60,
+                              json={"model": "SmolLM2-135M-Instruct", "prompt": "x", "max_tokens": 2000,
+                                    "ignore_eos": True, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+
+        t = threading.Thread(target=endless_stream)
+        t.start()
+        deadline = time.time() + 60
+        while not events and time.time() < deadline:
+            time.sleep(0.05)
+        assert events, "the stream never started"
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(grace + 5)
+        took = time.time() - start
+        t.join(10)
+        assert code == 0
+        assert took < grace + 1.0, took
+        assert events[-1] == "[DONE]" and '"error"' in events[-2] and "shutting down" in events[-2], events[-3:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
