@@ -3,11 +3,14 @@ streamed responses, and must let routes see client disconnects)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 
 from app.api.errors import error_response
 from app.observability import request_id_var
+
+log = logging.getLogger(__name__)
 
 EXEMPT = {"/health", "/ready", "/metrics"}
 BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -28,8 +31,12 @@ class ServingMiddleware:
         token = request_id_var.set(request_id)
         exempt = scope["path"] in EXEMPT
 
+        started = False
+
         async def send_with_id(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
             await send(message)
@@ -49,6 +56,13 @@ class ServingMiddleware:
                     if receive is None:
                         return
                 await self.app(scope, receive, send_with_id)
+            except Exception as exc:
+                # the last resort: a bug still answers with the one error body, and the log has the id
+                log.error("unhandled %s in %s %s", type(exc).__name__, scope["method"], scope["path"],
+                          exc_info=(type(exc), exc, exc.__traceback__))
+                if not started:  # else the response is under way: closing the connection says it
+                    await error_response(500, "internal_error", f"internal server error (request id "
+                                         f"{request_id})")(scope, receive, send_with_id)
             finally:
                 if not exempt:
                     self.state.inflight -= 1

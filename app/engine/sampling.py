@@ -39,6 +39,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         probs = torch.softmax(sorted_scores, dim=-1)
         # Drop tokens once the mass before them already reaches top_p (the top token always stays).
         drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop[0] = False  # explicitly: a top_p below float32's range (5e-324) rounds to 0 and would drop it
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
