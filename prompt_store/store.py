@@ -161,6 +161,8 @@ class PromptStore:
             with self._locked(d.name):
                 for tmp in list(d.glob(".tmp-*")) + list(d.glob("keys/.tmp-*")):
                     tmp.unlink(missing_ok=True)
+                if not (d / "ACTIVE").is_file():  # a task delete (or a first upload) that was cut short
+                    self._remove_contents(d)
 
     # -- reading ---------------------------------------------------------------------------------
     def _task_dir(self, task: str) -> Path:
@@ -258,6 +260,8 @@ class PromptStore:
         sha = sha256_of(data)
         with self._locked(task) as d:
             d.mkdir(parents=True, exist_ok=True)
+            if not (d / "ACTIVE").is_file():  # a new task, or one whose delete (or first upload) was cut
+                self._remove_contents(d)
             key_path = self._key_path(d, idempotency_key) if idempotency_key else None
             if key_path is not None and key_path.is_file():
                 recorded_sha, _ = key_path.read_text().split()
@@ -273,7 +277,7 @@ class PromptStore:
                     self._write_active(d, reuse)
                 if key_path is not None:
                     _replace_atomically(key_path, f"{sha} {reuse}\n".encode())
-                return self.info(task, reuse)
+                return self.info(task, reuse)  # under the lock: the state this upload left
             if key_path is not None:  # recorded first: a retry after a crash below finds the bytes by hash
                 key_path.parent.mkdir(exist_ok=True)
                 _replace_atomically(key_path, f"{sha} pending\n".encode())
@@ -291,7 +295,7 @@ class PromptStore:
                 self._write_active(d, version)
             if key_path is not None:
                 _replace_atomically(key_path, f"{sha} {version}\n".encode())
-        info = self.info(task, version)
+            info = self.info(task, version)  # under the lock: the state this upload left
         return VersionInfo(**{**info.__dict__, "created_now": True})
 
     def activate(self, task: str, version: int) -> VersionInfo:
@@ -302,7 +306,7 @@ class PromptStore:
             if not self._version_path(task, version).is_file():
                 raise VersionNotFound(f"task {task!r} has no version {version}")
             self._write_active(d, version)
-        return self.info(task, version)
+            return self.info(task, version, active=True)
 
     def delete_version(self, task: str, version: int) -> None:
         validate_version(task, version)
@@ -325,14 +329,18 @@ class PromptStore:
             active = d / "ACTIVE"
             if not active.is_file():
                 raise TaskNotFound(f"no task named {task!r}")
-            self._write_last(d, max([self._last(d), *self._stored_versions(d)]))
             active.unlink()
             _fsync_dir(d)
             self.crash_point("deactivated")
-            for v in self._stored_versions(d):
-                self._version_path(task, v).unlink(missing_ok=True)
-            shutil.rmtree(d / "keys", ignore_errors=True)
-            _fsync_dir(d)
+            self._remove_contents(d)
+
+    def _remove_contents(self, d: Path) -> None:
+        """A task's versions and keys, keeping LAST (under the task's lock)."""
+        self._write_last(d, max([self._last(d), *self._stored_versions(d)]))
+        for v in self._stored_versions(d):
+            (d / f"v{v:06d}.safetensors").unlink(missing_ok=True)
+        shutil.rmtree(d / "keys", ignore_errors=True)
+        _fsync_dir(d)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _info_or_none(self, task: str, version: int, sha: str) -> bool:
