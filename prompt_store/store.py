@@ -263,6 +263,8 @@ class PromptStore:
             if not (d / "ACTIVE").is_file():  # a new task, or one whose delete (or first upload) was cut
                 self._remove_contents(d)
             key_path = self._key_path(d, idempotency_key) if idempotency_key else None
+            if key_path is not None:
+                key_path.parent.mkdir(exist_ok=True)
             if key_path is not None and key_path.is_file():
                 recorded_sha, _ = key_path.read_text().split()
                 if recorded_sha != sha:
@@ -279,7 +281,6 @@ class PromptStore:
                     _replace_atomically(key_path, f"{sha} {reuse}\n".encode())
                 return self.info(task, reuse)  # under the lock: the state this upload left
             if key_path is not None:  # recorded first: a retry after a crash below finds the bytes by hash
-                key_path.parent.mkdir(exist_ok=True)
                 _replace_atomically(key_path, f"{sha} pending\n".encode())
             version = self._claim_version(d)
             self.crash_point("claimed")
