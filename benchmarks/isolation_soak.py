@@ -235,9 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                     assert status == 200, error
                     solo[(sha, prompt)] = text
             assert len(set(solo.values())) > len(datas), "the prompt sets must change the output"
-            for task in TASKS:
-                client.put(f"{servers[0]}/admin/prompt-sets/{task}", content=datas[0], headers=ADMIN)
-        soak = Soak(servers, datas, solo, args.max_tokens)
+            setup = []
+            for task in TASKS:  # before the load: these are the versions the first requests may be served
+                start = time.monotonic()
+                r = client.put(f"{servers[0]}/admin/prompt-sets/{task}", content=datas[0], headers=ADMIN)
+                setup.append(AdminEvent(task, "upload", start, time.monotonic(), r.status_code, r.json()["version"],
+                                        r.json()["sha256"]))
+        soak = Soak(servers, datas, solo, args.max_tokens, events=setup)
         started = time.monotonic()
         admins = [threading.Thread(target=admin_loop, args=(soak, args.seed * 100 + k, args.admin_ops // 4))
                   for k in range(4)]
@@ -256,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             stop(proc)
     result = {"model": args.model, "clients": args.clients, "servers": 2, "wall_s": round(wall, 1), **check(soak)}
+    result["admin_ops"] -= len(TASKS)  # the setup uploads are in the events, not in the count asked for
     for key, value in result.items():
         if key != "examples":
             print(f"{key:45s} {value}")
