@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from app.model.loader import load_model
 from benchmarks.tiny_model import build_tiny_model

@@ -94,6 +94,12 @@ class AdminMachine(RuleBasedStateMachine):
         if key:
             self.keys[key] = sha
 
+    def _pick(self, task, pick):
+        """(the task's model state, a stored version of it, or mostly so: one in four is a missing one)."""
+        state = self.model.get(task)
+        versions = sorted(state["versions"]) if state else []
+        return state, versions[pick % len(versions)] if versions and pick < 8 else pick + 1000
+
     def _forget(self, task):
         """A deleted task's idempotency keys go with it."""
         self.model.pop(task, None)
@@ -116,9 +122,7 @@ class AdminMachine(RuleBasedStateMachine):
 
     @rule(task=st.sampled_from(TASKS), pick=st.integers(0, 10))
     def activate(self, task, pick):
-        state = self.model.get(task)
-        versions = sorted(state["versions"]) if state else []
-        version = versions[pick % len(versions)] if versions and pick < 8 else pick + 1000
+        state, version = self._pick(task, pick)
         r = self.client.post(f"/admin/prompt-sets/{task}/versions/{version}/activate", headers=ADMIN)
         if state and version in state["versions"]:
             assert r.status_code == 200 and r.json()["active"]
@@ -128,9 +132,7 @@ class AdminMachine(RuleBasedStateMachine):
 
     @rule(task=st.sampled_from(TASKS), pick=st.integers(0, 10))
     def delete_version(self, task, pick):
-        state = self.model.get(task)
-        versions = sorted(state["versions"]) if state else []
-        version = versions[pick % len(versions)] if versions and pick < 8 else pick + 1000
+        state, version = self._pick(task, pick)
         r = self.client.delete(f"/admin/prompt-sets/{task}/versions/{version}", headers=ADMIN)
         if state and version == state["active"]:
             assert r.status_code == 409

@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 
 from app.api.main import create_app
 from tests.api.conftest import ADMIN, make_settings
-from tests.helpers import input_prompt_set, random_deep_prompt_set
+from tests.helpers import input_prompt_set
 
 
 def _put(client, name, data, **headers):
