@@ -17,6 +17,7 @@ Prints a table with ratios, writes JSON, draws a PNG of throughput and latency a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import json
 import random
@@ -170,6 +171,19 @@ def many_prompt_sets(base: bytes, n: int, seed: int = 0):
         yield f"many-{i:04d}", psf.PromptSet(ps.meta, tensors).to_bytes()
 
 
+def new_versions(data: bytes):
+    """Distinct files from one prompt set (the same tensors, a numbered description): the same bytes
+    again would be answered with the stored version instead of a new one."""
+    from dataclasses import replace
+
+    from prompt_store import format as psf
+
+    ps = psf.parse(data)
+    for i in itertools.count(1):
+        meta = replace(ps.meta, description=f"{ps.meta.description} (upload {i})")
+        yield psf.PromptSet(meta, ps.tensors).to_bytes()
+
+
 async def upload(client: httpx.AsyncClient, name: str, data: bytes) -> dict:
     r = await client.put(f"/admin/prompt-sets/{name}", content=data,
                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
@@ -209,10 +223,11 @@ async def upload_under_load(url: str, jobs: list[Job], concurrency: int, output_
         load = asyncio.create_task(closed_loop_until(client, jobs, concurrency, output_len, records))
         await asyncio.sleep(settle_s)  # let the load reach its steady state
         trials_out = []
+        versions = new_versions(data)
         for _ in range(trials):
             await asyncio.sleep(rng.uniform(0.5, 1.5))  # land at random points of the load's steps
             sent = time.perf_counter()
-            info = await upload(client, "bench-chat", data)
+            info = await upload(client, "bench-chat", next(versions))
             answered = time.perf_counter()
             new_s, version = await first_token_after(client, "bench-chat", answered)
             await asyncio.sleep(rng.uniform(0.2, 0.6))

@@ -25,10 +25,14 @@ from app.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "QueueFull", "RequestTooLong"]
+__all__ = ["Engine", "EngineConfig", "InvalidEngineRequest", "QueueFull", "RequestTooLong"]
 
 
-class RequestTooLong(ValueError):
+class InvalidEngineRequest(ValueError):
+    """A request the engine refuses before it joins a step (it would fail there)."""
+
+
+class RequestTooLong(InvalidEngineRequest):
     pass
 
 
@@ -123,6 +127,9 @@ class Engine:
                mode: str = "generate", tag_positions: list[int] | None = None) -> tuple[str, asyncio.Queue]:
         """Queue a request from an event loop; its outputs arrive on the returned asyncio queue."""
         self.check_length(len(prompt_token_ids), prompt_set, sampling.max_tokens if mode == "generate" else 0)
+        vocab = self.runner.forward.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidEngineRequest(f"prompt token ids must be in 0..{vocab - 1}")
         request_id = request_id or uuid.uuid4().hex
         req = GenerationRequest(request_id, list(prompt_token_ids), sampling, prompt_set, mode, tag_positions)
         sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(),

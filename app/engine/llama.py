@@ -49,6 +49,7 @@ class LlamaForward:
         cfg = model.config
         self.model = model
         self.embed = model.get_input_embeddings()
+        self.vocab_size = self.embed.num_embeddings
         self.layers = list(model.model.layers)
         self.norm = model.model.norm
         self.linears = [_LayerLinears(layer, pack_weights) for layer in self.layers]

@@ -9,7 +9,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, TypeVar
 
-from app.engine.engine import Engine, QueueFull, RequestTooLong
+from app.engine.engine import Engine, InvalidEngineRequest, QueueFull
 from app.task_types.encoding import bio_tags, classify_ids, decode_entities, extract_encoding
 from app.engine.types import ErrorKind, PromptSetRef, RequestOutput, SamplingParams
 from app.model.spec import ModelSpec
@@ -134,7 +134,7 @@ class TaskService:
         try:
             gen = self.engine.generate(ids, sampling, task.ref, request_id, mode, tag_positions)
             first = await gen.__anext__()
-        except RequestTooLong as exc:
+        except InvalidEngineRequest as exc:
             raise InvalidRequest(str(exc)) from None
         except QueueFull as exc:
             raise Overloaded(f"server busy: {exc}", {"Retry-After": "1"}) from None

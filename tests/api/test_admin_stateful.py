@@ -161,11 +161,14 @@ class AdminMachine(RuleBasedStateMachine):
         store = self.client.app.state.store
         store.crash_point = crash
         try:  # the service as the route calls it (a kill must not cross the test client's event loop)
-            self.client.app.state.tasks.upload(task, self.datas[idx], key)
+            info = self.client.app.state.tasks.upload(task, self.datas[idx], key)
         except Killed:
-            pass  # not killed: the bytes were stored already (same as the newest), nothing was written
+            info = None
         finally:
             store.crash_point = lambda at: None
+        if info is not None:  # not killed: the bytes were stored already (key or newest), it only activated
+            assert not info.created_now and self.model[task]["versions"][info.version] == info.sha256
+            self.model[task]["active"] = info.version
         self._restart_store()
         if task in self.model:  # nothing visible changed: the old active version still serves
             assert self._listing(task)[0] == self.model[task]["active"]

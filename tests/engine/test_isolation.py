@@ -83,3 +83,14 @@ def test_every_sampling_value_samples_and_leaves_the_neighbours_alone(engine, ti
     assert len(tokens) <= params.max_tokens
     for prompt, (got, _, _) in zip(PROMPTS, neighbours):
         assert got == solo[prompt]
+
+
+def test_out_of_vocabulary_token_ids_are_refused_before_a_step(engine, tiny):
+    from app.engine.engine import InvalidEngineRequest
+
+    async def submit(ids):
+        async for _ in engine.generate(ids, greedy(2)):
+            pass
+    for ids in ([engine.runner.forward.vocab_size], [-1], [5, 10**9]):
+        with pytest.raises(InvalidEngineRequest):
+            asyncio.run(submit(ids))
