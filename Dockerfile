@@ -38,12 +38,10 @@ RUN if ! command -v python3 >/dev/null; then \
     mkdir -p /data/prompt-store && chown promptserve /data/prompt-store
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/promptserve/cache /opt/promptserve/cache
-COPY demo/prompt_sets /opt/promptserve/demo
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PROMPTSERVE_CACHE_DIR=/opt/promptserve/cache \
     PROMPTSERVE_STORE_DIR=/data/prompt-store \
-    PROMPTSERVE_SEED_DIR=/opt/promptserve/demo \
     PROMPTSERVE_HOST=0.0.0.0 \
     PROMPTSERVE_PORT=8000
 USER 10001

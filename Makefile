@@ -3,7 +3,6 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-export PROMPTSERVE_SEED_DIR ?= demo/prompt_sets
 export PROMPTSERVE_STORE_DIR ?= var/prompt-store
 
 .PHONY: install serve test bench

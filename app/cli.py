@@ -63,15 +63,10 @@ def _prepare_model(args) -> int:
 def _import_peft(args) -> int:
     from app.model.loader import load_model
     from app.settings import get_settings
-    from prompt_store.format import PromptSetError
     from prompt_store.peft_import import import_peft
 
     loaded = load_model(get_settings())
-    try:
-        ps = import_peft(args.adapter_dir, loaded.spec, loaded.spec.name, task_type=args.task_type)
-    except PromptSetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    ps = import_peft(args.adapter_dir, loaded.spec, loaded.spec.name, task_type=args.task_type)
     ps.save(args.out, loaded.spec)
     print(f"wrote {args.out}: kind={ps.kind} virtual_tokens={ps.meta.num_virtual_tokens}")
     return 0
@@ -134,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--device")
     tr.add_argument("--dtype")
     tr.add_argument("--description")
-    tr.add_argument("--out", help="output .safetensors (default demo/prompt_sets/NAME.safetensors)")
+    tr.add_argument("--out", help="output .safetensors (default app/demo_prompt_sets/NAME.safetensors, the shipped demo set)")
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a task on a dev file through a running server's HTTP API")
@@ -169,7 +164,31 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise  # a bug: the traceback is what helps
+        # what a user can cause (a missing file, a server not running): one clear line, no traceback
+        print(f"promptserve {args.command}: error: {_describe(exc)}", file=sys.stderr)
+        return 1
+
+
+def _describe(exc: BaseException) -> str:
+    import httpx
+
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot reach the server ({exc}); is it running, and is --url right?"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    return str(exc) or type(exc).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    from prompt_store.format import PromptSetError
+    return (OSError, httpx.HTTPError, PromptSetError, ValueError)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+DEMO_PROMPT_SETS = Path(__file__).resolve().parent / "demo_prompt_sets"
+
+
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "promptserve"
@@ -26,7 +29,9 @@ class Settings(BaseSettings):
 
     # Prompt-set store.
     store_dir: Path = Path("var/prompt-store")
-    seed_dir: Path | None = None  # prompt-set files imported at start-up when their task is absent
+    # prompt-set files imported at start-up when their task is absent: the demo tasks (chat, ner, spam),
+    # shipped inside the package; empty turns seeding off
+    seed_dir: str = str(DEMO_PROMPT_SETS)
     admin_token: str = ""
     admin_token_file: Path | None = None  # e.g. a Docker secret; wins over admin_token when set
     max_upload_bytes: int = 64 * 1024 * 1024  # an admin upload's body

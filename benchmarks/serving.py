@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from app.settings import DEMO_PROMPT_SETS
 from benchmarks.server_process import free_port, spawn, stop, wait_ready
 from training.data import read_jsonl
 from training.presets import DATASETS, ROOT
@@ -153,7 +154,7 @@ def bench_prompt_sets(spec_fingerprint: str) -> dict[str, bytes]:
 
     out = {}
     for name in ("chat", "ner", "spam"):
-        ps = psf.load(ROOT / "demo/prompt_sets" / f"{name}.safetensors")
+        ps = psf.load(DEMO_PROMPT_SETS / f"{name}.safetensors")
         tensors = {k: v for k, v in ps.tensors.items() if not k.startswith("head.")}
         meta = psf.PromptSetMeta(kind=ps.kind, num_virtual_tokens=ps.meta.num_virtual_tokens, task_type="generate",
                                  base_model=spec_fingerprint, description=f"benchmark copy of {name}")
@@ -426,7 +427,7 @@ def main(args) -> int:
     report["hf_batch"] = hf_batched(model, tok, base_prompts, args.output_len, top)
     report["hf_batch1"] = hf_batched(model, tok, base_prompts[:args.baseline_requests], args.output_len, 1)
     from prompt_store import format as psf
-    emb = psf.load(ROOT / "demo/prompt_sets/chat.safetensors").tensors["embeddings"]
+    emb = psf.load(DEMO_PROMPT_SETS / "chat.safetensors").tensors["embeddings"]
     report["hf_inputs_embeds"] = hf_inputs_embeds_per_request(model, tok, emb, base_prompts[:args.baseline_requests],
                                                               args.output_len)
     top_stats = next(s for s in closed if s["concurrency"] == top)

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = Path(os.environ.get("PROMPTSERVE_DATASETS", ROOT.parent / "shared" / "datasets"))
+# The demo data (train and dev splits; provenance and licences in demo/datasets/README.md) lives in the
+# project, so a fresh clone can retrain the demo tasks; PROMPTSERVE_DATASETS points elsewhere.
+DATASETS = Path(os.environ.get("PROMPTSERVE_DATASETS", ROOT / "demo" / "datasets"))
 
 WNUT_TYPES = ["person", "geo-loc", "company", "facility", "product", "musicartist", "movie", "sportsteam",
               "tvshow", "other"]

@@ -10,6 +10,7 @@ import torch
 
 from app.model.loader import choose_device, choose_dtype, load_checkpoint
 from app.model.spec import model_spec
+from app.settings import DEMO_PROMPT_SETS
 from prompt_store import format as psf
 from prompt_store.format import PromptSetMeta
 from training.data import build_examples, read_jsonl
@@ -95,7 +96,7 @@ def main(args) -> int:
                      labels=args.labels.split(",") if args.labels else None, virtual_tokens=args.virtual_tokens,
                      reparam=args.reparam, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                      max_steps=args.max_steps)
-    out = Path(args.out or f"demo/prompt_sets/{name}.safetensors")
+    out = Path(args.out or DEMO_PROMPT_SETS / f"{name}.safetensors")
     result = run_training(checkpoint, name, out, kind, rows, cfg, device, dtype, base_name, description)
     print(json.dumps(result["stats"], indent=2))
     return 0

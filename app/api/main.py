@@ -22,7 +22,7 @@ from prompt_store import PromptStore
 log = logging.getLogger("promptserve")
 
 
-def seed_store(store: PromptStore, service: TaskService, seed_dir: Path | None) -> None:
+def seed_store(store: PromptStore, service: TaskService, seed_dir: str | Path | None) -> None:
     """Import shipped prompt sets (demo tasks) whose task is not in the store yet; never overwrite."""
     if not seed_dir or not Path(seed_dir).is_dir():
         return

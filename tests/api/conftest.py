@@ -8,7 +8,7 @@ ADMIN = {"Authorization": "Bearer s3cret"}
 
 
 def make_settings(tmp_path, **kw) -> Settings:
-    return Settings(**{"store_dir": tmp_path / "store", "admin_token": "s3cret", "max_num_seqs": 4,
+    return Settings(**{"store_dir": tmp_path / "store", "seed_dir": "", "admin_token": "s3cret", "max_num_seqs": 4,
                        "max_model_len": 256, "warmup": True, **kw})
 
 

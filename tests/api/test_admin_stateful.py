@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from app.api.main import create_app
 from prompt_store import PromptStore
@@ -186,10 +186,12 @@ class AdminMachine(RuleBasedStateMachine):
         # numbers skipped by the kill are not reused either: record what the store issued
         self.issued[task] |= set(self._listing(task)[1])
 
-    @precondition(lambda self: bool(self.model))
-    @rule(data=st.data())
-    def delete_task_killed(self, data):
-        task = data.draw(st.sampled_from(sorted(self.model)))
+    # no precondition on the model and no draws from it: two_at_once makes the model depend on thread
+    # timing, and Hypothesis needs the same draws when it replays a case
+    @rule(task=st.sampled_from(TASKS))
+    def delete_task_killed(self, task):
+        if task not in self.model:
+            return
         store = self.client.app.state.store
 
         def crash(at):

@@ -1,5 +1,7 @@
 """`promptserve serve` as a real process on the embedded SmolLM2: ready, then answers a chat request."""
 
+import os
+
 import httpx
 import pytest
 
@@ -14,9 +16,11 @@ pytestmark = pytest.mark.real_model
 @pytest.fixture
 def server(tmp_path):
     port = free_port()
+    # no PROMPTSERVE_SEED_DIR: the demo tasks come from the package's own data, as for a pip-installed server
     env = {"PROMPTSERVE_STORE_DIR": str(tmp_path / "store"), "PROMPTSERVE_ADMIN_TOKEN": "tok",
-           "PROMPTSERVE_SEED_DIR": str(ROOT / "demo/prompt_sets"), "PROMPTSERVE_MAX_NUM_SEQS": "8"}
-    proc = spawn(env, port, quiet=False)
+           "PROMPTSERVE_MAX_NUM_SEQS": "8"}
+    proc = spawn({**env}, port, quiet=False)
+    assert "PROMPTSERVE_SEED_DIR" not in os.environ
     base = f"http://127.0.0.1:{port}"
     wait_ready(base, proc)
     yield base
