@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
@@ -74,8 +75,11 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         finally:
             running.stop()
 
-    app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan,
-                  description="Many P-Tuning v2 tasks served from one frozen Llama-family model.")
+    # /docs and /redoc with their assets served by the app itself (fastapi-offline ships them), so the docs
+    # work where there is no internet; no Google fonts, no validator badge fetched from swagger.io
+    app = FastAPIOffline(title="promptserve", version="0.1.0", lifespan=lifespan,
+                         description="Many P-Tuning v2 tasks served from one frozen Llama-family model.",
+                         swagger_ui_parameters={"validatorUrl": None})
     app.state.settings = settings
     app.state.draining = False
     app.state.inflight = 0

@@ -187,3 +187,15 @@ def test_bodies_that_are_not_json_or_wrong_types_are_422(client, path):
         assert client.post(path, content=b"[1,2]", headers={"content-type": "application/json"}).status_code == 422
     else:
         assert client.put(path, headers=ADMIN).status_code == 400
+
+
+def test_docs_pages_load_nothing_from_another_host(client):
+    import re
+
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        page = client.get(path)
+        assert page.status_code == 200, path
+        external = re.findall(r"""(?:src|href|url)\s*[=(:]\s*["']?(?:https?:)?//[^"'\s>)]+""", page.text)
+        assert not external, (path, external)
+        for asset in re.findall(r"""(?:src|href)=["'](/[^"']+)["']""", page.text):
+            assert client.get(asset).status_code == 200, asset
