@@ -56,6 +56,13 @@ def resolve_checkpoint(model: str, cache_dir: Path) -> tuple[Path, str]:
     )
 
 
+def _make_readable(root: Path) -> None:
+    """Directories r-x and files r-- for everyone (write stays the owner's)."""
+    root.chmod(root.stat().st_mode | 0o755)
+    for path in root.rglob("*"):
+        path.chmod(path.stat().st_mode | (0o755 if path.is_dir() else 0o644))
+
+
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     """Convert a GGUF file to a safetensors checkpoint once; later calls return the cached copy."""
     stat = gguf.stat()
@@ -82,6 +89,9 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(gguf.resolve()))
+        # mkdtemp makes the directory 0700: a shared cache (an image built by root and run by an
+        # unprivileged user) must be readable by others, as any directory made with the default umask is
+        _make_readable(tmp)
         if target.exists():  # a concurrent conversion won the race; keep its result
             shutil.rmtree(tmp)
         else:
