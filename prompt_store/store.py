@@ -261,6 +261,8 @@ class PromptStore:
         with self._locked(task) as d:
             d.mkdir(parents=True, exist_ok=True)
             if not (d / "ACTIVE").is_file():  # a new task, or one whose delete (or first upload) was cut
+                if not activate:
+                    raise TaskNotFound(f"no task named {task!r}: its first version must be activated")
                 self._remove_contents(d)
             key_path = self._key_path(d, idempotency_key) if idempotency_key else None
             if key_path is not None:

@@ -50,7 +50,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int | SamplingError]:
     """logits [B, V]; one token per row, or the SamplingError of a row that could not be sampled."""
     greedy = torch.argmax(logits, dim=-1).tolist()
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    # NaN and inf propagate through a sum: one reduction instead of a [B, V] mask
+    finite = torch.isfinite(logits.float().sum(dim=-1)).tolist()
     out: list[int | SamplingError] = []
     for i, (g, p) in enumerate(zip(greedy, params)):
         if not finite[i]:
