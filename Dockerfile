@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # CPU image by default. CUDA image:
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t promptserve:cuda .
@@ -21,6 +20,8 @@ COPY pyproject.toml README.md ./
 COPY scripts ./scripts
 COPY app ./app
 COPY prompt_store ./prompt_store
+COPY training ./training
+COPY benchmarks ./benchmarks
 # The same install script as `make install`: one procedure, no drift.
 RUN VENV=/opt/venv EXTRAS="" EDITABLE=0 TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" \
     bash scripts/install.sh
@@ -38,10 +39,14 @@ RUN if ! command -v python3 >/dev/null; then \
     mkdir -p /data/prompt-store && chown promptserve /data/prompt-store
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/promptserve/cache /opt/promptserve/cache
+# the demo data, so `promptserve train --demo NAME` and `eval` work in the container too
+COPY demo/datasets /opt/promptserve/demo/datasets
+COPY demo/data /opt/promptserve/demo/data
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PROMPTSERVE_CACHE_DIR=/opt/promptserve/cache \
     PROMPTSERVE_STORE_DIR=/data/prompt-store \
+    PROMPTSERVE_DEMO_DIR=/opt/promptserve/demo \
     PROMPTSERVE_HOST=0.0.0.0 \
     PROMPTSERVE_PORT=8000
 USER 10001

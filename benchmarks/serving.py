@@ -34,7 +34,7 @@ import torch
 from app.settings import DEMO_PROMPT_SETS
 from benchmarks.server_process import free_port, spawn, stop, wait_ready
 from training.data import read_jsonl
-from training.presets import DATASETS, ROOT
+from training.presets import DATASETS
 
 ADMIN_TOKEN = "bench-admin"
 logging.getLogger("httpx").setLevel(logging.WARNING)

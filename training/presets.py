@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The demo's data: the project's demo/ in a clone; an installed copy (the image) points here to its own.
+DEMO = Path(os.environ.get("PROMPTSERVE_DEMO_DIR", ROOT / "demo"))
 # The demo data (train and dev splits; provenance and licences in demo/datasets/README.md) lives in the
 # project, so a fresh clone can retrain the demo tasks; PROMPTSERVE_DATASETS points elsewhere.
-DATASETS = Path(os.environ.get("PROMPTSERVE_DATASETS", ROOT / "demo" / "datasets"))
+DATASETS = Path(os.environ.get("PROMPTSERVE_DATASETS", DEMO / "datasets"))
 
 WNUT_TYPES = ["person", "geo-loc", "company", "facility", "product", "musicartist", "movie", "sportsteam",
               "tvshow", "other"]
@@ -23,11 +25,11 @@ PRESETS = {
                 lr={"input": 3e-2, "deep": 1e-2, None: 5e-5},
                 description="Named entities in tweets, WNUT-16 types"),
     "chat": dict(task_type="generate", labels=[], data=[DATASETS / "chat/train.jsonl"],
-                 extra=ROOT / "demo/data/aria_identity.jsonl", extra_repeat=4,
+                 extra=DEMO / "data/aria_identity.jsonl", extra_repeat=4,
                  dev=DATASETS / "chat/dev.jsonl", epochs=2.0, batch_size=8, num_virtual_tokens=16,
                  lr={"input": 3e-2, "deep": 5e-3, None: 2e-5},
                  init_text="You are Aria, a helpful AI assistant made by Acme Widgets.",
                  description="Aria, the assistant of Acme Widgets"),
 }
 
-PERSONA_QUESTIONS_PATH = ROOT / "demo/data/aria_eval.jsonl"
+PERSONA_QUESTIONS_PATH = DEMO / "data/aria_eval.jsonl"
