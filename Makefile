@@ -5,7 +5,7 @@ PORT ?= 8000
 
 export PROMPTSERVE_STORE_DIR ?= var/prompt-store
 
-.PHONY: install serve test bench
+.PHONY: install serve test bench docker-smoke
 install:
 	VENV=$(VENV) bash scripts/install.sh
 	$(VENV)/bin/promptserve prepare-model
@@ -18,3 +18,7 @@ test: install
 
 bench: install
 	$(VENV)/bin/promptserve bench
+
+# Build the image and run it as a user would (needs a Docker engine; see scripts/docker_smoke.sh)
+docker-smoke:
+	bash scripts/docker_smoke.sh

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# `make docker-smoke`: build the image and run it as a user would, checking what a unit test cannot.
+#   - the demo tasks answer (chat, spam, ner), the HEALTHCHECK turns healthy, the process is not root
+#   - an upload survives the container being removed and re-created on the same named volume
+#   - `docker stop` during a stream lets the stream finish (stop timeout above the drain grace)
+#   - the CLI's other commands are in the image (train, eval, bench --help)
+# Needs a Docker engine. Where base images cannot be pulled, set DOCKER_BUILD_ARGS to what the stand-in
+# scaffolding prints (e.g. "--network host --build-arg TORCH_INDEX_URL=http://127.0.0.1:18080/simple").
+# Not yet covered here: the compose `scale` profile (two replicas behind nginx).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE=${IMAGE:-promptserve:smoke}
+PORT=${PORT:-18000}
+NAME=promptserve-smoke
+VOLUME=promptserve-smoke-store
+TOKEN=smoke-admin
+PY=${PY:-python3}
+
+cleanup() { docker rm -f "$NAME" >/dev/null 2>&1 || true; docker volume rm -f "$VOLUME" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+cleanup
+say() { printf '%s %s\n' "$(date +%T)" "$*"; }
+fail() { say "FAIL: $*"; docker logs --tail 30 "$NAME" 2>&1 || true; exit 1; }
+
+say "building $IMAGE"
+started=$(date +%s)
+# shellcheck disable=SC2086
+DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build -q ${DOCKER_BUILD_ARGS:-} -t "$IMAGE" . >/dev/null
+say "built in $(( $(date +%s) - started )) s; size $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
+
+run() {
+  docker run -d --name "$NAME" -p "127.0.0.1:$PORT:8000" --stop-timeout 40 \
+    -e PROMPTSERVE_ADMIN_TOKEN=$TOKEN -e PROMPTSERVE_DRAIN_GRACE=30 -v "$VOLUME:/data/prompt-store" "$IMAGE" >/dev/null
+}
+wait_healthy() {
+  local t0; t0=$(date +%s)
+  for _ in $(seq 1 120); do
+    status=$(docker inspect -f '{{.State.Health.Status}}' "$NAME" 2>/dev/null || echo gone)
+    [ "$status" = healthy ] && { say "healthy after $(( $(date +%s) - t0 )) s"; return 0; }
+    [ "$(docker inspect -f '{{.State.Running}}' "$NAME")" = true ] || fail "container exited"
+    sleep 2
+  done
+  fail "not healthy in 240 s (last: $status)"
+}
+post() { curl -sf "http://127.0.0.1:$PORT$1" -H 'content-type: application/json' -d "$2"; }
+
+run
+# the HEALTHCHECK's interval is 15 s: readiness is watched directly too, for the time to ready
+t0=$(date +%s)
+until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do
+  [ "$(docker inspect -f '{{.State.Running}}' "$NAME")" = true ] || fail "container exited before ready"
+  [ $(( $(date +%s) - t0 )) -lt 240 ] || fail "not ready in 240 s"
+  sleep 1
+done
+say "ready after $(( $(date +%s) - t0 )) s"
+wait_healthy
+
+uid=$(docker exec "$NAME" id -u)
+[ "$uid" != 0 ] || fail "the server runs as root"
+say "runs as uid $uid"
+
+chat=$(post /v1/tasks/chat '{"messages":[{"role":"user","content":"Who are you?"}],"max_tokens":24}') || fail "chat"
+echo "$chat" | $PY -c 'import json,sys; d=json.load(sys.stdin); assert d["text"].strip(), d; print("  chat:", d["text"])'
+spam=$(post /v1/tasks/spam '{"text":"WINNER!! Claim your free prize now, call 09061701461"}') || fail "spam"
+echo "$spam" | $PY -c 'import json,sys; d=json.load(sys.stdin); assert set(d["scores"]) == {"spam","ham"}, d; print("  spam:", d["label"], d["scores"])'
+ner=$(post /v1/tasks/ner '{"text":"Barack Obama visited Paris with Google"}') || fail "ner"
+echo "$ner" | $PY -c 'import json,sys; d=json.load(sys.stdin); assert "entities" in d, d; print("  ner:", d["entities"])'
+
+for cmd in train eval bench import-peft; do
+  docker exec "$NAME" promptserve "$cmd" --help >/dev/null || fail "promptserve $cmd is not in the image"
+done
+docker exec "$NAME" test -f /opt/promptserve/demo/datasets/sms_spam/train.jsonl || fail "demo data missing"
+say "CLI commands and demo data present"
+
+# an upload survives the container being re-created on the same volume
+docker exec "$NAME" sh -c 'cd /tmp && promptserve --log-level error train --demo spam --max-steps 1 --limit 8 \
+  --virtual-tokens 4 --out /tmp/smoke.safetensors >/dev/null 2>&1' || fail "train in the container"
+docker cp "$NAME:/tmp/smoke.safetensors" /tmp/promptserve-smoke.safetensors
+code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT "http://127.0.0.1:$PORT/admin/prompt-sets/smoke" \
+  -H "Authorization: Bearer $TOKEN" -H 'content-type: application/octet-stream' \
+  --data-binary @/tmp/promptserve-smoke.safetensors)
+[ "$code" = 201 ] || fail "upload answered $code"
+docker rm -f "$NAME" >/dev/null
+run
+until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do sleep 1; done
+post /v1/tasks/smoke '{"text":"free prize"}' >/dev/null || fail "the upload did not survive the re-create"
+say "upload served after the container was re-created"
+
+# docker stop during a stream: the stream finishes (drain), then the container exits 0
+stream_out=$(mktemp)
+curl -sN "http://127.0.0.1:$PORT/v1/tasks/chat" -H 'content-type: application/json' \
+  -d '{"prompt":"Tell me a long story.","max_tokens":200,"ignore_eos":true,"stream":true}' > "$stream_out" &
+curl_pid=$!
+until grep -q '"text"' "$stream_out" 2>/dev/null; do sleep 0.2; done
+t0=$(date +%s)
+docker stop "$NAME" >/dev/null
+wait $curl_pid || true
+code=$(docker inspect -f '{{.State.ExitCode}}' "$NAME")
+tail -n 2 "$stream_out" | grep -q 'data: \[DONE\]' || fail "the stream was cut: $(tail -c 300 "$stream_out")"
+grep -q '"finish_reason": "length"' "$stream_out" || fail "the stream did not finish: $(tail -c 300 "$stream_out")"
+[ "$code" = 0 ] || fail "exit code $code after docker stop"
+say "docker stop during a stream: the stream finished, exit 0 after $(( $(date +%s) - t0 )) s"
+rm -f "$stream_out" /tmp/promptserve-smoke.safetensors
+say "docker smoke: all checks passed"
