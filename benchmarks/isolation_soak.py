@@ -113,6 +113,18 @@ def generate(client: httpx.Client, base: str, task: str, prompt: str, max_tokens
         return (500 if error else 200), version, "".join(text), error
 
 
+def setup_upload(client: httpx.Client, url: str, data: bytes) -> dict:
+    """An upload before the load starts; a busy server (503) is retried, anything else is fatal."""
+    for _ in range(10):
+        r = client.put(url, content=data, headers=ADMIN)
+        if r.status_code != 503:
+            break
+        time.sleep(2)
+    if r.status_code not in (200, 201):
+        raise SystemExit(f"setup upload to {url} answered {r.status_code}: {r.text[:300]}")
+    return r.json()
+
+
 def client_loop(soak: Soak, seed: int, done: threading.Event) -> None:
     rng = random.Random(seed)
     with httpx.Client() as client:
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         solo = {}
         with httpx.Client(timeout=120) as client:
             for i, data in enumerate(datas):
-                sha = client.put(f"{servers[0]}/admin/prompt-sets/ref{i}", content=data, headers=ADMIN).json()["sha256"]
+                sha = setup_upload(client, f"{servers[0]}/admin/prompt-sets/ref{i}", data)["sha256"]
                 for prompt in PROMPTS:
                     status, _, text, error = generate(client, servers[0], f"ref{i}", prompt, args.max_tokens)
                     assert status == 200, error
@@ -238,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             setup = []
             for task in TASKS:  # before the load: these are the versions the first requests may be served
                 start = time.monotonic()
-                r = client.put(f"{servers[0]}/admin/prompt-sets/{task}", content=datas[0], headers=ADMIN)
-                setup.append(AdminEvent(task, "upload", start, time.monotonic(), r.status_code, r.json()["version"],
-                                        r.json()["sha256"]))
+                body = setup_upload(client, f"{servers[0]}/admin/prompt-sets/{task}", datas[0])
+                setup.append(AdminEvent(task, "upload", start, time.monotonic(), 201, body["version"], body["sha256"]))
         soak = Soak(servers, datas, solo, args.max_tokens, events=setup)
         started = time.monotonic()
         admins = [threading.Thread(target=admin_loop, args=(soak, args.seed * 100 + k, args.admin_ops // 4))

@@ -64,15 +64,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return
-        if self._in_headers:  # counted as they arrive: the parser reports a header only once it ends
-            self._header_bytes += len(data)
-            if self._header_bytes > self.max_header_bytes + 65536:  # the parser's share is checked below
-                self._refuse_headers()
-                return
         try:
             super().data_received(data)
         except _LimitExceeded:
-            pass
+            return
+        # Counted after the parser has seen the chunk: only while the headers are still unfinished (a
+        # chunk that also carries the body, or a large body, is not header bytes). This catches a header
+        # that never ends, which the parser reports only once it does; the reading transport's chunks
+        # (at most 256 KiB) bound what is buffered before the check.
+        if self._in_headers and not self._rejected:
+            self._header_bytes += len(data)
+            if self._header_bytes > self.max_header_bytes:
+                self._refuse_headers()
 
     def send_400_response(self, msg: str) -> None:
         if self._rejected:  # our own refusal already went out; the parser error it caused says nothing new
@@ -81,6 +84,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_headers, self._header_bytes = True, 0
         self._parsed_header_bytes = 0
         self._arm(self.header_timeout, "408 Request Timeout", "request headers not received in time")
 
@@ -116,7 +120,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
-        self._in_headers, self._header_bytes = True, 0  # the next request on this connection starts
+        self._in_headers = False  # until the next request on this connection begins
         super().on_message_complete()
 
 

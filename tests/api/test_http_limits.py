@@ -53,6 +53,16 @@ def test_a_huge_header_is_refused_with_431(server):
     assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["status"] == 431
 
 
+def test_large_bodies_are_not_mistaken_for_headers(server):
+    """A body that arrives with its headers (or a large one on a keep-alive connection) is no header."""
+    base, _, model = server
+    with httpx.Client() as client:
+        for _ in range(2):  # the second on the same connection
+            messages = [{"role": "user", "content": "hi " * 30_000}] * 3  # a 270 KB body
+            r = client.post(f"{base}/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 1})
+            assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text[:300]
+
+
 def test_slow_headers_and_stalled_bodies_are_closed(server):
     _, port, _ = server
     slow = []
