@@ -6,7 +6,9 @@
 #   - the CLI's other commands are in the image (train, eval, bench --help)
 # Needs a Docker engine. Where base images cannot be pulled, set DOCKER_BUILD_ARGS to what the stand-in
 # scaffolding prints (e.g. "--network host --build-arg TORCH_INDEX_URL=http://127.0.0.1:18080/simple").
-# Not yet covered here: the compose `scale` profile (two replicas behind nginx).
+#   - compose's `scale` profile: exactly two replicas and the balancer; an upload through the balancer is
+#     served by both replicas; the balancer keeps a client's X-Request-ID (`docker compose` or
+#     `docker-compose` needed; the nginx base image too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +19,12 @@ VOLUME=promptserve-smoke-store
 TOKEN=smoke-admin
 PY=${PY:-python3}
 
-cleanup() { docker rm -f "$NAME" >/dev/null 2>&1 || true; docker volume rm -f "$VOLUME" >/dev/null 2>&1 || true; }
+if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
+PROJECT=promptserve-smoke
+cleanup() {
+  docker rm -f "$NAME" >/dev/null 2>&1 || true; docker volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+  PROMPTSERVE_ADMIN_TOKEN=$TOKEN "${COMPOSE[@]}" -p "$PROJECT" --profile scale down -v >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 cleanup
 say() { printf '%s %s\n' "$(date +%T)" "$*"; }
@@ -101,5 +108,34 @@ tail -n 2 "$stream_out" | grep -q 'data: \[DONE\]' || fail "the stream was cut: 
 grep -q '"finish_reason": "length"' "$stream_out" || fail "the stream did not finish: $(tail -c 300 "$stream_out")"
 [ "$code" = 0 ] || fail "exit code $code after docker stop"
 say "docker stop during a stream: the stream finished, exit 0 after $(( $(date +%s) - t0 )) s"
+
+# compose's scale profile: two replicas behind the balancer, one store
+docker tag "$IMAGE" promptserve:latest
+export PROMPTSERVE_ADMIN_TOKEN=$TOKEN
+"${COMPOSE[@]}" -p "$PROJECT" --profile scale up -d --no-build >/dev/null 2>&1 || fail "compose up"
+servers=$(docker ps --filter "label=com.docker.compose.project=$PROJECT" \
+  --format '{{.Label "com.docker.compose.service"}}' | sort | tr '\n' ' ')
+[ "$servers" = "balancer promptserve replica-b " ] || fail "the scale profile runs: $servers"
+t0=$(date +%s)
+until curl -sf http://127.0.0.1:8080/ready >/dev/null; do
+  [ $(( $(date +%s) - t0 )) -lt 300 ] || fail "the balancer did not become ready"
+  sleep 2
+done
+code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT http://127.0.0.1:8080/admin/prompt-sets/scaled \
+  -H "Authorization: Bearer $TOKEN" -H 'content-type: application/octet-stream' \
+  --data-binary @/tmp/promptserve-smoke.safetensors)
+[ "$code" = 201 ] || fail "upload through the balancer answered $code"
+for service in promptserve replica-b; do
+  container=$("${COMPOSE[@]}" -p "$PROJECT" ps -q "$service")
+  docker exec "$container" python3 -c "
+import json, urllib.request
+req = urllib.request.Request('http://127.0.0.1:8000/v1/tasks/scaled', data=json.dumps({'text': 'free prize'}).encode(),
+                             headers={'content-type': 'application/json'})
+assert json.load(urllib.request.urlopen(req))['prompt_set']['name'] == 'scaled'" || fail "$service does not serve the upload"
+done
+rid=$(curl -s -D - -o /dev/null -H 'X-Request-ID: smoke-42' http://127.0.0.1:8080/health | tr -d '\r' \
+  | awk 'tolower($1) == "x-request-id:" {print $2}')
+[ "$rid" = smoke-42 ] || fail "the balancer replaced the client's request id with '$rid'"
+say "scale profile: 2 replicas + balancer; an upload through it is served by both; request id kept"
 rm -f "$stream_out" /tmp/promptserve-smoke.safetensors
 say "docker smoke: all checks passed"

@@ -43,8 +43,11 @@ def test_compose_file_validates_against_the_compose_spec():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     jsonschema.validate(compose, _compose_schema())
     services = compose["services"]
-    assert {"promptserve", "balancer", "replica-a", "replica-b"} <= set(services)
-    assert services["replica-a"]["volumes"] == services["replica-b"]["volumes"] == ["prompt-store:/data/prompt-store"]
+    # the scale profile: exactly two servers (the default one and replica-b) and the balancer
+    assert set(services) == {"promptserve", "promptserve-gpu", "replica-b", "balancer"}
+    assert "profiles" not in services["promptserve"]
+    assert services["replica-b"]["profiles"] == services["balancer"]["profiles"] == ["scale"]
+    assert services["promptserve"]["volumes"] == services["replica-b"]["volumes"] == ["prompt-store:/data/prompt-store"]
     assert services["promptserve-gpu"]["profiles"] == ["gpu"]
 
 
