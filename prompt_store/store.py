@@ -91,6 +91,10 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _version_file(d: Path, version: int) -> Path:
+    return d / f"v{version:06d}.safetensors"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -169,7 +173,7 @@ class PromptStore:
         return self.tasks_dir / validate_task_name(task)
 
     def _version_path(self, task: str, version: int) -> Path:
-        return self._task_dir(task) / f"v{validate_version(task, version):06d}.safetensors"
+        return _version_file(self._task_dir(task), validate_version(task, version))
 
     def active_version(self, task: str) -> int:
         try:
@@ -241,13 +245,14 @@ class PromptStore:
 
     def _find_sha(self, task: str, sha: str) -> int | None:
         """The newest stored version of the task with these bytes."""
-        for v in reversed(self._stored_versions(self._task_dir(task))):
-            try:
-                if self.info(task, v, active=False).sha256 == sha:
-                    return v
-            except VersionNotFound:
-                continue
-        return None
+        return next((v for v in reversed(self._stored_versions(self._task_dir(task)))
+                     if self._has_sha(task, v, sha)), None)
+
+    def _has_sha(self, task: str, version: int, sha: str) -> bool:
+        try:
+            return self.info(task, version, active=False).sha256 == sha
+        except VersionNotFound:  # deleted meanwhile
+            return False
 
     # -- writing (each under the task's lock) ----------------------------------------------------
     def put(self, task: str, data: bytes, activate: bool = True, idempotency_key: str | None = None
@@ -267,14 +272,15 @@ class PromptStore:
             key_path = self._key_path(d, idempotency_key) if idempotency_key else None
             if key_path is not None:
                 key_path.parent.mkdir(exist_ok=True)
-            if key_path is not None and key_path.is_file():
+            key_known = key_path is not None and key_path.is_file()
+            if key_known:
                 recorded_sha, _ = key_path.read_text().split()
                 if recorded_sha != sha:
                     raise IdempotencyConflict(
                         f"idempotency key {idempotency_key!r} was used for other bytes (sha256 {recorded_sha})")
-            reuse = self._find_sha(task, sha) if key_path is not None and key_path.is_file() else None
+            reuse = self._find_sha(task, sha) if key_known else None
             stored = self._stored_versions(d)
-            if reuse is None and stored and self._info_or_none(task, stored[-1], sha):
+            if reuse is None and stored and self._has_sha(task, stored[-1], sha):
                 reuse = stored[-1]  # the same bytes uploaded again in a row
             if reuse is not None:
                 if activate:
@@ -339,19 +345,14 @@ class PromptStore:
 
     def _remove_contents(self, d: Path) -> None:
         """A task's versions and keys, keeping LAST (under the task's lock)."""
-        self._write_last(d, max([self._last(d), *self._stored_versions(d)]))
-        for v in self._stored_versions(d):
-            (d / f"v{v:06d}.safetensors").unlink(missing_ok=True)
+        versions = self._stored_versions(d)
+        self._write_last(d, self._highest_issued(d, versions))
+        for v in versions:
+            _version_file(d, v).unlink(missing_ok=True)
         shutil.rmtree(d / "keys", ignore_errors=True)
         _fsync_dir(d)
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _info_or_none(self, task: str, version: int, sha: str) -> bool:
-        try:
-            return self.info(task, version, active=False).sha256 == sha
-        except VersionNotFound:
-            return False
-
     @staticmethod
     def _key_path(d: Path, key: str) -> Path:
         return d / "keys" / sha256_of(key.encode("utf-8", "surrogatepass"))[:32]
@@ -363,13 +364,17 @@ class PromptStore:
         except (FileNotFoundError, ValueError):
             return 0
 
+    def _highest_issued(self, d: Path, stored: list[int]) -> int:
+        """LAST, or a stored version above it (a store written before LAST existed)."""
+        return max([self._last(d), *stored])
+
     @staticmethod
     def _write_last(d: Path, version: int) -> None:
         _replace_atomically(d / "LAST", f"{version}\n".encode())
 
     def _claim_version(self, d: Path) -> int:
         """The next number, persisted before it is used: a crash after this skips a number, never reuses one."""
-        version = max([self._last(d), *self._stored_versions(d)]) + 1
+        version = self._highest_issued(d, self._stored_versions(d)) + 1
         if version > MAX_VERSION:
             raise StoreError(f"task {d.name!r} has used up its version numbers")
         self._write_last(d, version)
