@@ -48,6 +48,10 @@ class EngineConfig:
     pack_weights: bool = True  # CPU: oneDNN-packed linear weights (faster, one more copy of the weights)
 
 
+def _failure_message(exc: Exception) -> str:
+    return f"the engine could not run this request: {type(exc).__name__}: {exc}"
+
+
 def _settle(future: Future, fn: Callable[[], object]) -> None:
     try:
         future.set_result(fn())
@@ -289,7 +293,7 @@ class Engine:
     def _blame(self, seq: Sequence, exc: Exception) -> None:
         log.error("request %s fails alone: %s: %s", seq.request_id, type(exc).__name__, exc,
                   exc_info=(type(exc), exc, exc.__traceback__))
-        self._fail(seq, EngineError(f"the engine could not run this request: {type(exc).__name__}: {exc}"))
+        self._fail(seq, EngineError(_failure_message(exc)))
 
     def _fail(self, seq: Sequence, error: EngineError) -> None:
         seq.error_kind = error.kind
@@ -354,7 +358,7 @@ class Engine:
                 log.exception("detokenizing the end of %s failed", seq.request_id)
                 text, new = "", []
                 seq.finish_reason, seq.error_kind = "error", ErrorKind.INTERNAL
-                seq.error = f"the engine could not run this request: {type(exc).__name__}: {exc}"
+                seq.error = _failure_message(exc)
             if sub.detok.stopped:  # the last token completed a stop string
                 seq.finish_reason = "stop"
         self._put(sub, RequestOutput(seq.request_id, text, new, finished=True, finish_reason=seq.finish_reason,

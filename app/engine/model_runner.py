@@ -21,6 +21,15 @@ from prompt_store import format as psf
 log = logging.getLogger(__name__)
 
 
+def _sort_sampled(request_ids: list[str], tokens: list, sampled: dict, errors: dict) -> None:
+    """A token goes to `sampled`; a row that could not be sampled fails its request alone."""
+    for request_id, token in zip(request_ids, tokens):
+        if isinstance(token, SamplingError):
+            errors[request_id] = EngineError(str(token), ErrorKind.INVALID)
+        else:
+            sampled[request_id] = token
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, shape, device: torch.device, dtype: torch.dtype,
                  max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30,
@@ -50,11 +59,7 @@ class ModelRunner:
         """One token for each of these running sequences (all of them: one contiguous view of rows
         0..n-1; a subset, when the engine retries a failed step: rows gathered)."""
         sampled, errors = {}, {}
-        for seq, token in zip(seqs, self._decode(seqs)):
-            if isinstance(token, SamplingError):
-                errors[seq.request_id] = EngineError(str(token), ErrorKind.INVALID)
-            else:
-                sampled[seq.request_id] = token
+        _sort_sampled([s.request_id for s in seqs], self._decode(seqs), sampled, errors)
         return sampled, errors
 
     def release(self, request_id: str) -> None:
@@ -78,10 +83,6 @@ class ModelRunner:
                 continue
             try:
                 prefix = self.prefixes.get(req.prompt_set) if req.prompt_set is not None else None
-            except OSError as exc:
-                log.warning("prefill of %s failed: %s", req.request_id, exc)
-                errors[req.request_id] = EngineError(str(exc), ErrorKind.UNAVAILABLE)
-                continue
             except psf.PromptSetError as exc:  # deleted or changed since the request resolved it
                 log.warning("prefill of %s failed: %s", req.request_id, exc)
                 errors[req.request_id] = EngineError(str(exc), ErrorKind.UNAVAILABLE)
@@ -143,11 +144,7 @@ class ModelRunner:
             last = hidden[generate, [lens[k] - 1 for k in generate]]
             tokens = sample(self.forward.logits(last), [r.sampling for r in reqs],
                             [self._generators[r.request_id] for r in reqs])
-            for req, token in zip(reqs, tokens):
-                if isinstance(token, SamplingError):
-                    errors[req.request_id] = EngineError(str(token), ErrorKind.INVALID)
-                else:
-                    sampled[req.request_id] = token
+            _sort_sampled([r.request_id for r in reqs], tokens, sampled, errors)
 
     @staticmethod
     def _apply_head(req, prefix, hidden: torch.Tensor) -> dict:
