@@ -10,9 +10,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.services.errors import ServiceError
 
 
+def error_body(status: int, type_: str, message: str) -> dict:
+    return {"error": {"type": type_, "message": message, "status": status}}
+
+
 def error_response(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "message": message, "status": status}}, status_code=status,
-                        headers=headers)
+    return JSONResponse(error_body(status, type_, message), status_code=status, headers=headers)
 
 
 class ApiError(Exception):

@@ -9,12 +9,15 @@ httptools protocol is extended, not replaced: the parser callbacks it already ha
 from __future__ import annotations
 
 import asyncio
+import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.api.errors import error_body
+
 
 def _reply_and_close(transport: asyncio.Transport, status: str, message: str) -> None:
-    body = ('{"error": {"type": "http_error", "message": "%s", "status": %s}}' % (message, status[:3])).encode()
+    body = json.dumps(error_body(int(status[:3]), "http_error", message)).encode()
     transport.write(b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: application/json\r\n"
                     b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
     transport.close()
