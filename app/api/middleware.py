@@ -7,7 +7,10 @@ import logging
 import re
 import uuid
 
-from app.api.errors import error_response
+from starlette.requests import ClientDisconnect
+
+from app.api.body import read_body_capped
+from app.api.errors import ApiError, error_response
 from app.observability import request_id_var
 
 log = logging.getLogger(__name__)
@@ -72,29 +75,30 @@ class ServingMiddleware:
     async def _capped_body(self, headers: dict, receive, scope, send):
         """Read the request body up to the configured cap and hand the app a receive() that replays it;
         None when the request was answered here (413) or the client left."""
-        limit = self.state.settings.max_request_bytes
-        too_large = error_response(413, "too_large", f"request body exceeds the limit of {limit} bytes "
-                                   "(PROMPTSERVE_MAX_REQUEST_BYTES)", {"Connection": "close"})
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        if declared.isdigit() and int(declared) > limit:
-            await too_large(scope, receive, send)
+        async def chunks():
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                yield message.get("body", b"")
+                more = message.get("more_body", False)
+
+        try:
+            body = await read_body_capped(headers.get(b"content-length", b"").decode("latin-1"), chunks(),
+                                          self.state.settings.max_request_bytes)
+        except ClientDisconnect:
             return None
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                await too_large(scope, receive, send)
-                return None
+        except ApiError as exc:
+            await error_response(exc.status, exc.type, f"{exc.message} (PROMPTSERVE_MAX_REQUEST_BYTES)",
+                                 {"Connection": "close"})(scope, receive, send)
+            return None
         replayed = False
 
         async def replay():
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: disconnect notices, as the app expects
         return replay

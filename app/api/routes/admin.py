@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from app.api.body import read_body_capped
 from app.api.deps import AdminDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError
 from app.api.schemas import PromptSetVersionOut, TaskVersionsOut
@@ -19,19 +20,6 @@ def version_out(info: VersionInfo) -> PromptSetVersionOut:
                                task_type=info.meta.task_type, num_virtual_tokens=info.meta.num_virtual_tokens,
                                labels=list(info.meta.labels), size=info.size, sha256=info.sha256,
                                created=info.created, description=info.meta.description)
-
-
-async def read_body_capped(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "too_large", f"upload of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"upload exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @router.put("/prompt-sets/{name}", response_model=PromptSetVersionOut, status_code=201,
@@ -53,7 +41,8 @@ async def upload_prompt_set(name: str, request: Request, response: Response, tas
         raise ApiError(415, "unsupported_media_type",
                        f"send the .safetensors file as application/octet-stream, or a PEFT adapter as "
                        f"application/zip (got {media})")
-    data = await read_body_capped(request, settings.max_upload_bytes)
+    data = await read_body_capped(request.headers.get("content-length"), request.stream(),
+                                  settings.max_upload_bytes, "upload")
     if not data:
         raise ApiError(400, "invalid_request", "empty body: send the prompt-set file as the request body")
     if media in ZIP_TYPES:
