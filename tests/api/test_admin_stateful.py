@@ -101,8 +101,11 @@ class AdminMachine(RuleBasedStateMachine):
         return state, versions[pick % len(versions)] if versions and pick < 8 else pick + 1000
 
     def _forget(self, task):
-        """A deleted task's idempotency keys go with it."""
         self.model.pop(task, None)
+        self._forget_keys(task)
+
+    def _forget_keys(self, task):
+        """A deleted task's idempotency keys go with it."""
         self.keys = {k: v for k, v in self.keys.items() if not k.startswith((f"{task}-", f"crash-{task}-"))}
 
     def _restart_store(self):
@@ -234,7 +237,7 @@ class AdminMachine(RuleBasedStateMachine):
         # the model follows what the server says it did; the invariants check that it is consistent
         listing = self._listing(task)
         if "delete_task" in (first, second):  # keys may be gone whatever the order was
-            self.keys = {k: v for k, v in self.keys.items() if not k.startswith((f"{task}-", f"crash-{task}-"))}
+            self._forget_keys(task)
         if listing is None:
             self._forget(task)
             return
