@@ -16,7 +16,7 @@ RUN if ! command -v python3 >/dev/null; then \
       rm -rf /var/lib/apt/lists/*; \
     fi
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY scripts ./scripts
 COPY app ./app
 COPY prompt_store ./prompt_store
@@ -35,24 +35,32 @@ RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 && \
       rm -rf /var/lib/apt/lists/*; \
     fi && \
-    useradd --system --uid 10001 --create-home --home-dir /home/promptserve promptserve && \
-    mkdir -p /data/prompt-store && chown promptserve /data/prompt-store
+    groupadd --system --gid 10001 promptserve && \
+    useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/promptserve promptserve && \
+    mkdir -p /data/prompt-store && chown 10001:10001 /data/prompt-store
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/promptserve/cache /opt/promptserve/cache
 # the demo data, so `promptserve train --demo NAME` and `eval` work in the container too
 COPY demo/datasets /opt/promptserve/demo/datasets
 COPY demo/data /opt/promptserve/demo/data
+COPY deploy/docker-entrypoint.sh /usr/local/bin/promptserve-entrypoint
 ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/promptserve \
     PYTHONUNBUFFERED=1 \
     PROMPTSERVE_CACHE_DIR=/opt/promptserve/cache \
     PROMPTSERVE_STORE_DIR=/data/prompt-store \
     PROMPTSERVE_DEMO_DIR=/opt/promptserve/demo \
     PROMPTSERVE_HOST=0.0.0.0 \
-    PROMPTSERVE_PORT=8000
-USER 10001
+    PROMPTSERVE_PORT=8000 \
+    PROMPTSERVE_DRAIN_GRACE=8
+# SIGTERM starts the drain: in-flight requests get PROMPTSERVE_DRAIN_GRACE seconds, then exit 0. The grace
+# here fits `docker stop`'s default 10 s; raise both together (`--stop-timeout`, compose stop_grace_period).
+STOPSIGNAL SIGTERM
+# No USER line: the entrypoint starts as root only to make a secret file of any host mode readable and the
+# store writable, then drops to uid 10001 for good (setpriv, no new privileges) before the server starts.
 VOLUME ["/data/prompt-store"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python3", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4).status == 200 else 1)"]
-ENTRYPOINT ["promptserve"]
+ENTRYPOINT ["promptserve-entrypoint"]
 CMD ["serve"]

