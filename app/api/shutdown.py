@@ -50,6 +50,6 @@ class DrainingServer(uvicorn.Server):
             engine = getattr(self.state, "engine", None)
             if engine is not None:
                 engine.cancel_all("the server is shutting down: this request was cut at the end of its "
-                                  "drain period; retry it")
+                                  "drain period")
             self._wait_until(end)
         self.should_exit = True
