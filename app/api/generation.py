@@ -43,10 +43,10 @@ async def guarded(request: Request, work: Awaitable, timeout: float):
 
 
 async def run_completion(request: Request, tasks: TaskService, metrics: Metrics, task: ResolvedTask,
-                         ids: list[int], sampling: SamplingParams, timeout: float) -> Completion:
+                         ids: list[int], sampling: SamplingParams, timeout: float, constraint=None) -> Completion:
     start = time.monotonic()
     try:
-        result = await guarded(request, tasks.complete(task, ids, sampling), timeout)
+        result = await guarded(request, tasks.complete(task, ids, sampling, constraint=constraint), timeout)
     except (ApiError, ServiceError) as exc:
         metrics.observe(task.name, str(exc.status))
         raise
@@ -55,13 +55,47 @@ async def run_completion(request: Request, tasks: TaskService, metrics: Metrics,
     return result
 
 
-async def start_stream(tasks: TaskService, task: ResolvedTask, ids: list[int], sampling: SamplingParams):
+async def run_completions(request: Request, tasks: TaskService, metrics: Metrics, task: ResolvedTask,
+                          jobs: list[tuple[list[int], SamplingParams, object]], timeout: float) -> list[Completion]:
+    """Several generations of one request (n choices, a batch of prompts), run side by side in the engine's
+    batch; the first failure fails the request and cancels the rest."""
+    if len(jobs) == 1:
+        ids, sampling, constraint = jobs[0]
+        return [await run_completion(request, tasks, metrics, task, ids, sampling, timeout, constraint)]
+    runs = [asyncio.ensure_future(run_completion(request, tasks, metrics, task, ids, sampling, timeout, constraint))
+            for ids, sampling, constraint in jobs]
+    try:
+        return list(await asyncio.gather(*runs))
+    finally:
+        for run in runs:
+            run.cancel()
+
+
+async def start_stream(tasks: TaskService, task: ResolvedTask, ids: list[int], sampling: SamplingParams,
+                       constraint=None):
     """Submit a streamed generation and wait for its first output, so that a refusal (invalid request,
     full queue) becomes a proper HTTP status rather than an error inside a 200 stream."""
     start = time.monotonic()
-    outputs = tasks.stream(task, ids, sampling)
-    first = await outputs.__anext__()
+    outputs = tasks.stream(task, ids, sampling, constraint=constraint)
+    try:
+        first = await outputs.__anext__()
+    except BaseException:
+        await outputs.aclose()
+        raise
     return outputs, first, start
+
+
+async def start_streams(tasks: TaskService, task: ResolvedTask,
+                        jobs: list[tuple[list[int], SamplingParams, object]]) -> list:
+    started = []
+    try:
+        for ids, sampling, constraint in jobs:
+            started.append(await start_stream(tasks, task, ids, sampling, constraint))
+    except BaseException:
+        for outputs, _, _ in started:
+            await outputs.aclose()
+        raise
+    return started
 
 
 async def _chain(first, rest):
@@ -70,36 +104,63 @@ async def _chain(first, rest):
         yield out
 
 
-async def stream_outputs(started, metrics: Metrics, task: ResolvedTask, timeout: float,
-                         render: Callable[[RequestOutput], list[str]],
-                         render_error: Callable[[ServiceError | ApiError], str]) -> AsyncIterator[str]:
-    """Server-sent events of one generation. A client that disconnects closes this generator, which
-    aborts the engine request at its next step; the timeout ends the stream with an error event."""
-    outputs, first_out, start = started
-    first = None
-    final = None
+_END = object()
+
+
+async def _pump(index: int, started, into: asyncio.Queue) -> None:
+    outputs, first, _ = started
     try:
-        async with asyncio.timeout(timeout):
-            async for out in _chain(first_out, outputs):
-                if first is None and out.token_ids:
-                    first = time.monotonic() - start
-                final = out
-                for event in render(out):
-                    yield event
-    except TimeoutError:
-        metrics.observe(task.name, "504")
-        yield render_error(ApiError(504, "timeout", f"the request took longer than {timeout:g} s"))
-        return
-    except (ServiceError, ApiError) as exc:
-        metrics.observe(task.name, str(exc.status))
-        yield render_error(exc)
-        return
-    except Exception as exc:  # a bug: the stream still ends with the one error shape, and it is logged
-        log.exception("stream of %s failed", task.name)
-        metrics.observe(task.name, "500")
-        yield render_error(ApiError(500, "internal_error", f"internal server error: {type(exc).__name__}"))
+        async for out in _chain(first, outputs):
+            await into.put((index, out))
+    except BaseException as exc:  # the consumer reports it (cancellation included: it asked for that)
+        await into.put((index, exc))
         return
     finally:
         await outputs.aclose()
-    metrics.observe(task.name, "200", time.monotonic() - start, first, final.prompt_tokens if final else 0,
-                    final.completion_tokens if final else 0)
+    await into.put((index, _END))
+
+
+async def stream_outputs(started: list, metrics: Metrics, task: ResolvedTask, timeout: float,
+                         render: Callable[[int, RequestOutput], list[str]],
+                         render_error: Callable[[ServiceError | ApiError], str],
+                         epilogue: Callable[[], list[str]] = lambda: []) -> AsyncIterator[str]:
+    """Server-sent events of one request's generations (several with n > 1 or a batch of prompts),
+    interleaved as their tokens come. A client that disconnects closes this generator, which aborts the
+    engine requests at their next step; the timeout or any failure ends the stream with an error event."""
+    queue: asyncio.Queue = asyncio.Queue()
+    pumps = [asyncio.ensure_future(_pump(i, s, queue)) for i, s in enumerate(started)]
+    start = min(s[2] for s in started)
+    firsts: dict[int, float] = {}
+    open_ = len(started)
+    try:
+        async with asyncio.timeout(timeout):
+            while open_:
+                index, item = await queue.get()
+                if item is _END:
+                    open_ -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item.token_ids and index not in firsts:
+                    firsts[index] = time.monotonic() - start
+                if item.finished:
+                    metrics.observe(task.name, "200", time.monotonic() - start, firsts.get(index),
+                                    item.prompt_tokens, item.completion_tokens)
+                for event in render(index, item):
+                    yield event
+        for event in epilogue():
+            yield event
+    except TimeoutError:
+        metrics.observe(task.name, "504")
+        yield render_error(ApiError(504, "timeout", f"the request took longer than {timeout:g} s"))
+    except (ServiceError, ApiError) as exc:
+        metrics.observe(task.name, str(exc.status))
+        yield render_error(exc)
+    except Exception as exc:  # a bug: the stream still ends with the one error shape, and it is logged
+        log.error("stream of %s failed", task.name, exc_info=(type(exc), exc, exc.__traceback__))
+        metrics.observe(task.name, "500")
+        yield render_error(ApiError(500, "internal_error", f"internal server error: {type(exc).__name__}"))
+    finally:
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)

@@ -101,7 +101,7 @@ class ServingMiddleware:
         except ClientDisconnect:
             return None
         except ApiError as exc:
-            await error_response(exc.status, exc.type, f"{exc.message} (PROMPTSERVE_MAX_REQUEST_BYTES)",
+            await error_response(exc.status, exc.code, f"{exc.message} (PROMPTSERVE_MAX_REQUEST_BYTES)",
                                  {"Connection": "close"})(scope, receive, send)
             return None
         replayed = False

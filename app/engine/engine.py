@@ -122,20 +122,25 @@ class Engine:
         if prompt_len < 1:
             raise RequestTooLong("the prompt is empty")
         if total > self.max_model_len:
+            # OpenAI's wording: client libraries (LiteLLM's ContextWindowExceededError) recognise it
             raise RequestTooLong(
-                f"virtual tokens ({prefix}) + prompt ({prompt_len}) + max_tokens ({max_tokens}) = {total} "
-                f"exceeds the context of {self.max_model_len} tokens")
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({prefix} virtual tokens of the prompt set, {prompt_len} in the prompt, "
+                f"{max_tokens} for the completion): the request exceeds the context. Please reduce the length "
+                f"of the prompt or max_tokens.")
 
     def submit(self, prompt_token_ids: list[int], sampling: SamplingParams,
                prompt_set: PromptSetRef | None = None, request_id: str | None = None,
-               mode: str = "generate", tag_positions: list[int] | None = None) -> tuple[str, asyncio.Queue]:
+               mode: str = "generate", tag_positions: list[int] | None = None,
+               constraint=None) -> tuple[str, asyncio.Queue]:
         """Queue a request from an event loop; its outputs arrive on the returned asyncio queue."""
         self.check_length(len(prompt_token_ids), prompt_set, sampling.max_tokens if mode == "generate" else 0)
         vocab = self.runner.forward.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidEngineRequest(f"prompt token ids must be in 0..{vocab - 1}")
         request_id = request_id or uuid.uuid4().hex
-        req = GenerationRequest(request_id, list(prompt_token_ids), sampling, prompt_set, mode, tag_positions)
+        req = GenerationRequest(request_id, list(prompt_token_ids), sampling, prompt_set, mode, tag_positions,
+                                constraint)
         sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(),
                           Detokenizer(self.tokenizer, sampling.stop))
         self._subs[request_id] = sub
@@ -189,10 +194,11 @@ class Engine:
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams,
                        prompt_set: PromptSetRef | None = None, request_id: str | None = None,
-                       mode: str = "generate", tag_positions: list[int] | None = None
+                       mode: str = "generate", tag_positions: list[int] | None = None, constraint=None
                        ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early (disconnect, timeout) aborts it."""
-        request_id, queue = self.submit(prompt_token_ids, sampling, prompt_set, request_id, mode, tag_positions)
+        request_id, queue = self.submit(prompt_token_ids, sampling, prompt_set, request_id, mode, tag_positions,
+                                        constraint)
         finished = False
         try:
             while not finished:
@@ -265,7 +271,7 @@ class Engine:
                 self._fail(seq, errors[seq.request_id])
             elif seq.request_id in results:
                 seq.result = results[seq.request_id]
-                self.scheduler.finish(seq, "stop")
+                self.scheduler.finish(seq, seq.result.get("finish_reason", "stop"))
                 self._emit_final(seq)
         self._advance(seqs, sampled)
 
@@ -336,27 +342,29 @@ class Engine:
             return
         token = seq.output_ids[-1]
         text = sub.detok.step([token])
+        logprobs = [seq.last_logprob] if seq.last_logprob is not None else None
         if sub.detok.stopped:  # a stop string completed: the sequence ends here
             self.scheduler.finish(seq, "stop")
             self.runner.release(seq.request_id)
-            self._put(sub, RequestOutput(seq.request_id, text, [token]))
+            self._put(sub, RequestOutput(seq.request_id, text, [token], logprobs=logprobs))
             self._emit_final(seq, already_detokenized=True)
             return
         self._put(sub, RequestOutput(seq.request_id, text, [token], prompt_tokens=len(seq.request.prompt_token_ids),
-                                     completion_tokens=len(seq.output_ids)))
+                                     completion_tokens=len(seq.output_ids), logprobs=logprobs))
 
     def _emit_final(self, seq: Sequence, already_detokenized: bool = False) -> None:
         sub = self._subs.pop(seq.request_id, None)
         if sub is None:
             return
-        text, new = "", []
+        text, new, logprobs = "", [], None
         if not already_detokenized and seq.finish_reason in ("stop", "length") and seq.output_ids:
             new = [seq.output_ids[-1]]
+            logprobs = [seq.last_logprob] if seq.last_logprob is not None else None
             try:
                 text = sub.detok.step(new, final=True)
             except Exception as exc:  # the subscriber is already taken off: answer it with the error
                 log.exception("detokenizing the end of %s failed", seq.request_id)
-                text, new = "", []
+                text, new, logprobs = "", [], None
                 seq.finish_reason, seq.error_kind = "error", ErrorKind.INTERNAL
                 seq.error = _failure_message(exc)
             if sub.detok.stopped:  # the last token completed a stop string
@@ -364,7 +372,9 @@ class Engine:
         self._put(sub, RequestOutput(seq.request_id, text, new, finished=True, finish_reason=seq.finish_reason,
                                      prompt_tokens=len(seq.request.prompt_token_ids),
                                      completion_tokens=len(seq.output_ids), error=seq.error,
-                                     error_kind=seq.error_kind, scores=(seq.result or {}).get("scores"), tags=(seq.result or {}).get("tags")))
+                                     error_kind=seq.error_kind, scores=(seq.result or {}).get("scores"),
+                                     tags=(seq.result or {}).get("tags"), logprobs=logprobs,
+                                     prompt_logprobs=seq.prompt_logprobs))
 
     @staticmethod
     def _put(sub: _Subscriber, out: RequestOutput) -> None:

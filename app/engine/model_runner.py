@@ -14,20 +14,22 @@ from app.engine.kv_cache import KVCache
 from app.engine.llama import LlamaForward
 from app.engine.packed_linear import packing_works
 from app.engine.prefix_cache import PrefixCache
-from app.engine.sampling import SamplingError, make_generator, sample
+from app.engine.sampling import RowState, SamplingError, make_generator, sample, token_logprobs
 from app.engine.types import EngineError, ErrorKind, Sequence
 from prompt_store import format as psf
 
 log = logging.getLogger(__name__)
 
 
-def _sort_sampled(request_ids: list[str], tokens: list, sampled: dict, errors: dict) -> None:
-    """A token goes to `sampled`; a row that could not be sampled fails its request alone."""
-    for request_id, token in zip(request_ids, tokens):
+def _sort_sampled(seqs: list[Sequence], tokens: list, sampled: dict, errors: dict) -> None:
+    """A token goes to `sampled` (its log-probabilities, when asked for, onto the sequence); a row that
+    could not be sampled fails its request alone."""
+    for seq, token in zip(seqs, tokens):
         if isinstance(token, SamplingError):
-            errors[request_id] = EngineError(str(token), ErrorKind.INVALID)
+            errors[seq.request_id] = EngineError(str(token), ErrorKind.INVALID)
         else:
-            sampled[request_id] = token
+            sampled[seq.request_id] = token.token
+            seq.last_logprob = token.logprob
 
 
 class ModelRunner:
@@ -59,12 +61,30 @@ class ModelRunner:
         """One token for each of these running sequences (all of them: one contiguous view of rows
         0..n-1; a subset, when the engine retries a failed step: rows gathered)."""
         sampled, errors = {}, {}
-        _sort_sampled([s.request_id for s in seqs], self._decode(seqs), sampled, errors)
+        _sort_sampled(seqs, self._decode(seqs), sampled, errors)
         return sampled, errors
 
     def release(self, request_id: str) -> None:
         self.cache.release(request_id)
         self._generators.pop(request_id, None)
+
+    def _rows(self, seqs: list[Sequence]) -> list[RowState]:
+        return [RowState(s.request.sampling, self._generators.get(s.request_id), s.request.prompt_token_ids,
+                         s.output_ids, s.request.constraint) for s in seqs]
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens this chunk's positions predict (the first prompt token
+        has none: nothing of the prompt comes before it)."""
+        req = seq.request
+        start, end = seq.prefill_range
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        targets = req.prompt_token_ids[start + 1:end + 1]  # position t predicts token t + 1
+        if not targets:
+            return
+        logprobs = torch.log_softmax(self.forward.logits(hidden[:len(targets)]).float(), dim=-1)
+        top = req.sampling.prompt_logprobs or 0
+        seq.prompt_logprobs.extend(token_logprobs(logprobs[k], t, top) for k, t in enumerate(targets))
 
     def _prefill(self, seqs: list[Sequence], sampled: dict, errors: dict, results: dict) -> None:
         """Each sequence's chunk of its prompt (usually all of it), in one forward pass: right-padded to
@@ -123,10 +143,15 @@ class ModelRunner:
         for k, (seq, row, prefix) in enumerate(ready):
             req = seq.request
             cache.set_length(row, int(starts[k]) + lens[k])
+            if req.sampling.prompt_logprobs is not None:
+                self._score_prompt(seq, hidden[k, :lens[k]])
             if not seq.chunk_is_last:
                 continue  # more chunks to come: nothing to sample yet
             if row == cache.staging_row:
                 cache.commit_staging()
+            if req.mode == "generate" and req.sampling.max_tokens == 0:  # scoring the prompt only
+                results[req.request_id] = {"finish_reason": "length"}
+                continue
             if req.mode == "generate":
                 generate.append(k)
                 continue
@@ -134,17 +159,15 @@ class ModelRunner:
                 results[req.request_id] = self._apply_head(req, prefix, hidden[k, :lens[k]])
             except Exception as exc:
                 errors[req.request_id] = EngineError(str(exc), ErrorKind.INVALID)
-        for seq, _, _ in ready:  # head requests are done after their forward pass
-            if seq.request.mode != "generate":
+        for seq, _, _ in ready:  # head requests (and prompt scoring) are done after their forward pass
+            if seq.request_id in results or seq.request.mode != "generate":
                 self.release(seq.request_id)
         if generate:
-            reqs = [ready[k][0].request for k in generate]
-            for req in reqs:
-                self._generators[req.request_id] = make_generator(req.sampling, self.device)
+            chosen = [ready[k][0] for k in generate]
+            for seq in chosen:
+                self._generators[seq.request_id] = make_generator(seq.request.sampling, self.device)
             last = hidden[generate, [lens[k] - 1 for k in generate]]
-            tokens = sample(self.forward.logits(last), [r.sampling for r in reqs],
-                            [self._generators[r.request_id] for r in reqs])
-            _sort_sampled([r.request_id for r in reqs], tokens, sampled, errors)
+            _sort_sampled(chosen, sample(self.forward.logits(last), self._rows(chosen)), sampled, errors)
 
     @staticmethod
     def _apply_head(req, prefix, hidden: torch.Tensor) -> dict:
@@ -187,8 +210,7 @@ class ModelRunner:
 
         hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attend)
         logits = self.forward.logits(hidden[:, -1])
-        tokens = sample(logits, [s.request.sampling for s in seqs],
-                        [self._generators.get(s.request_id) for s in seqs])
+        tokens = sample(logits, self._rows(seqs))
         # only now: a step that raised before here is retried over the same positions
         for r in sorted_rows:
             cache.lengths[r] += 1

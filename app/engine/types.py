@@ -11,19 +11,48 @@ from dataclasses import dataclass, field
 SAMPLING_EPS = 1e-5
 
 
+MAX_LOGPROBS = 20  # top alternatives per token a request may ask for (OpenAI's limit)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
+    max_tokens: int = 256  # 0: prefill only (with prompt_logprobs: score the prompt)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # penalties on tokens already generated (presence, frequency: OpenAI's; repetition: prompt and output,
+    # divides positive logits and multiplies negative ones, as transformers and vLLM do)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # log-probabilities of the model's own logits (before any of the transforms above): None = not asked;
+    # N = the chosen token's and the N most likely alternatives'
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+    @property
+    def transforms_logits(self) -> bool:
+        """Whether this request changes the logits before choosing (else the batch's plain path serves it)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_p > 0.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token and its log-probability under the model, with the most likely alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +82,8 @@ class GenerationRequest:
     # tag_positions. The last two are one forward pass and finish at once.
     mode: str = "generate"
     tag_positions: list[int] | None = None
+    # a grammar the output must follow (app/engine/constraints.py): one matcher per request, its own state
+    constraint: object | None = None
 
     @property
     def prefix_len(self) -> int:
@@ -93,6 +124,10 @@ class Sequence:
     # The slice [start, end) of the prompt this step prefills (None: all of it). A prompt longer than a
     # step's token budget is prefilled in chunks over several steps, each starting where the last ended.
     chunk: tuple[int, int] | None = None
+    # the log-probabilities asked for: of the token sampled last (sent with it), and of the prompt's tokens
+    # (filled chunk by chunk in prefill; the first prompt token has none)
+    last_logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def request_id(self) -> str:
@@ -142,3 +177,5 @@ class RequestOutput:
     error_kind: str | None = None  # invalid | unavailable | internal (see ErrorKind)
     scores: list[float] | None = None  # classify: probability per label
     tags: list[int] | None = None  # tag: tag index per position
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output, when asked for

@@ -2,42 +2,48 @@
 
 
 class ServiceError(Exception):
-    status = 400
-    type = "invalid_request"
+    """status: the HTTP status the API answers with; code: the specific reason, in the error body."""
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None, param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.param = param
+        if code is not None:
+            self.code = code
 
 
 class InvalidRequest(ServiceError):
-    status, type = 400, "invalid_request"
+    status, code = 400, "invalid_request"
 
 
 class NotFound(ServiceError):
-    status, type = 404, "not_found"
+    status, code = 404, "not_found"
 
 
 class Conflict(ServiceError):
-    status, type = 409, "conflict"
+    status, code = 409, "conflict"
 
 
 class InvalidPromptSet(ServiceError):
-    status, type = 422, "invalid_prompt_set"
+    status, code = 422, "invalid_prompt_set"
 
 
 class IdempotencyKeyReused(ServiceError):
-    status, type = 422, "idempotency_key_reused"
+    status, code = 422, "idempotency_key_reused"
 
 
 class Overloaded(ServiceError):
-    status, type = 503, "overloaded"
+    status, code = 503, "overloaded"
 
 
 class Unavailable(ServiceError):
-    status, type = 503, "unavailable"
+    status, code = 503, "unavailable"
 
 
 class GenerationFailed(ServiceError):
-    status, type = 500, "generation_failed"
+    status, code = 500, "generation_failed"

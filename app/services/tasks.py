@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import lru_cache
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, TypeVar
 
-from app.engine.engine import Engine, InvalidEngineRequest, QueueFull
+from app.engine.engine import Engine, InvalidEngineRequest, QueueFull, RequestTooLong
 from app.task_types.encoding import bio_tags, classify_ids, decode_entities, extract_encoding
-from app.engine.types import ErrorKind, PromptSetRef, RequestOutput, SamplingParams
+from app.engine.constraints import Constraint, ConstraintSpec, Grammars, InvalidConstraint
+from app.engine.types import ErrorKind, PromptSetRef, RequestOutput, SamplingParams, TokenLogprob
 from app.model.spec import ModelSpec
 from app.services.errors import (Conflict, GenerationFailed, IdempotencyKeyReused, InvalidPromptSet,
                                  InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable)
@@ -46,6 +48,8 @@ class Completion:
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
     first_token_s: float | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class TaskService:
@@ -56,6 +60,7 @@ class TaskService:
         self.store = store
         self.spec = spec
         self.tokenizer = tokenizer
+        self._grammars: Grammars | None = None
 
     # -- tasks -----------------------------------------------------------------------------------
     @property
@@ -68,7 +73,8 @@ class TaskService:
         try:
             info = self.store.resolve(task)
         except (TaskNotFound, VersionNotFound):
-            raise NotFound(f"no task named {task!r}") from None
+            raise NotFound(f"no task named {task!r}: the model {task!r} does not exist", param="model",
+                           code="model_not_found") from None
         except (StoreError, PromptSetError) as exc:
             raise NotFound(f"task {task!r} cannot be served: {exc}") from None
         return ResolvedTask(task, info.version, info.meta, self._ref(info))
@@ -114,6 +120,37 @@ class TaskService:
             raise InvalidRequest("the prompt is empty")
         return ids
 
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """A chat with tool definitions and tool calls in its history, in the model's own tool format when
+        its chat template has one, else in the format of app/services/tools.py."""
+        from app.services.tools import render_tool_chat  # tools only: plain chats take encode()
+
+        if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            return self.encode(None, messages)
+        try:
+            text = render_tool_chat(self.tokenizer, messages, tools or [])
+        except Exception as exc:
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}") from None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        return ids
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, for log-probabilities (a token that is part of a character decodes to U+FFFD)."""
+        return _decode_one(self.tokenizer, token_id)
+
+    def constraint(self, spec: ConstraintSpec, param: str) -> Constraint:
+        """A fresh matcher for a request's grammar (compiled grammars are cached). CPU work of the grammar
+        engine, not torch: callers run it off the event loop."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.engine.runner.forward.vocab_size,
+                                      self.engine.loaded.stop_token_ids)
+        try:
+            return self._grammars.constraint(spec)
+        except InvalidConstraint as exc:
+            raise InvalidRequest(str(exc), param=param, code="invalid_grammar") from None
+
     def max_tokens_for(self, task: ResolvedTask, ids: list[int], requested: int | None, default: int) -> int:
         """An explicit max_tokens is kept (and checked against the context later); without one, generate
         up to the default, shortened to what the context has left."""
@@ -125,15 +162,18 @@ class TaskService:
     # -- generation ------------------------------------------------------------------------------
     def stream(self, task: ResolvedTask, ids: list[int], sampling: SamplingParams,
                request_id: str | None = None, mode: str = "generate",
-               tag_positions: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+               tag_positions: list[int] | None = None, constraint: Constraint | None = None
+               ) -> AsyncIterator[RequestOutput]:
         """The engine refuses a request (too long, queue full) when its first output is awaited, so callers
         that must answer with a status (streaming) await that first output before responding."""
-        return self._stream(task, ids, sampling, request_id, mode, tag_positions)
+        return self._stream(task, ids, sampling, request_id, mode, tag_positions, constraint)
 
-    async def _stream(self, task, ids, sampling, request_id, mode, tag_positions):
+    async def _stream(self, task, ids, sampling, request_id, mode, tag_positions, constraint):
         try:
-            gen = self.engine.generate(ids, sampling, task.ref, request_id, mode, tag_positions)
+            gen = self.engine.generate(ids, sampling, task.ref, request_id, mode, tag_positions, constraint)
             first = await gen.__anext__()
+        except RequestTooLong as exc:
+            raise InvalidRequest(str(exc), code="context_length_exceeded") from None
         except InvalidEngineRequest as exc:
             raise InvalidRequest(str(exc)) from None
         except QueueFull as exc:
@@ -151,18 +191,21 @@ class TaskService:
             await gen.aclose()
 
     async def complete(self, task: ResolvedTask, ids: list[int], sampling: SamplingParams,
-                       request_id: str | None = None) -> Completion:
+                       request_id: str | None = None, constraint: Constraint | None = None) -> Completion:
         start = time.monotonic()
         parts, tokens, first = [], [], None
+        logprobs = [] if sampling.logprobs is not None else None
         final = None
-        async for out in self.stream(task, ids, sampling, request_id):
+        async for out in self.stream(task, ids, sampling, request_id, constraint=constraint):
             if first is None and out.token_ids:
                 first = time.monotonic() - start
             parts.append(out.text)
             tokens.extend(out.token_ids)
+            if logprobs is not None and out.logprobs:
+                logprobs.extend(out.logprobs)
             final = out
         return Completion("".join(parts), final.finish_reason, final.prompt_tokens, final.completion_tokens,
-                          tokens, first)
+                          tokens, first, logprobs, final.prompt_logprobs)
 
     # -- classify / extract: one forward pass each -------------------------------------------------
     async def _run_head(self, task: ResolvedTask, ids: list[int], mode: str, positions=None):
@@ -274,6 +317,11 @@ class TaskService:
                 f"{self.engine.max_model_len}-token context for the prompt and the answer; at most "
                 f"{self.engine.max_model_len - MIN_CONTEXT_ROOM} virtual tokens fit")
         return ps
+
+
+@lru_cache(maxsize=65536)
+def _decode_one(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
 
 
 def engine_failure(out: RequestOutput) -> ServiceError:

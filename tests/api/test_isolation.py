@@ -77,7 +77,7 @@ def test_idempotent_uploads_answer_200_with_the_stored_version(client, tiny):
     assert _put(client, "t", data).status_code == 200  # same bytes in a row, no key
     other = input_prompt_set(tiny.spec, 3, seed=6).to_bytes(tiny.spec)
     r = _put(client, "t", other, **{"Idempotency-Key": "abc"})
-    assert r.status_code == 422 and r.json()["error"]["type"] == "idempotency_key_reused"
+    assert r.status_code == 422 and r.json()["error"]["code"] == "idempotency_key_reused"
 
 
 def test_concurrent_uploads_leave_the_last_answered_version_active(client, tiny):
@@ -161,7 +161,7 @@ def test_hostile_prompt_set_files_are_refused_with_422_and_change_nothing(client
         media = "application/zip" if kind == "zip" else "application/octet-stream"
         r = _put(client, "t", data, **{"Content-Type": media})
         assert r.status_code == 422, (name, r.status_code, r.text[:300])
-        assert r.json()["error"]["type"] == "invalid_prompt_set", name
+        assert r.json()["error"]["code"] == "invalid_prompt_set", name
     assert client.get("/admin/prompt-sets/t", headers=ADMIN).status_code == 404
 
 
@@ -180,7 +180,7 @@ def test_an_unexpected_exception_is_the_one_json_500(tiny, tmp_path, monkeypatch
     with TestClient(create_app(make_settings(tmp_path), loaded=tiny), raise_server_exceptions=False) as c:
         monkeypatch.setattr(c.app.state.tasks, "list_tasks", boom)
         r = c.get("/v1/tasks")
-    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert r.headers["x-request-id"] in r.json()["error"]["message"]
 
 

@@ -49,8 +49,8 @@ def test_extract_answers_entities_with_offsets_into_the_text(tasks):
 
 
 def test_wrong_input_field_for_the_task_type(tasks, tiny):
-    assert tasks.post("/v1/tasks/spam", json={"prompt": "hello"}).status_code == 422
-    assert tasks.post(f"/v1/tasks/{tiny.spec.name}", json={"text": "hello"}).status_code == 422
+    assert tasks.post("/v1/tasks/spam", json={"prompt": "hello"}).status_code == 400
+    assert tasks.post(f"/v1/tasks/{tiny.spec.name}", json={"text": "hello"}).status_code == 400
 
 
 def test_head_shape_is_validated_on_upload(client, tiny):

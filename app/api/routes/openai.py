@@ -1,148 +1,339 @@
-"""OpenAI-compatible endpoints: `model` names a task; the base model's own id serves it bare."""
+"""OpenAI-compatible endpoints: `model` names a task; the base model's own id serves it bare.
 
+Generate tasks answer as models do. Classify and extract tasks answer too, so any OpenAI client reaches
+them: the label is the message content (`model: "spam"` -> "spam"), entities a JSON object
+({"entities": [...]}), with the scores or entities also in an extension field of the choice.
+"""
+
+from __future__ import annotations
+
+import json
 import time
 import uuid
-from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from pydantic import Field
 
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
-from app.api.errors import ApiError
-from app.api.generation import run_completion, start_stream, stream_outputs
-from app.api.schemas import MAX_MESSAGES, Name, SamplingFields, StrictModel, Text, Usage
+from app.api.errors import ApiError, body_of
+from app.api.generation import guarded, run_completions, start_streams, stream_outputs
+from app.api.openai_format import (chat_logprobs, completion_logprobs, output_entries, prompt_entries, usage)
+from app.api.openai_schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from app.api.sse import sse
+from app.services.tasks import ResolvedTask, TaskService
+from app.services.tools import calls_grammar, parse_tool_calls
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKeyDep])
 
 
-class StreamOptions(StrictModel):
-    include_usage: bool = False
+# -- models ----------------------------------------------------------------------------------------------
+
+def _card(model_id: str, created: int, task_type: str, **extra) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "promptserve",
+            "task_type": task_type, **extra}
 
 
-class OpenAIFields(SamplingFields):
-    model: Name
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="OpenAI's default is 1.0; 0 = greedy")
-    n: int = Field(1, ge=1, le=1, description="only n=1 is served")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: Name | None = None
-
-
-class CompletionRequest(OpenAIFields):
-    prompt: Text | list[Text] = Field(description="a string, or a list of exactly one string")
-    max_tokens: int | None = Field(16, ge=1, le=1_000_000)
-
-
-class ContentPart(StrictModel):
-    type: Literal["text"]
-    text: Text
-
-
-class ChatMessageIn(StrictModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)]
-
-    def plain(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
-
-
-class ChatCompletionRequest(OpenAIFields):
-    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
-
-
-async def _generate_task(tasks, name: str):
-    resolved = await run_in_threadpool(tasks.resolve, name)  # store reads (and a first hash) off the loop
-    if resolved.task_type != "generate":
-        raise ApiError(400, "invalid_request", f"model {name!r} is a {resolved.task_type} task; use "
-                                               f"POST /v1/tasks/{name} for it")
-    return resolved
-
-
-def _error_event(exc) -> str:
-    return sse({"error": {"type": exc.type, "message": exc.message, "code": exc.status}}) + sse("[DONE]")
+async def _cards(tasks: TaskService) -> list[dict]:
+    # the base model first, with the fingerprint prompt sets must be trained for; then every task (all
+    # three types answer on the OpenAI endpoints)
+    cards = [_card(tasks.base_model_id, int(time.time()), "generate", fingerprint=tasks.spec.fingerprint,
+                   max_model_len=tasks.engine.max_model_len)]
+    for info in await run_in_threadpool(tasks.list_tasks):
+        cards.append(_card(info.task, int(info.created), info.meta.task_type, root=tasks.base_model_id,
+                           active_version=info.version, max_model_len=tasks.engine.max_model_len))
+    return cards
 
 
 @router.get("/models")
 async def list_models(tasks: TasksDep):
-    created = int(time.time())
-    # the base model first, with the fingerprint prompt sets must be trained for
-    models = [{"id": tasks.base_model_id, "object": "model", "created": created, "owned_by": "promptserve",
-               "fingerprint": tasks.spec.fingerprint}]
-    models += [{"id": info.task, "object": "model", "created": int(info.created), "owned_by": "promptserve",
-                "task_type": info.meta.task_type} for info in await run_in_threadpool(tasks.list_tasks)]
-    return {"object": "list", "data": models}
+    return {"object": "list", "data": await _cards(tasks)}
 
 
-async def _serve(request, body, tasks, settings, metrics, ids, resolved, kind: str):
-    sampling = body.sampling(tasks.max_tokens_for(resolved, ids, body.max_tokens, settings.default_max_tokens))
-    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, tasks: TasksDep):
+    for card in await _cards(tasks):
+        if card["id"] == model_id:
+            return card
+    raise ApiError(404, "model_not_found", f"the model {model_id!r} does not exist", param="model")
+
+
+# -- shared ----------------------------------------------------------------------------------------------
+
+async def _resolve(tasks: TaskService, name: str) -> ResolvedTask:
+    return await run_in_threadpool(tasks.resolve, name)  # store reads (and a first hash) off the loop
+
+
+async def _constraints(tasks: TaskService, found, count: int) -> list:
+    """One matcher per generation (each has its own state); the grammar is compiled once (cached)."""
+    if found is None:
+        return [None] * count
+    field, spec = found
+    return [await run_in_threadpool(tasks.constraint, spec, field) for _ in range(count)]
+
+
+def _check_choices(count: int) -> None:
+    if count > MAX_CHOICES:
+        raise ApiError(400, "invalid_request", f"n x prompts = {count} generations; at most {MAX_CHOICES} per "
+                       "request", param="n")
+
+
+def _error_event(exc) -> str:
+    return sse(body_of(exc)) + sse("[DONE]")
+
+
+def _envelope(kind: str, rid: str, created: int, model: str) -> dict:
+    return {"id": rid, "object": kind, "created": created, "model": model}
+
+
+def _refuse_for_labelled(body, resolved: ResolvedTask, fields: list[str]) -> None:
+    """Classify and extract tasks give one answer per text: generation options do not apply to them."""
+    for name in fields:
+        value = getattr(body, name, None)
+        if value not in (None, False, 1, [], {}):
+            raise ApiError(400, "invalid_request", f"model {resolved.name!r} is a {resolved.task_type} task: "
+                           f"{name!r} does not apply to it", param=name)
+
+
+async def _label(request: Request, tasks: TaskService, settings, resolved: ResolvedTask, text: str) -> tuple[str, dict, int]:
+    """(content, extension fields, prompt tokens) of a classify or extract task's answer."""
+    run = tasks.classify if resolved.task_type == "classify" else tasks.extract
+    out = await guarded(request, run(resolved, text), settings.request_timeout)
+    if resolved.task_type == "classify":
+        return out["label"], {"scores": out["scores"]}, out["usage"]["prompt_tokens"]
+    return json.dumps({"entities": out["entities"]}, ensure_ascii=False), {"entities": out["entities"]}, \
+        out["usage"]["prompt_tokens"]
+
+
+LABELLED_REFUSED = ["logprobs", "top_logprobs", "echo", "tools", "response_format", "structured_outputs",
+                    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "n", "suffix"]
+
+
+async def _labelled(request, body, tasks, settings, metrics, resolved, texts: list[str], chat: bool):
+    _refuse_for_labelled(body, resolved, LABELLED_REFUSED)
+    start = time.monotonic()
+    answers = [await _label(request, tasks, settings, resolved, t) for t in texts]
+    metrics.observe(resolved.name, "200", time.monotonic() - start,
+                    prompt_tokens=sum(a[2] for a in answers))
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    obj = "chat.completion" if kind == "chat" else "text_completion"
+    total = usage(sum(a[2] for a in answers), 0)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        sent_role = False
+        kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(choice: dict, usage=None) -> str:
-            data = {"id": rid, "object": obj + ".chunk" if kind == "chat" else obj, "created": created,
-                    "model": body.model, "choices": [choice] if choice else []}
-            if include_usage:
-                data["usage"] = usage
-            return sse(data)
+        def events():
+            for i, (content, extension, _) in enumerate(answers):
+                if chat:
+                    yield sse({**_envelope(kind, rid, created, body.model), "choices": [
+                        {"index": i, "delta": {"role": "assistant", "content": content}, "finish_reason": None,
+                         "logprobs": None, **extension}]})
+                    yield sse({**_envelope(kind, rid, created, body.model), "choices": [
+                        {"index": i, "delta": {}, "finish_reason": "stop", "logprobs": None}]})
+                else:
+                    yield sse({**_envelope(kind, rid, created, body.model), "choices": [
+                        {"index": i, "text": content, "finish_reason": "stop", "logprobs": None, **extension}]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**_envelope(kind, rid, created, body.model), "choices": [], "usage": total})
+            yield sse("[DONE]")
+        return StreamingResponse(events(), media_type="text/event-stream")
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": c, "refusal": None}, "finish_reason": "stop",
+                    "logprobs": None, **ext} for i, (c, ext, _) in enumerate(answers)]
+        return {**_envelope("chat.completion", rid, created, body.model), "choices": choices, "usage": total}
+    choices = [{"index": i, "text": c, "finish_reason": "stop", "logprobs": None, **ext}
+               for i, (c, ext, _) in enumerate(answers)]
+    return {**_envelope("text_completion", rid, created, body.model), "choices": choices, "usage": total}
 
-        def render(out):
-            nonlocal sent_role
-            events = []
-            if kind == "chat" and not sent_role:
-                events.append(chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "finish_reason": None}))
-                sent_role = True
-            if out.text:
-                delta = {"delta": {"content": out.text}} if kind == "chat" else {"text": out.text}
-                events.append(chunk({"index": 0, **delta, "finish_reason": None, "logprobs": None}))
-            if out.finished:
-                end = {"delta": {}} if kind == "chat" else {"text": ""}
-                events.append(chunk({"index": 0, **end, "finish_reason": out.finish_reason, "logprobs": None}))
-                if include_usage:
-                    events.append(chunk({}, Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()))
-                events.append(sse("[DONE]"))
-            return events
 
-        started = await start_stream(tasks, resolved, ids, sampling)
-        return StreamingResponse(stream_outputs(started, metrics, resolved, settings.request_timeout, render,
-                                                _error_event), media_type="text/event-stream")
-    result = await run_completion(request, tasks, metrics, resolved, ids, sampling, settings.request_timeout)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}} if kind == "chat"
-              else {"index": 0, "text": result.text})
-    return {"id": rid, "object": obj, "created": created, "model": body.model,
-            "choices": [{**choice, "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": Usage.of(result.prompt_tokens, result.completion_tokens).model_dump()}
-
+# -- completions -----------------------------------------------------------------------------------------
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, tasks: TasksDep, settings: SettingsDep,
                       metrics: MetricsDep):
-    """OpenAI text completion; the task's prompt set is prepended to the raw prompt."""
-    resolved = await _generate_task(tasks, body.model)
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise ApiError(400, "invalid_request", "send one prompt per request (a list of exactly one string)")
-        prompt = prompt[0]
-    ids = await run_in_threadpool(tasks.encode, prompt)  # tokenizing a long text must not block the loop
-    return await _serve(request, body, tasks, settings, metrics, ids, resolved, "text")
+    """OpenAI text completion; the task's prompt set is prepended to the raw prompt. `prompt` may be a
+    batch (a list of strings or of token-id lists); `echo` with `logprobs` scores the prompt's tokens too
+    (with `max_tokens: 0`, only them)."""
+    body.refuse_unsupported()
+    resolved = await _resolve(tasks, body.model)
+    prompts = body.prompts()
+    n = body.n or 1
+    _check_choices(len(prompts) * n)
+    if resolved.task_type != "generate":
+        if not all(isinstance(p, str) for p in prompts):
+            raise ApiError(400, "invalid_request", f"model {body.model!r} is a {resolved.task_type} task: send "
+                           "the text as a string prompt", param="prompt")
+        return await _labelled(request, body, tasks, settings, metrics, resolved, prompts, chat=False)
+    echo, top = bool(body.echo), body.logprobs
+    if body.stream and echo and top is not None:
+        raise ApiError(400, "invalid_request", "echo with logprobs is not supported when streaming", param="echo")
+    prompt_top = top if echo and top is not None else body.prompt_logprobs
+    encoded = [p if isinstance(p, list) else await run_in_threadpool(tasks.encode, p) for p in prompts]
+    found = body.constraint_spec()
+    if found and body.ignore_eos:
+        raise ApiError(400, "invalid_request", "ignore_eos cannot go with an output format", param="ignore_eos")
+    jobs = []
+    for ids in encoded:
+        max_tokens = tasks.max_tokens_for(resolved, ids, body.max_tokens, settings.default_max_tokens)
+        constraints = await _constraints(tasks, found, n)
+        jobs += [(ids, body.sampling(max_tokens, top, prompt_top, choice=j), constraints[j]) for j in range(n)]
+    rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+    echoed = [await run_in_threadpool(tasks.tokenizer.decode, ids) if not isinstance(p, str) else p
+              for p, ids in zip(prompts, encoded)] if echo else None
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        sent_echo: set[int] = set()
+        totals = {"prompt": 0, "completion": 0}
+
+        def render(index: int, out):
+            events = []
+            text = out.text
+            if echo and index not in sent_echo:
+                sent_echo.add(index)
+                text = echoed[index // n] + text
+            if text or out.finished:
+                logprobs = None
+                if top is not None and out.logprobs:
+                    logprobs = completion_logprobs(output_entries(out.logprobs), tasks.token_text)
+                events.append(sse({**_envelope("text_completion", rid, created, body.model), "choices": [
+                    {"index": index, "text": text, "logprobs": logprobs,
+                     "finish_reason": out.finish_reason if out.finished else None}]}))
+            if out.finished:
+                totals["prompt"] += out.prompt_tokens
+                totals["completion"] += out.completion_tokens
+            return events
+
+        def epilogue():
+            tail = [sse({**_envelope("text_completion", rid, created, body.model), "choices": [],
+                         "usage": usage(totals["prompt"], totals["completion"])})] if include_usage else []
+            return tail + [sse("[DONE]")]
+
+        started = await start_streams(tasks, resolved, jobs)
+        return StreamingResponse(stream_outputs(started, metrics, resolved, settings.request_timeout, render,
+                                                _error_event, epilogue), media_type="text/event-stream")
+
+    results = await run_completions(request, tasks, metrics, resolved, jobs, settings.request_timeout)
+    choices = []
+    for index, (result, (ids, _, _)) in enumerate(zip(results, jobs)):
+        logprobs = None
+        if top is not None:
+            entries = (prompt_entries(ids, result.prompt_logprobs) if echo else []) + \
+                output_entries(result.logprobs or [])
+            logprobs = completion_logprobs(entries, tasks.token_text)
+        text = (echoed[index // n] if echo else "") + result.text
+        choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason})
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    return {**_envelope("text_completion", rid, created, body.model), "choices": choices,
+            "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results))}
+
+
+# -- chat ------------------------------------------------------------------------------------------------
+
+def _tool_grammar(body: ChatCompletionRequest, tools: list[dict]):
+    if not tools:
+        return []
+    parallel = body.parallel_tool_calls is not False
+    if body.tool_choice == "required":
+        return [("tool_choice", calls_grammar(tools, parallel=parallel))]
+    if isinstance(body.tool_choice, NamedToolChoice):
+        return [("tool_choice", calls_grammar(tools, only=body.tool_choice.function.name))]
+    return []
+
+
+def _chat_message(text: str, finish_reason: str, tools: list[dict], parallel: bool) -> tuple[dict, str]:
+    """(message, finish_reason) of an answer: tool calls parsed out when tools were offered."""
+    if tools:
+        content, calls = parse_tool_calls(text, tools)
+        if calls:
+            return ({"role": "assistant", "content": content, "refusal": None,
+                     "tool_calls": calls if parallel else calls[:1]},
+                    "tool_calls" if finish_reason == "stop" else finish_reason)
+    return {"role": "assistant", "content": text, "refusal": None}, finish_reason
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, tasks: TasksDep, settings: SettingsDep,
                            metrics: MetricsDep):
-    """OpenAI chat completion; the chat template is applied, the task's prompt set prepended."""
-    resolved = await _generate_task(tasks, body.model)
-    if body.max_completion_tokens and not body.max_tokens:
-        body.max_tokens = body.max_completion_tokens
-    ids = await run_in_threadpool(tasks.encode, None, [m.plain() for m in body.messages])
-    return await _serve(request, body, tasks, settings, metrics, ids, resolved, "chat")
+    """OpenAI chat completion; the chat template is applied, the task's prompt set prepended. Structured
+    outputs (`response_format`, vLLM's `structured_outputs` / `guided_*`), tools, logprobs and n > 1."""
+    body.refuse_unsupported()
+    resolved = await _resolve(tasks, body.model)
+    n = body.n or 1
+    _check_choices(n)
+    if resolved.task_type != "generate":
+        users = [m for m in body.messages if m.role == "user"]
+        if not users:
+            raise ApiError(400, "invalid_request", f"model {body.model!r} is a {resolved.task_type} task: send the "
+                           "text as a user message", param="messages")
+        return await _labelled(request, body, tasks, settings, metrics, resolved, [users[-1].plain()["content"]],
+                               chat=True)
+    tools = body.tool_dicts() if body.calls_tools else []
+    parallel = body.parallel_tool_calls is not False
+    ids = await run_in_threadpool(tasks.encode_chat, [m.plain() for m in body.messages], tools)
+    found = body.constraint_spec(_tool_grammar(body, tools))
+    if found and body.ignore_eos:
+        raise ApiError(400, "invalid_request", "ignore_eos cannot go with an output format", param="ignore_eos")
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = tasks.max_tokens_for(resolved, ids, body.max_completion_tokens or body.max_tokens,
+                                      settings.default_max_tokens)
+    constraints = await _constraints(tasks, found, n)
+    jobs = [(ids, body.sampling(max_tokens, top, choice=j), constraints[j]) for j in range(n)]
+    rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunk_kind = "chat.completion.chunk"
+        started_roles: set[int] = set()
+        held: dict[int, list[str]] = {}  # with tools offered, a choice's text is held to be parsed at its end
+        totals = {"prompt": 0, "completion": 0}
+
+        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
+            return sse({**_envelope(chunk_kind, rid, created, body.model), "choices": [
+                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
+
+        def render(index: int, out):
+            events = []
+            if index not in started_roles:
+                started_roles.add(index)
+                events.append(chunk(index, {"role": "assistant", "content": ""}))
+            logprobs = None
+            if top is not None and out.logprobs:
+                logprobs = {"content": chat_logprobs(out.logprobs, tasks.token_text), "refusal": None}
+            if tools:
+                held.setdefault(index, []).append(out.text)
+                if logprobs:
+                    events.append(chunk(index, {}, logprobs=logprobs))
+            elif out.text or logprobs:
+                events.append(chunk(index, {"content": out.text}, logprobs=logprobs))
+            if out.finished:
+                finish = out.finish_reason
+                if tools:
+                    message, finish = _chat_message("".join(held.pop(index, [])), finish, tools, parallel)
+                    delta = {"content": message["content"]} if message["content"] else {}
+                    if message.get("tool_calls"):
+                        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+                    if delta:
+                        events.append(chunk(index, delta))
+                events.append(chunk(index, {}, finish))
+                totals["prompt"] = out.prompt_tokens
+                totals["completion"] += out.completion_tokens
+            return events
+
+        def epilogue():
+            tail = [sse({**_envelope(chunk_kind, rid, created, body.model), "choices": [],
+                         "usage": usage(totals["prompt"], totals["completion"])})] if include_usage else []
+            return tail + [sse("[DONE]")]
+
+        started = await start_streams(tasks, resolved, jobs)
+        return StreamingResponse(stream_outputs(started, metrics, resolved, settings.request_timeout, render,
+                                                _error_event, epilogue), media_type="text/event-stream")
+
+    results = await run_completions(request, tasks, metrics, resolved, jobs, settings.request_timeout)
+    choices = []
+    for index, result in enumerate(results):
+        message, finish = _chat_message(result.text, result.finish_reason, tools, parallel)
+        logprobs = {"content": chat_logprobs(result.logprobs or [], tasks.token_text), "refusal": None} \
+            if top is not None else None
+        choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+    return {**_envelope("chat.completion", rid, created, body.model), "choices": choices,
+            "usage": usage(len(ids), sum(r.completion_tokens for r in results))}

@@ -5,7 +5,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
-from app.api.errors import ApiError
+from app.api.errors import ApiError, body_of
 from app.api.generation import guarded, run_completion, start_stream, stream_outputs
 from app.api.schemas import (ClassifyResponse, ExtractResponse, GenerateResponse, PromptSetRefOut, TaskList, TaskOut,
                              TaskRequest, Usage)
@@ -35,7 +35,8 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
     ref = PromptSetRefOut(name=resolved.name, version=resolved.version)
     if resolved.task_type != "generate":
         if body.text is None:
-            raise ApiError(422, "invalid_request", f"task {task!r} is a {resolved.task_type} task: send 'text'")
+            raise ApiError(400, "invalid_request", f"task {task!r} is a {resolved.task_type} task: send 'text'",
+                           param="text")
         start = time.monotonic()
         run = tasks.classify if resolved.task_type == "classify" else tasks.extract
         out = await guarded(request, run(resolved, body.text), settings.request_timeout)
@@ -44,12 +45,13 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
             return ClassifyResponse(label=out["label"], scores=out["scores"], prompt_set=ref)
         return ExtractResponse(entities=out["entities"], prompt_set=ref)
     if body.text is not None:
-        raise ApiError(422, "invalid_request", f"task {task!r} is a generate task: send 'prompt' or 'messages'")
+        raise ApiError(400, "invalid_request", f"task {task!r} is a generate task: send 'prompt' or 'messages'",
+                       param="text")
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
     ids = await run_in_threadpool(tasks.encode, body.prompt, messages)  # not on the event loop
     sampling = body.sampling(tasks.max_tokens_for(resolved, ids, body.max_tokens, settings.default_max_tokens))
     if body.stream:
-        def render(out):
+        def render(_, out):
             if not (out.text or out.finished):
                 return []
             event = {"text": out.text, "finish_reason": out.finish_reason if out.finished else None,
@@ -59,10 +61,10 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
             return [sse(event)] + ([sse("[DONE]")] if out.finished else [])
 
         def render_error(exc):
-            return sse({"error": {"type": exc.type, "message": exc.message, "status": exc.status}})
+            return sse(body_of(exc))
 
         started = await start_stream(tasks, resolved, ids, sampling)
-        events = stream_outputs(started, metrics, resolved, settings.request_timeout, render, render_error)
+        events = stream_outputs([started], metrics, resolved, settings.request_timeout, render, render_error)
         return StreamingResponse(events, media_type="text/event-stream")
     result = await run_completion(request, tasks, metrics, resolved, ids, sampling, settings.request_timeout)
     return GenerateResponse(

@@ -155,7 +155,7 @@ async function streamChat(task, text, signal) {
         const data = line.slice(5).trim();
         if (data === "[DONE]") return;
         const event = JSON.parse(data);
-        if (event.error) throw new Error(`${event.error.status || ""}: ${event.error.message}`);
+        if (event.error) throw new Error(`${event.error.code}: ${event.error.message}`);
         output.textContent += event.text || "";
         if (event.finish_reason) output.dataset.finishReason = event.finish_reason;
       }
