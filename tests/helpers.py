@@ -88,6 +88,16 @@ def random_deep_prompt_set(spec, p: int, seed: int = 0, scale: float = 1.0, **me
                            **meta)
 
 
+def head_prompt_set(spec, task_type: str, labels, rows: int, seed: int = 0) -> PromptSet:
+    """A random deep prompt set with a classify (rows = labels) or extract (rows = BIO tags) head."""
+    base = random_deep_prompt_set(spec, 5, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {**base.tensors, "head.weight": torch.randn(rows, spec.hidden_size, generator=g),
+               "head.bias": torch.randn(rows, generator=g)}
+    return PromptSet(PromptSetMeta(kind="deep", num_virtual_tokens=5, task_type=task_type, labels=tuple(labels),
+                                   base_model=spec.fingerprint), tensors)
+
+
 def save_ref(tmp_path, name: str, ps: PromptSet, spec, version: int = 1) -> PromptSetRef:
     path = tmp_path / f"{name}-v{version}.safetensors"
     ps.save(path, spec)

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import ServingMiddleware
-from app.api.routes import admin, health, metrics, openai, tasks, web
+from app.api.routes import admin, health, metrics, openai, tasks, tokenizer, web
 from app.engine.engine import Engine, EngineConfig
 from app.model.loader import LoadedModel, load_model
 from app.observability import Metrics
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     app.state.metrics = Metrics(lambda: app.state.engine)
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware, state=app.state)
-    for module in (health, metrics, tasks, openai, admin, web):
+    for module in (health, metrics, tasks, openai, tokenizer, admin, web):
         app.include_router(module.router)
     web.mount_static(app)
     return app

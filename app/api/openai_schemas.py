@@ -7,50 +7,23 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from app.api.errors import ApiError
-from app.api.schemas import MAX_MESSAGES, Name, StopString, StrictModel, Text
+from app.api.output_format import ResponseFormat, StructuredOutputs, output_format
+from app.api.schemas import MAX_MESSAGES, ClosedModel, Name, StopString, Text
 from app.engine.constraints import ConstraintSpec
 from app.engine.types import MAX_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 16  # n x prompts per request: each is a sequence of the running batch
 
 
-class OpenAIModel(StrictModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+OpenAIModel = ClosedModel
 
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: usage on every chunk
-
-
-class JsonSchemaFormat(OpenAIModel):
-    name: Name = "response"
-    description: Text | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(OpenAIModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self):
-        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
-            raise ValueError("type 'json_schema' needs json_schema.schema")
-        return self
-
-
-class StructuredOutputs(OpenAIModel):
-    """vLLM's `structured_outputs`: exactly one of these."""
-    json_: dict[str, Any] | str | None = Field(None, alias="json")
-    regex: Text | None = None
-    choice: list[Text] | None = Field(None, min_length=1, max_length=256)
-    grammar: Text | None = None
-    json_object: bool | None = None
 
 
 class SamplingExtras(OpenAIModel):
@@ -79,6 +52,11 @@ class SamplingExtras(OpenAIModel):
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = Field(None, min_length=1, max_length=256)
     guided_grammar: Text | None = None
+    return_tokens_as_token_ids: bool | None = False  # vLLM's: logprobs name tokens "token_id:<id>"
+
+    def token_text(self, text_of):
+        """How log-probabilities name a token: its text, or its id when asked (vLLM's option)."""
+        return (lambda t: f"token_id:{t}") if self.return_tokens_as_token_ids else text_of
 
     @field_validator("stop")
     @classmethod
@@ -108,30 +86,10 @@ class SamplingExtras(OpenAIModel):
 
     def constraint_spec(self, extra: list[tuple[str, ConstraintSpec]] = ()) -> tuple[str, ConstraintSpec] | None:
         """(field, spec) of the one grammar the request asks its output to follow, if any."""
-        found: list[tuple[str, ConstraintSpec]] = list(extra)
-        rf = self.response_format
-        if rf is not None and rf.type == "json_object":
-            found.append(("response_format", ConstraintSpec("json_object")))
-        elif rf is not None and rf.type == "json_schema":
-            found.append(("response_format", ConstraintSpec("json_schema", json.dumps(rf.json_schema.schema_))))
-        so = self.structured_outputs
-        if so is not None:
-            given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
-                                         ("grammar", so.grammar), ("json_object", so.json_object or None))
-                     if v is not None]
-            if len(given) != 1:
-                raise ApiError(400, "invalid_request", "structured_outputs needs exactly one of json, regex, "
-                               "choice, grammar, json_object", param="structured_outputs")
-            found.append(("structured_outputs", _spec(*given[0])))
-        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                           ("guided_grammar", "grammar")):
-            value = getattr(self, name)
-            if value is not None:
-                found.append((name, _spec(kind, value)))
-        if len(found) > 1:
-            raise ApiError(400, "invalid_request", "ask for one output format at a time, not "
-                           + " and ".join(f for f, _ in found), param=found[1][0])
-        return found[0] if found else None
+        guided = [(name, kind, getattr(self, name)) for name, kind in (
+            ("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"))]
+        return output_format(self.response_format, self.structured_outputs, guided, extra)
 
     def sampling(self, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None,
                  choice: int = 0) -> SamplingParams:
@@ -145,17 +103,6 @@ class SamplingExtras(OpenAIModel):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-
-
-def _spec(kind: str, value) -> ConstraintSpec:
-    if kind == "json":
-        schema = value if isinstance(value, str) else json.dumps(value)
-        return ConstraintSpec("json_schema", schema)
-    if kind == "json_object":
-        return ConstraintSpec("json_object")
-    if kind == "choice":
-        return ConstraintSpec("choice", choices=tuple(value))
-    return ConstraintSpec(kind, value)
 
 
 # -- completions -----------------------------------------------------------------------------------------

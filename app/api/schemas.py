@@ -34,6 +34,11 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
 
+class ClosedModel(StrictModel):
+    """A request body that refuses a field it does not define (400 naming it): never dropped silently."""
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid", populate_by_name=True)
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: Text
@@ -65,20 +70,26 @@ class SamplingFields(StrictModel):
 
 
 class TaskRequest(SamplingFields):
-    model_config = ConfigDict(allow_inf_nan=False, json_schema_extra={"examples": [
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid", json_schema_extra={"examples": [
         {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 64}]})
 
     prompt: Text | None = Field(None, description="generate tasks: raw text, no template applied")
     text: Text | None = Field(None, min_length=1, max_length=20_000,
                               description="classify and extract tasks: the text to label")
+    texts: list[Annotated[str, Field(min_length=1, max_length=20_000), AfterValidator(_valid_unicode)]] | None = \
+        Field(None, min_length=1, max_length=256, description="classify and extract tasks: several texts at once, "
+              "answered in order")
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES,
                                                description="Chat; the template is applied")
     stream: bool = Field(False, description="Stream tokens as server-sent events")
+    response_format: "ResponseFormat | None" = Field(None, description="generate tasks: json_object or json_schema")
+    structured_outputs: "StructuredOutputs | None" = Field(
+        None, description="generate tasks: exactly one of json (a schema), regex, choice, grammar")
 
     @model_validator(mode="after")
     def _one_input(self):
-        if sum(x is not None for x in (self.prompt, self.messages, self.text)) != 1:
-            raise ValueError("give exactly one of 'prompt', 'messages' (generate tasks) or 'text' "
+        if sum(x is not None for x in (self.prompt, self.messages, self.text, self.texts)) != 1:
+            raise ValueError("give exactly one of 'prompt', 'messages' (generate tasks), 'text' or 'texts' "
                              "(classify and extract tasks)")
         return self
 
@@ -156,3 +167,15 @@ class Entity(BaseModel):
 class ExtractResponse(BaseModel):
     entities: list[Entity]
     prompt_set: PromptSetRefOut
+
+
+class BatchResponse(BaseModel):
+    """The answers to `texts`, in their order."""
+    object: Literal["list"] = "list"
+    data: list[ClassifyResponse | ExtractResponse]
+    prompt_set: PromptSetRefOut
+
+
+from app.api.output_format import ResponseFormat, StructuredOutputs  # noqa: E402  (it imports this module)
+
+TaskRequest.model_rebuild()

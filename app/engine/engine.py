@@ -343,7 +343,12 @@ class Engine:
         token = seq.output_ids[-1]
         text = sub.detok.step([token])
         logprobs = [seq.last_logprob] if seq.last_logprob is not None else None
-        if sub.detok.stopped:  # a stop string completed: the sequence ends here
+        constraint = seq.request.constraint
+        grammar_done = constraint is not None and constraint.finished and not sub.detok.stopped
+        if grammar_done:  # nothing can follow: what was held back (a possible stop-string start) goes out
+            text += sub.detok.step([], final=True)
+        if sub.detok.stopped or grammar_done:
+            # a stop string completed, or the output's grammar is complete: the sequence ends here
             self.scheduler.finish(seq, "stop")
             self.runner.release(seq.request_id)
             self._put(sub, RequestOutput(seq.request_id, text, [token], logprobs=logprobs))

@@ -61,6 +61,7 @@ class TaskService:
         self.spec = spec
         self.tokenizer = tokenizer
         self._grammars: Grammars | None = None
+        self._tokenizer_files: dict[str, bytes] | None = None
 
     # -- tasks -----------------------------------------------------------------------------------
     @property
@@ -135,6 +136,38 @@ class TaskService:
         if not ids:
             raise InvalidRequest("the prompt is empty")
         return ids
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer as Hugging Face files (tokenizer.json, its config, the chat template), so a client
+        (a benchmark, an evaluation harness) can load the very tokenizer this server uses."""
+        if self._tokenizer_files is None:
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tokenizer.save_pretrained(tmp)
+                self._tokenizer_files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
+        return self._tokenizer_files
+
+    def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool = True,
+                 add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        if messages is not None:
+            if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+                return self.encode_chat(messages, tools)
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                          tokenize=False)
+            except Exception as exc:
+                raise InvalidRequest(f"the chat template rejected these messages: {exc}") from None
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
+
+    def detokenize(self, ids: list[int]) -> str:
+        vocab = self.engine.runner.forward.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token ids must be in 0..{vocab - 1} (got {bad[0]})", param="tokens")
+        return self.tokenizer.decode(ids)
 
     def token_text(self, token_id: int) -> str:
         """One token as text, for log-probabilities (a token that is part of a character decodes to U+FFFD)."""

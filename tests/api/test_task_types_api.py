@@ -1,27 +1,16 @@
 """classify and extract answers, validated against their response schemas."""
 
 import pytest
-import torch
 
 from app.api.schemas import ClassifyResponse, ExtractResponse
-from prompt_store.format import PromptSet, PromptSetMeta
 from tests.api.conftest import ADMIN
-from tests.helpers import random_deep_prompt_set
-
-
-def _with_head(spec, task_type, labels, rows, seed=0):
-    base = random_deep_prompt_set(spec, 5, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {**base.tensors, "head.weight": torch.randn(rows, spec.hidden_size, generator=g),
-               "head.bias": torch.randn(rows, generator=g)}
-    return PromptSet(PromptSetMeta(kind="deep", num_virtual_tokens=5, task_type=task_type, labels=tuple(labels),
-                                   base_model=spec.fingerprint), tensors)
+from tests.helpers import head_prompt_set
 
 
 @pytest.fixture
 def tasks(client, tiny):
-    for name, ps in [("spam", _with_head(tiny.spec, "classify", ["spam", "ham"], 2)),
-                     ("ner", _with_head(tiny.spec, "extract", ["person", "geo-loc"], 5, seed=1))]:
+    for name, ps in [("spam", head_prompt_set(tiny.spec, "classify", ["spam", "ham"], 2)),
+                     ("ner", head_prompt_set(tiny.spec, "extract", ["person", "geo-loc"], 5, seed=1))]:
         assert client.put(f"/admin/prompt-sets/{name}", content=ps.to_bytes(tiny.spec), headers=ADMIN).status_code == 201
     return client
 
@@ -54,6 +43,6 @@ def test_wrong_input_field_for_the_task_type(tasks, tiny):
 
 
 def test_head_shape_is_validated_on_upload(client, tiny):
-    bad = _with_head(tiny.spec, "classify", ["spam", "ham"], 3)
+    bad = head_prompt_set(tiny.spec, "classify", ["spam", "ham"], 3)
     r = client.put("/admin/prompt-sets/spam", content=bad.to_bytes(tiny.spec), headers=ADMIN)
     assert r.status_code == 422 and "head.weight" in r.json()["error"]["message"]

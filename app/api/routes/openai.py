@@ -89,8 +89,10 @@ def _envelope(kind: str, rid: str, created: int, model: str) -> dict:
 def _refuse_for_labelled(body, resolved: ResolvedTask, fields: list[str]) -> None:
     """Classify and extract tasks give one answer per text: generation options do not apply to them."""
     for name in fields:
-        value = getattr(body, name, None)
-        if value not in (None, False, 1, [], {}):
+        if name not in body.model_fields_set:
+            continue
+        value, default = getattr(body, name), type(body).model_fields[name].default
+        if value is not None and value != default:
             raise ApiError(400, "invalid_request", f"model {resolved.name!r} is a {resolved.task_type} task: "
                            f"{name!r} does not apply to it", param=name)
 
@@ -194,7 +196,7 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
             if text or out.finished:
                 logprobs = None
                 if top is not None and out.logprobs:
-                    logprobs = completion_logprobs(output_entries(out.logprobs), tasks.token_text)
+                    logprobs = completion_logprobs(output_entries(out.logprobs), body.token_text(tasks.token_text))
                 events.append(sse({**_envelope("text_completion", rid, created, body.model), "choices": [
                     {"index": index, "text": text, "logprobs": logprobs,
                      "finish_reason": out.finish_reason if out.finished else None}]}))
@@ -219,7 +221,7 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
         if top is not None:
             entries = (prompt_entries(ids, result.prompt_logprobs) if echo else []) + \
                 output_entries(result.logprobs or [])
-            logprobs = completion_logprobs(entries, tasks.token_text)
+            logprobs = completion_logprobs(entries, body.token_text(tasks.token_text))
         text = (echoed[index // n] if echo else "") + result.text
         choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason})
     prompt_tokens = sum(len(ids) for ids in encoded)
@@ -298,7 +300,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tasks:
                 events.append(chunk(index, {"role": "assistant", "content": ""}))
             logprobs = None
             if top is not None and out.logprobs:
-                logprobs = {"content": chat_logprobs(out.logprobs, tasks.token_text), "refusal": None}
+                logprobs = {"content": chat_logprobs(out.logprobs, body.token_text(tasks.token_text)), "refusal": None}
             if tools:
                 held.setdefault(index, []).append(out.text)
                 if logprobs:
@@ -332,7 +334,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tasks:
     choices = []
     for index, result in enumerate(results):
         message, finish = _chat_message(result.text, result.finish_reason, tools, parallel)
-        logprobs = {"content": chat_logprobs(result.logprobs or [], tasks.token_text), "refusal": None} \
+        logprobs = {"content": chat_logprobs(result.logprobs or [], body.token_text(tasks.token_text)), "refusal": None} \
             if top is not None else None
         choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
     return {**_envelope("chat.completion", rid, created, body.model), "choices": choices,

@@ -1,3 +1,4 @@
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -7,7 +8,8 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError, body_of
 from app.api.generation import guarded, run_completion, start_stream, stream_outputs
-from app.api.schemas import (ClassifyResponse, ExtractResponse, GenerateResponse, PromptSetRefOut, TaskList, TaskOut,
+from app.api.output_format import output_format
+from app.api.schemas import (BatchResponse, ClassifyResponse, ExtractResponse, GenerateResponse, PromptSetRefOut, TaskList, TaskOut,
                              TaskRequest, Usage)
 from app.api.sse import sse
 
@@ -26,30 +28,26 @@ async def list_tasks(tasks: TasksDep):
     return TaskList(data=data)
 
 
-@router.post("/tasks/{task}", response_model=GenerateResponse | ClassifyResponse | ExtractResponse)
+@router.post("/tasks/{task}", response_model=GenerateResponse | ClassifyResponse | ExtractResponse | BatchResponse)
 async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksDep, settings: SettingsDep,
                    metrics: MetricsDep):
     """Run a task with its active prompt set: generate text (`prompt` or `messages`, optionally streamed as
-    server-sent events), classify a `text`, or extract entities from a `text`."""
+    server-sent events, optionally following a `response_format` or `structured_outputs`), classify a
+    `text`, or extract entities from a `text` (`texts`: several, answered in order)."""
     resolved = await run_in_threadpool(tasks.resolve, task)  # store reads (and a first hash) off the loop
     ref = PromptSetRefOut(name=resolved.name, version=resolved.version)
     if resolved.task_type != "generate":
-        if body.text is None:
-            raise ApiError(400, "invalid_request", f"task {task!r} is a {resolved.task_type} task: send 'text'",
-                           param="text")
-        start = time.monotonic()
-        run = tasks.classify if resolved.task_type == "classify" else tasks.extract
-        out = await guarded(request, run(resolved, body.text), settings.request_timeout)
-        metrics.observe(task, "200", time.monotonic() - start, prompt_tokens=out["usage"]["prompt_tokens"])
-        if resolved.task_type == "classify":
-            return ClassifyResponse(label=out["label"], scores=out["scores"], prompt_set=ref)
-        return ExtractResponse(entities=out["entities"], prompt_set=ref)
-    if body.text is not None:
+        return await _label(task, body, request, tasks, settings, metrics, resolved, ref)
+    if body.text is not None or body.texts is not None:
         raise ApiError(400, "invalid_request", f"task {task!r} is a generate task: send 'prompt' or 'messages'",
                        param="text")
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
     ids = await run_in_threadpool(tasks.encode, body.prompt, messages)  # not on the event loop
     sampling = body.sampling(tasks.max_tokens_for(resolved, ids, body.max_tokens, settings.default_max_tokens))
+    found = output_format(body.response_format, body.structured_outputs)
+    if found and body.ignore_eos:
+        raise ApiError(400, "invalid_request", "ignore_eos cannot go with an output format", param="ignore_eos")
+    constraint = await run_in_threadpool(tasks.constraint, found[1], found[0]) if found else None
     if body.stream:
         def render(_, out):
             if not (out.text or out.finished):
@@ -63,10 +61,34 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
         def render_error(exc):
             return sse(body_of(exc))
 
-        started = await start_stream(tasks, resolved, ids, sampling)
+        started = await start_stream(tasks, resolved, ids, sampling, constraint)
         events = stream_outputs([started], metrics, resolved, settings.request_timeout, render, render_error)
         return StreamingResponse(events, media_type="text/event-stream")
-    result = await run_completion(request, tasks, metrics, resolved, ids, sampling, settings.request_timeout)
+    result = await run_completion(request, tasks, metrics, resolved, ids, sampling, settings.request_timeout,
+                                  constraint)
     return GenerateResponse(
         text=result.text, finish_reason=result.finish_reason, prompt_set=ref,
         usage=Usage.of(result.prompt_tokens, result.completion_tokens))
+
+
+async def _label(task, body, request, tasks, settings, metrics, resolved, ref):
+    """Classify or extract one `text`, or several `texts` (submitted together, so the engine runs them in
+    the same forward passes; answered in order)."""
+    texts = body.texts if body.texts is not None else [body.text] if body.text is not None else None
+    if texts is None:
+        raise ApiError(400, "invalid_request", f"task {task!r} is a {resolved.task_type} task: send 'text' or "
+                       "'texts'", param="text")
+    for name in ("response_format", "structured_outputs", "stream"):
+        if getattr(body, name):
+            raise ApiError(400, "invalid_request", f"task {task!r} is a {resolved.task_type} task: {name!r} does "
+                           "not apply to it", param=name)
+    start = time.monotonic()
+    run = tasks.classify if resolved.task_type == "classify" else tasks.extract
+    outs = await guarded(request, asyncio.gather(*(run(resolved, t) for t in texts)), settings.request_timeout)
+    metrics.observe(task, "200", time.monotonic() - start, prompt_tokens=sum(o["usage"]["prompt_tokens"] for o in outs))
+    answers = [ClassifyResponse(label=o["label"], scores=o["scores"], prompt_set=ref)
+               if resolved.task_type == "classify" else ExtractResponse(entities=o["entities"], prompt_set=ref)
+               for o in outs]
+    if body.texts is None:
+        return answers[0]
+    return BatchResponse(data=answers, prompt_set=ref)
