@@ -42,6 +42,19 @@ class StructuredOutputs(ClosedModel):
 
 
 
+def closed_objects(schema):
+    """OpenAI's strict mode: an object schema that does not say otherwise admits no other keys (in JSON
+    Schema an unspecified additionalProperties admits any, and a model would then invent some)."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def output_format(response_format: ResponseFormat | None, structured_outputs: StructuredOutputs | None,
                   guided: list[tuple[str, str, Any]] = (), extra: list[tuple[str, ConstraintSpec]] = ()
                   ) -> tuple[str, ConstraintSpec] | None:
@@ -52,7 +65,10 @@ def output_format(response_format: ResponseFormat | None, structured_outputs: St
     if rf is not None and rf.type == "json_object":
         found.append(("response_format", ConstraintSpec("json_object")))
     elif rf is not None and rf.type == "json_schema":
-        found.append(("response_format", ConstraintSpec("json_schema", json.dumps(rf.json_schema.schema_))))
+        schema = rf.json_schema.schema_
+        if rf.json_schema.strict:
+            schema = closed_objects(schema)
+        found.append(("response_format", ConstraintSpec("json_schema", json.dumps(schema))))
     so = structured_outputs
     if so is not None:
         given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),

@@ -261,3 +261,13 @@ def test_tokenize_detokenize_and_tokenizer_files(api, tiny, tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.encode("Hello world") == tiny.tokenizer.encode("Hello world")
     assert api.get("/v1/tokenizer/../../etc/passwd").status_code == 404
+
+
+def test_strict_json_schema_closes_objects_that_do_not_say(api, tiny):
+    """OpenAI's strict mode admits no keys beyond the properties; JSON Schema's default would admit any."""
+    open_schema = {"type": "object", "required": ["a"], "properties": {"a": {"type": "integer", "maximum": 9,
+                                                                               "minimum": 0}}}
+    r = chat(api, tiny.spec.name, n=6, temperature=1.0, seed=7, max_tokens=60,
+             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": open_schema, "strict": True}})
+    for choice in r.json()["choices"]:
+        assert choice["finish_reason"] == "stop" and set(json.loads(choice["message"]["content"])) == {"a"}

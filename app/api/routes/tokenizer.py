@@ -61,6 +61,16 @@ async def detokenize(body: DetokenizeRequest, tasks: TasksDep):
     return {"prompt": await run_in_threadpool(tasks.detokenize, body.tokens)}
 
 
+@router.get("/tokenizer_info")
+async def tokenizer_info(tasks: TasksDep):
+    """vLLM's tokenizer description: what a client with a remote tokenizer (lm-eval's) needs besides
+    /tokenize and /detokenize."""
+    tok = tasks.tokenizer
+    return {"tokenizer_class": type(tok).__name__, "model": tasks.base_model_id, "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token, "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+            "chat_template": tok.chat_template, "vocab_size": len(tok), "model_max_length": tasks.engine.max_model_len}
+
+
 @router.get("/v1/tokenizer")
 async def tokenizer_files(tasks: TasksDep):
     files = await run_in_threadpool(tasks.tokenizer_files)
