@@ -48,26 +48,40 @@ class ConstraintSpec:
 class Constraint:
     """One request's matcher: which tokens may come next, fed the tokens it chose."""
 
-    _SHIFTS = torch.arange(32, dtype=torch.int32)
-
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
-        self._matcher = matcher
-        self._vocab_size = vocab_size
-        self._bitmask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self.matcher = matcher
+        self.vocab_size = vocab_size
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set the logits [V] (float32) of every token the grammar forbids next to -inf, in place."""
-        self._matcher.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
-        allowed = ((self._bitmask.unsqueeze(-1) >> self._SHIFTS) & 1).flatten()[:logits.shape[-1]]
-        logits.masked_fill_(allowed == 0, float("-inf"))
+        mask_rows([self], logits.unsqueeze(0))
 
     def accept(self, token_id: int) -> bool:
-        return self._matcher.consume_token(token_id)
+        return self.matcher.consume_token(token_id)
 
     @property
     def finished(self) -> bool:
         """The grammar is complete and its end (a stop token) was accepted."""
-        return self._matcher.is_stopped()
+        return self.matcher.is_stopped()
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+_executor: llguidance.LLExecutor | None = None
+
+
+def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> None:
+    """Mask rows [k, V] (float32) of logits in place, row i by constraints[i]: the bitmasks are filled in
+    parallel by llguidance's threads (no GIL), then unpacked and applied in one tensor operation."""
+    global _executor
+    if _executor is None:
+        _executor = llguidance.LLExecutor(num_threads=max(1, min(4, torch.get_num_threads())))
+    k, vocab = logits.shape
+    words = (constraints[0].vocab_size + 31) // 32
+    bitmask = torch.empty((k, words), dtype=torch.int32)
+    _executor.unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)], bitmask.data_ptr(),
+                                      words * 4, k)
+    allowed = ((bitmask.unsqueeze(-1) >> _SHIFTS) & 1).view(k, -1)[:, :vocab]
+    logits.masked_fill_(allowed == 0, float("-inf"))
 
 
 def _json_grammar(schema_text: str) -> str:

@@ -271,3 +271,58 @@ def test_strict_json_schema_closes_objects_that_do_not_say(api, tiny):
              response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": open_schema, "strict": True}})
     for choice in r.json()["choices"]:
         assert choice["finish_reason"] == "stop" and set(json.loads(choice["message"]["content"])) == {"a"}
+
+
+# A representative, valid value for each field of OpenAI's request schemas (the openai SDK's own lists).
+FIELD_SAMPLES = {
+    "audio": {"voice": "alloy", "format": "wav"}, "frequency_penalty": 0.5, "function_call": "auto",
+    "functions": [{"name": "f", "parameters": {"type": "object"}}], "logit_bias": {"5": 1.0}, "logprobs": True,
+    "max_completion_tokens": 2, "max_tokens": 2, "metadata": {"k": "v"}, "modalities": ["text", "audio"],
+    "moderation": True, "n": 2, "parallel_tool_calls": False, "prediction": {"type": "content", "content": "x"},
+    "presence_penalty": 0.5, "prompt_cache_key": "k", "prompt_cache_options": {"mode": "auto"},
+    "prompt_cache_retention": "24h", "reasoning_effort": "low", "response_format": {"type": "json_object"},
+    "safety_identifier": "user-1", "seed": 3, "service_tier": "flex", "stop": ["zz"], "store": True,
+    "stream_options": {"include_usage": True}, "temperature": 0.5, "tool_choice": "none",
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "top_logprobs": 2, "top_p": 0.9, "user": "user-1", "verbosity": "low",
+    "web_search_options": {"search_context_size": "low"}, "best_of": 2, "echo": True, "suffix": " end",
+}
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_every_openai_request_field_is_served_or_refused_by_name(api, tiny, endpoint):
+    """Walks the openai SDK's list of request fields: each is either implemented (200) or refused with a 400
+    whose `param` names it. Nothing is accepted and ignored."""
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+
+    params, model, path = ((chat_params, ChatCompletionRequest, "/v1/chat/completions") if endpoint == "chat"
+                           else (completion_create_params, CompletionRequest, "/v1/completions"))
+    base = ({"messages": [{"role": "user", "content": "hi"}]} if endpoint == "chat" else {"prompt": "hi"})
+    base.update(model=tiny.spec.name, max_tokens=2)
+    fields = set(params.CompletionCreateParamsBase.__annotations__) - {"model", "messages", "prompt"}
+    served, refused = [], []
+    for field in sorted(fields):
+        assert field in FIELD_SAMPLES, f"the SDK has a field this test has no sample for: {field}"
+        body = {**base, field: FIELD_SAMPLES[field]}
+        if field == "top_logprobs":
+            body["logprobs"] = True
+        if field == "stream_options":
+            body["stream"] = True
+        if field == "best_of":
+            body["n"] = 2
+        r = api.post(path, json=body)
+        implemented = field in model.model_fields and field not in model.UNSUPPORTED
+        if r.status_code == 200:
+            assert implemented, f"{field}: answered 200 but this server does not implement it"
+            served.append(field)
+        else:
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.status_code, r.text[:300])
+            refused.append(field)
+    assert served and (refused or endpoint == "completions")
+    # with best_of != n, refused by name too
+    if endpoint == "completions":
+        r = api.post(path, json={**base, "best_of": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
