@@ -3,13 +3,14 @@
     python -m benchmarks.structured_load [--clients 64] [--seconds 40] [--max-tokens 48]
 
 One `promptserve serve` on the embedded SmolLM2. Two runs of the same length, each with `--clients`
-streaming chat clients looping requests:
-  A. every client unconstrained;
-  B. a third of the clients ask for a JSON schema (response_format json_schema, strict), the rest as in A.
+streaming chat clients looping requests (the unconstrained ones `--max-tokens` long each):
+  B. a third of the clients ask for a JSON schema (response_format json_schema, strict);
+  A. the same clients, the third now unconstrained but as long as their constrained answers were on
+     average in B (a JSON answer ends early: without this, B would also pay for more prefills).
 The figure is the decode throughput per unconstrained client (completion tokens per second) in B against
-A: the batch holds as many rows in both, so the difference is what the constrained rows' grammar masks
-cost the step. Every constrained answer is also checked to be valid against its schema. Prints the figures
-and writes them as JSON.
+A: the same rows in the batch and the same request churn, so the difference is what the constrained rows'
+grammars cost the step. Every constrained answer is also checked to be valid against its schema. Prints
+the figures and writes them as JSON.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def cpu_name() -> str:
 
 async def client_loop(http: httpx.AsyncClient, base: str, constrained: bool, until: float, max_tokens: int,
                       stats: dict) -> None:
+    """Loop requests until `until`; a constrained client asks for SCHEMA (then max_tokens only bounds it)."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Describe one thing you like."}],
             "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "stream_options": {"include_usage": True}}
     if constrained:
@@ -54,6 +56,7 @@ async def client_loop(http: httpx.AsyncClient, base: str, constrained: bool, unt
     else:
         body["ignore_eos"] = True
     seed = 0
+    stats.setdefault("completion_tokens", [])
     while time.monotonic() < until:
         seed += 1
         text, finish = [], None
@@ -68,6 +71,8 @@ async def client_loop(http: httpx.AsyncClient, base: str, constrained: bool, unt
                 if "error" in event:
                     stats["failed"] += 1
                     break
+                if event.get("usage"):
+                    stats["completion_tokens"].append(event["usage"]["completion_tokens"])
                 for choice in event.get("choices", []):
                     text.append(choice["delta"].get("content") or "")
                     finish = choice.get("finish_reason") or finish
@@ -84,15 +89,22 @@ async def client_loop(http: httpx.AsyncClient, base: str, constrained: bool, unt
                 stats["invalid"] += 1
 
 
-async def run_phase(base: str, clients: int, constrained: int, seconds: float, max_tokens: int) -> dict:
+async def run_phase(base: str, clients: int, constrained: int, seconds: float, max_tokens: int,
+                    short: tuple[int, int] = (0, 0)) -> dict:
+    """`constrained` clients ask for the schema; `short` = (clients, tokens): that many further clients ask
+    for unconstrained answers of that length (run A's stand-ins for the constrained clients)."""
     until = time.monotonic() + seconds
     plain = {"tokens": 0, "requests": 0, "failed": 0}
     strict = {"tokens": 0, "requests": 0, "failed": 0, "valid": 0, "invalid": 0}
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        await asyncio.gather(*(client_loop(http, base, i < constrained, until, max_tokens,
-                                           strict if i < constrained else plain) for i in range(clients)))
-    unconstrained = clients - constrained
+        stand_ins = {"tokens": 0, "requests": 0, "failed": 0}
+        await asyncio.gather(
+            *(client_loop(http, base, True, until, max_tokens, strict) for _ in range(constrained)),
+            *(client_loop(http, base, False, until, short[1], stand_ins) for _ in range(short[0])),
+            *(client_loop(http, base, False, until, max_tokens, plain)
+              for _ in range(clients - constrained - short[0])))
+    unconstrained = clients - constrained - short[0]
     return {"clients": clients, "constrained_clients": constrained, "seconds": seconds,
             "unconstrained": plain, "constrained": strict,
             "tokens_per_s_per_unconstrained_client": plain["tokens"] / seconds / unconstrained}
@@ -113,16 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_ready(base, proc)
             asyncio.run(run_phase(base, 8, 3, 5, 16))  # warm-up: grammar compiled, kernels touched
-            a = asyncio.run(run_phase(base, args.clients, 0, args.seconds, args.max_tokens))
-            b = asyncio.run(run_phase(base, args.clients, args.clients // 3, args.seconds, args.max_tokens))
+            third = args.clients // 3
+            b = asyncio.run(run_phase(base, args.clients, third, args.seconds, args.max_tokens))
+            lengths = b["constrained"]["completion_tokens"]
+            mean = max(1, round(sum(lengths) / max(len(lengths), 1)))
+            a = asyncio.run(run_phase(base, args.clients, 0, args.seconds, args.max_tokens, short=(third, mean)))
+            a["stand_in_tokens"] = mean
         finally:
             stop(proc)
     ratio = b["tokens_per_s_per_unconstrained_client"] / a["tokens_per_s_per_unconstrained_client"]
     result = {"cpu": cpu_name(), "model": MODEL, "without_constrained": a, "with_a_third_constrained": b,
               "unconstrained_throughput_ratio": ratio}
     print(f"CPU: {result['cpu']}")
-    print(f"A (no constrained clients):   {a['tokens_per_s_per_unconstrained_client']:.2f} tok/s per client, "
-          f"{a['unconstrained']['requests']} requests, {a['unconstrained']['failed']} failed")
+    print(f"A (no grammar; {args.clients // 3} clients ask for {a['stand_in_tokens']}-token answers instead): "
+          f"{a['tokens_per_s_per_unconstrained_client']:.2f} tok/s per unconstrained client, "
+          f"{a['unconstrained']['failed']} failed")
     print(f"B ({b['constrained_clients']} of {args.clients} json_schema): "
           f"{b['tokens_per_s_per_unconstrained_client']:.2f} tok/s per unconstrained client, "
           f"{b['unconstrained']['failed'] + b['constrained']['failed']} failed; constrained answers: "

@@ -5,7 +5,6 @@ Screenshots land in test-artifacts/ (PROMPTSERVE_SCREENSHOT_DIR) to look at."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
