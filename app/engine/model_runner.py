@@ -72,6 +72,27 @@ class ModelRunner:
         return [RowState(s.request.sampling, self._generators.get(s.request_id), s.request.prompt_token_ids,
                          s.output_ids, s.request.constraint) for s in seqs]
 
+    @staticmethod
+    def _share_identical(seqs: list[Sequence]) -> tuple[list[Sequence], list[tuple[Sequence, Sequence]]]:
+        """(sequences to run, [(copy, its leader)]): a whole-prompt generate request with the same prompt
+        set and tokens as an earlier one in this step (the n choices of one request, or the same prompt
+        sent twice) takes the leader's cache row and hidden states instead of a forward row of its own."""
+        leaders: list[Sequence] = []
+        copies: list[tuple[Sequence, Sequence]] = []
+        first: dict[tuple, Sequence] = {}
+        for seq in seqs:
+            req = seq.request
+            if req.mode != "generate" or seq.prefill_range != (0, seq.prompt_len):
+                leaders.append(seq)
+                continue
+            key = (req.prompt_set.key if req.prompt_set else None, tuple(req.prompt_token_ids))
+            if key in first:
+                copies.append((seq, first[key]))
+            else:
+                first[key] = seq
+                leaders.append(seq)
+        return leaders, copies
+
     def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens this chunk's positions predict (the first prompt token
         has none: nothing of the prompt comes before it)."""
@@ -94,8 +115,9 @@ class ModelRunner:
         cache = self.cache
         if len(seqs) > 1 and any(s.prefill_range != (0, s.prompt_len) for s in seqs):
             raise RuntimeError("a chunked prompt must be prefilled alone")
+        leaders, copies = self._share_identical(seqs)
         ready = []
-        for seq in seqs:
+        for seq in leaders + [c for c, _ in copies]:  # leaders' rows first: the forward reads them contiguously
             req = seq.request
             start, end = seq.prefill_range
             if start > 0:  # a later chunk: the prefix is in the row already
@@ -109,15 +131,27 @@ class ModelRunner:
                 continue
             staged = end < seq.prompt_len
             row = cache.allocate_staging(req.request_id) if staged else cache.allocate(req.request_id)
-            if prefix is not None:
+            if prefix is not None and seq in leaders:
                 cache.write_prefix(row, prefix.keys, prefix.values)
             ready.append((seq, row, prefix))
-        if not ready:
+        copy_of = {id(c): l for c, l in copies}
+        runs = [r for r in ready if id(r[0]) not in copy_of]
+        shared = []
+        for entry in ready:
+            leader = copy_of.get(id(entry[0]))
+            if leader is None:
+                continue
+            if leader.request_id in errors:  # its prompt set went away: the copy fails the same way
+                errors[entry[0].request_id] = errors[leader.request_id]
+            else:
+                shared.append(entry)
+        if not runs:
             return
-        b = len(ready)
-        r0 = ready[0][1]
-        starts = torch.tensor([cache.length(row) for _, row, _ in ready], device=self.device)
-        chunks = [seq.request.prompt_token_ids[slice(*seq.prefill_range)] for seq, _, _ in ready]
+        ready = runs + shared
+        b = len(runs)
+        r0 = runs[0][1]
+        starts = torch.tensor([cache.length(row) for _, row, _ in runs], device=self.device)
+        chunks = [seq.request.prompt_token_ids[slice(*seq.prefill_range)] for seq, _, _ in runs]
         lens = [len(c) for c in chunks]
         t = max(lens)
         ids = torch.zeros((b, t), dtype=torch.long, device=self.device)
@@ -139,8 +173,17 @@ class ModelRunner:
                                                   cache.v[i, r0:r0 + b, :, :width], mask)
 
         hidden = self.forward.hidden(self.forward.embed(ids), positions, attend)
+        # the shared copies: their leader's cache row and hidden states, no forward of their own
+        source = {id(seq): k for k, (seq, _, _) in enumerate(runs)}
+        for seq, row, _ in shared:
+            k = source[id(copy_of[id(seq)])]
+            length = int(starts[k]) + lens[k]
+            cache.k[:, row, :, :length] = cache.k[:, r0 + k, :, :length]
+            cache.v[:, row, :, :length] = cache.v[:, r0 + k, :, :length]
+            source[id(seq)] = k
         generate = []
-        for k, (seq, row, prefix) in enumerate(ready):
+        for seq, row, prefix in ready:
+            k = source[id(seq)]
             req = seq.request
             cache.set_length(row, int(starts[k]) + lens[k])
             if req.sampling.prompt_logprobs is not None:
@@ -153,7 +196,7 @@ class ModelRunner:
                 results[req.request_id] = {"finish_reason": "length"}
                 continue
             if req.mode == "generate":
-                generate.append(k)
+                generate.append((seq, k))
                 continue
             try:
                 results[req.request_id] = self._apply_head(req, prefix, hidden[k, :lens[k]])
@@ -163,10 +206,10 @@ class ModelRunner:
             if seq.request_id in results or seq.request.mode != "generate":
                 self.release(seq.request_id)
         if generate:
-            chosen = [ready[k][0] for k in generate]
+            chosen = [seq for seq, _ in generate]
             for seq in chosen:
                 self._generators[seq.request_id] = make_generator(seq.request.sampling, self.device)
-            last = hidden[generate, [lens[k] - 1 for k in generate]]
+            last = hidden[[k for _, k in generate], [lens[k] - 1 for _, k in generate]]
             _sort_sampled(chosen, sample(self.forward.logits(last), self._rows(chosen)), sampled, errors)
 
     @staticmethod

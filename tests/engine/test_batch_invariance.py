@@ -87,3 +87,33 @@ def test_chunked_prefill_equals_whole_prefill(tiny, tmp_path):
         assert chunked.scheduler.partial is None and chunked.runner.cache.num_used == 0
     finally:
         chunked.stop()
+
+
+def test_identical_prompts_share_one_prefill_and_decode_as_if_alone(tiny, tmp_path):
+    """n choices of one request (the same prompt and prompt set, submitted together) are prefilled once: the
+    copies take the leader's cache row. Each then decodes exactly as the prompt alone would (float32)."""
+    import asyncio
+
+    from tests.helpers import collect, greedy, make_engine, random_deep_prompt_set, save_ref
+
+    ref = save_ref(tmp_path, "shared", random_deep_prompt_set(tiny.spec, 4, seed=3), tiny.spec)
+    ids = tiny.tokenizer.encode("Once upon a time")
+    engine = make_engine(tiny)
+    try:
+        alone = asyncio.run(collect(engine, ids, greedy(12, ignore_eos=True), ref))[0]
+        forwarded = []
+        real_hidden = engine.runner.forward.hidden
+
+        def counting(x, *a, **k):  # x: embeddings [rows, tokens, hidden]; a prefill has several tokens
+            if x.shape[1] > 1:
+                forwarded.append(x.shape[0])
+            return real_hidden(x, *a, **k)
+        engine.runner.forward.hidden = counting
+
+        async def together():
+            return await asyncio.gather(*(collect(engine, ids, greedy(12, ignore_eos=True), ref) for _ in range(4)))
+        outs = asyncio.run(together())
+    finally:
+        engine.stop()
+    assert [o[0] for o in outs] == [alone] * 4
+    assert sum(forwarded) == 1, f"prefill forwards ran {forwarded} rows for 4 identical prompts (want one row)"
