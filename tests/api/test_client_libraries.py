@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from app.settings import DEMO_PROMPT_SETS
-from tests.servers import free_port, spawn, stop, wait_ready
+from tests.servers import serving
 
 pytestmark = pytest.mark.real_model
 
@@ -24,16 +24,10 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {"PROMPTSERVE_STORE_DIR": str(tmp_path_factory.mktemp("clients-store")), "PROMPTSERVE_DTYPE": "float32",
            "PROMPTSERVE_SEED_DIR": str(DEMO_PROMPT_SETS), "PROMPTSERVE_MAX_NUM_SEQS": "32"}
-    proc = spawn(env, port)
-    try:
-        wait_ready(url, proc)
+    with serving(env) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from app.settings import DEMO_PROMPT_SETS
-from tests.servers import free_port, spawn, stop, wait_ready
+from tests.servers import serving
 
 pytestmark = pytest.mark.real_model
 
@@ -36,16 +36,10 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {"PROMPTSERVE_STORE_DIR": str(tmp_path_factory.mktemp("browser-store")),
            "PROMPTSERVE_ADMIN_TOKEN": TOKEN, "PROMPTSERVE_DTYPE": "float32", "PROMPTSERVE_SEED_DIR": str(DEMO_PROMPT_SETS)}
-    proc = spawn(env, port)
-    try:
-        wait_ready(base, proc)
+    with serving(env) as base:
         yield base
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,20 @@ def _error_event(exc) -> str:
     return sse(body_of(exc)) + sse("[DONE]")
 
 
+async def _event_stream(tasks, resolved, jobs, metrics, settings, render, envelope: dict, include_usage: bool,
+                        totals: dict) -> StreamingResponse:
+    """The streamed answer of a request's generations: the endpoint's events, then a usage chunk (when asked
+    for, with the totals `render` kept) and [DONE]."""
+    def epilogue():
+        tail = [sse({**envelope, "choices": [], "usage": usage(totals["prompt"], totals["completion"])})] \
+            if include_usage else []
+        return tail + [sse("[DONE]")]
+
+    started = await start_streams(tasks, resolved, jobs)
+    return StreamingResponse(stream_outputs(started, metrics, resolved, settings.request_timeout, render,
+                                            _error_event, epilogue), media_type="text/event-stream")
+
+
 def _envelope(kind: str, rid: str, created: int, model: str) -> dict:
     return {"id": rid, "object": kind, "created": created, "model": model}
 
@@ -205,14 +219,8 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
                 totals["completion"] += out.completion_tokens
             return events
 
-        def epilogue():
-            tail = [sse({**_envelope("text_completion", rid, created, body.model), "choices": [],
-                         "usage": usage(totals["prompt"], totals["completion"])})] if include_usage else []
-            return tail + [sse("[DONE]")]
-
-        started = await start_streams(tasks, resolved, jobs)
-        return StreamingResponse(stream_outputs(started, metrics, resolved, settings.request_timeout, render,
-                                                _error_event, epilogue), media_type="text/event-stream")
+        return await _event_stream(tasks, resolved, jobs, metrics, settings, render,
+                                   _envelope("text_completion", rid, created, body.model), include_usage, totals)
 
     results = await run_completions(request, tasks, metrics, resolved, jobs, settings.request_timeout)
     choices = []
@@ -321,14 +329,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tasks:
                 totals["completion"] += out.completion_tokens
             return events
 
-        def epilogue():
-            tail = [sse({**_envelope(chunk_kind, rid, created, body.model), "choices": [],
-                         "usage": usage(totals["prompt"], totals["completion"])})] if include_usage else []
-            return tail + [sse("[DONE]")]
-
-        started = await start_streams(tasks, resolved, jobs)
-        return StreamingResponse(stream_outputs(started, metrics, resolved, settings.request_timeout, render,
-                                                _error_event, epilogue), media_type="text/event-stream")
+        return await _event_stream(tasks, resolved, jobs, metrics, settings, render,
+                                   _envelope(chunk_kind, rid, created, body.model), include_usage, totals)
 
     results = await run_completions(request, tasks, metrics, resolved, jobs, settings.request_timeout)
     choices = []
