@@ -91,6 +91,9 @@ for cmd in train eval bench import-peft; do
   docker exec "$NAME" promptserve "$cmd" --help >/dev/null || fail "promptserve $cmd is not in the image"
 done
 docker exec "$NAME" test -f /opt/promptserve/demo/datasets/sms_spam/train.jsonl || fail "demo data missing"
+for module in pytest playwright litellm; do  # the test suite's dependencies stay out of the image
+  if docker exec "$NAME" python3 -c "import $module" 2>/dev/null; then fail "the image carries $module"; fi
+done
 say "CLI commands and demo data present"
 
 # an upload survives the container being re-created on the same volume

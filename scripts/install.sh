@@ -9,7 +9,8 @@ PYTHON=${PYTHON:-python3}
 # Pinned: any other torch spec pulls a multi-GB CUDA build on a CPU machine. The CUDA image overrides it.
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
-EXTRAS=${EXTRAS:-test}
+# unset: the test extras (make install); set and empty: none (the image)
+EXTRAS=${EXTRAS-test}
 EDITABLE=${EDITABLE:-1}
 
 stamp="$VENV/.promptserve-install"

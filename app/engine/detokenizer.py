@@ -1,8 +1,13 @@
 """Incremental detokenization with stop strings.
 
-Text is decoded from all generated tokens each step and diffed against what was already sent, so
-tokens that merge across boundaries (multi-byte characters, leading spaces) come out right. Text that
-could still be the start of a stop string, or that ends in an incomplete character, is held back.
+Each step decodes only a short window of the newest tokens (vLLM's scheme): the text of
+ids[prefix:read] is known, ids[prefix:] is decoded, and the difference is the new text. Starting the
+window a few tokens back keeps merges across token boundaries right (a leading space, a character split
+over byte tokens); a window that ends in an incomplete character waits for its next token. Each step costs
+the same whatever the length of the output, where re-decoding every id made a long answer quadratic.
+
+Text that could still be the start of a stop string is held back; a completed stop string ends the text
+before it.
 """
 
 from __future__ import annotations
@@ -19,24 +24,33 @@ class Detokenizer:
     text: str = ""
     stopped: bool = False
     _ids: list[int] = field(default_factory=list)
+    _prefix: int = 0  # the window's start in _ids
+    _read: int = 0  # _ids[:_read] are in `text`
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _advance(self, final: bool) -> None:
+        known = self._decode(self._ids[self._prefix:self._read])
+        window = self._decode(self._ids[self._prefix:])
+        if len(window) > len(known) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(known):]
+            # the next window starts where this one's new text started, a few tokens of context behind
+            self._prefix, self._read = self._read, len(self._ids)
 
     def step(self, new_ids: list[int], final: bool = False) -> str:
         """Feed new token ids; returns the text that may now be sent."""
         if self.stopped:
             return ""
         self._ids.extend(i for i in new_ids if i not in self.skip_token_ids)
-        self.text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+        self._advance(final)
         for s in self.stop:
             idx = self.text.find(s, max(0, self.sent - len(s)))
             if idx != -1:
                 self.text = self.text[:idx]
                 self.stopped = True
-        if self.stopped or final:  # the text was already cut at the stop string
-            end = len(self.text)
-        else:
-            end = len(self.text)
-            if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-                end -= 1
+        end = len(self.text)
+        if not (self.stopped or final):
             for s in self.stop:  # hold back a suffix that may grow into a stop string
                 for k in range(min(len(s) - 1, end), 0, -1):
                     if self.text[:end].endswith(s[:k]):

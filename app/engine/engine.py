@@ -52,6 +52,11 @@ def _failure_message(exc: Exception) -> str:
     return f"the engine could not run this request: {type(exc).__name__}: {exc}"
 
 
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue_, out in items:
+        queue_.put_nowait(out)
+
+
 def _settle(future: Future, fn: Callable[[], object]) -> None:
     try:
         future.set_result(fn())
@@ -78,6 +83,7 @@ class Engine:
                                   config.max_num_seqs, self.max_model_len, config.prefix_cache_size,
                                   config.prefix_cache_bytes, config.pack_weights)
         self._subs: dict[str, _Subscriber] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # outputs of this phase, by event loop
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -215,6 +221,7 @@ class Engine:
         try:
             while not self._stop.is_set():
                 self._run_calls()
+                self._flush()
                 if not self.scheduler.has_work():
                     self._wake.wait(0.1)
                     self._wake.clear()
@@ -224,8 +231,10 @@ class Engine:
                 except Exception:  # never let one bad step kill the server or leave a caller waiting
                     log.exception("engine step failed")
                     self._fail_in_flight("internal engine error")
+                self._flush()
         finally:
             self._run_calls()  # what was queued before the loop ended still gets its answer
+            self._flush()
 
     def step(self) -> None:
         step = self.scheduler.schedule()
@@ -238,8 +247,10 @@ class Engine:
         # token is then the step in flight plus its own prefill, not also a decode of the whole batch.
         if step.prefills:
             self._prefill(step.prefills)
+            self._flush()  # new requests' first tokens go out now, not after the decode
         if step.decodes:
             self._decode(step.decodes)
+        self._flush()
         self.steps += 1
 
     def _timed(self, fn, *args):
@@ -381,12 +392,18 @@ class Engine:
                                      tags=(seq.result or {}).get("tags"), logprobs=logprobs,
                                      prompt_logprobs=seq.prompt_logprobs))
 
-    @staticmethod
-    def _put(sub: _Subscriber, out: RequestOutput) -> None:
-        try:
-            sub.loop.call_soon_threadsafe(sub.queue.put_nowait, out)
-        except RuntimeError:  # its event loop is closed (the server is exiting): nobody is listening
-            pass
+    def _put(self, sub: _Subscriber, out: RequestOutput) -> None:
+        """Queue an output for its caller; _flush() hands a phase's outputs over, one wake-up per event loop
+        (64 streams cost one cross-thread call a step, not 64)."""
+        self._outbox.setdefault(sub.loop, []).append((sub.queue, out))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # its event loop is closed (the server is exiting): nobody is listening
+                pass
 
     # -- introspection ---------------------------------------------------------------------------
     @property

@@ -207,6 +207,10 @@ def test_lm_eval_multiple_choice_matches_its_hf_backend(base, tmp_path, embedded
     def picks(results):
         return {s["doc_id"]: s["acc"] for s in results["samples"]["promptserve_mc"]}
 
-    assert served["results"]["promptserve_mc"]["acc,none"] == local["results"]["promptserve_mc"]["acc,none"]
+    figures = {"items": len(ITEMS), "served_acc": served["results"]["promptserve_mc"]["acc,none"],
+               "hf_acc": local["results"]["promptserve_mc"]["acc,none"]}
+    out = Path(os.environ.get("PROMPTSERVE_SCREENSHOT_DIR", Path(__file__).resolve().parents[2] / "test-artifacts"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lm_eval_parity.json").write_text(json.dumps(figures, indent=2) + "\n")
+    assert figures["served_acc"] == figures["hf_acc"], figures
     assert picks(served) == picks(local)
-    assert Path(data).exists()

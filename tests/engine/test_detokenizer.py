@@ -22,3 +22,14 @@ def test_stop_string_cuts_text_and_is_not_sent(tiny):
 def test_partial_stop_prefix_is_released_when_it_does_not_complete(tiny):
     out, d = _stream(tiny.tokenizer, "say ST and then more", stop=["STOP"])
     assert out == "say ST and then more" and not d.stopped
+
+
+def test_long_streams_equal_the_full_decode_token_by_token(tiny):
+    """The windowed decoding equals decoding every id at once, for text with multi-byte characters split
+    across byte tokens, leading spaces and newlines, fed one token at a time."""
+    text = ("Ünïcödé 😀😀 and 中文字符 mixed with spaces   and\nnewlines\t tabs — dashes… " * 8).strip()
+    ids = tiny.tokenizer.encode(text, add_special_tokens=False)
+    d = Detokenizer(tiny.tokenizer)
+    parts = [d.step([i]) for i in ids]
+    parts.append(d.step([], final=True))
+    assert "".join(parts) == tiny.tokenizer.decode(ids)
