@@ -53,7 +53,7 @@ def _running(runner, batch: int, prompt_len: int = 150) -> list[Sequence]:
 def _decode_ms(runner, seqs) -> float:
     """Median decode step of these running sequences, which are released afterwards."""
     def step():
-        out = runner.decode(seqs)
+        out, _ = runner.decode(seqs)
         for s in seqs:
             s.output_ids.append(out[s.request_id])
     ms = _median_ms(step)
@@ -111,10 +111,10 @@ def decode_profile(loaded) -> None:
     runner = Engine(loaded, EngineConfig(max_num_seqs=2, max_model_len=512)).runner
     seqs = _running(runner, 1)
     for _ in range(3):
-        seqs[0].output_ids.append(runner.decode(seqs)[seqs[0].request_id])
+        seqs[0].output_ids.append(runner.decode(seqs)[0][seqs[0].request_id])
     with profile() as prof:
         for _ in range(5):
-            seqs[0].output_ids.append(runner.decode(seqs)[seqs[0].request_id])
+            seqs[0].output_ids.append(runner.decode(seqs)[0][seqs[0].request_id])
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     share = {"linear (packed matmuls)": "mkldnn::_linear_pointwise", "attention": "scaled_dot_product"}

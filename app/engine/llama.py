@@ -19,6 +19,15 @@ from app.engine.packed_linear import Linear, PackedLinear, linear
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm (LlamaRMSNorm: normalize in float32, back to the input dtype, then scale) with
+    torch's fused kernel: bit-identical to the module in float32 and bfloat16, in 4 operations instead of 8
+    (each of which, on a small decode batch, costs more in dispatch and threading than in arithmetic)."""
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return module.weight * normed.to(x.dtype)
+
+
 class _LayerLinears:
     """One decoder layer's projections: the model's modules, or packed copies of them (q/k/v and gate/up
     each fused into one matmul)."""
@@ -66,15 +75,15 @@ class LlamaForward:
         cos, sin = self.rotary(x, positions)
         b, t, _ = x.shape
         for i, (layer, lin) in enumerate(zip(self.layers, self.linears)):
-            q, k, v = lin.qkv(layer.input_layernorm(x))
+            q, k, v = lin.qkv(rms_norm(layer.input_layernorm, x))
             q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             o = attend(i, q, k, v)
             x = x + lin.o(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + lin.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+            x = x + lin.mlp(rms_norm(layer.post_attention_layernorm, x))
+        return rms_norm(self.norm, x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -224,6 +224,12 @@ class ModelRunner:
             return {"scores": torch.softmax(logits[0], -1).tolist()}
         return {"tags": logits.argmax(-1).tolist()}
 
+    def _write_decode_kv(self, layer: int, rows: torch.Tensor, at: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor) -> None:
+        """The new token's key and value of each row, at its position (k, v [n, KVH, 1, D])."""
+        self.cache.k[layer, rows, :, at] = k[:, :, 0]
+        self.cache.v[layer, rows, :, at] = v[:, :, 0]
+
     def _decode(self, seqs: list[Sequence]) -> list[int | SamplingError]:
         cache = self.cache
         n = len(seqs)
@@ -243,8 +249,7 @@ class ModelRunner:
         mask = self.forward.group_mask(allowed, cache.k.dtype)
 
         def attend(i, q, k, v):
-            cache.k[i, row_index, :, lengths] = k[:, :, 0]
-            cache.v[i, row_index, :, lengths] = v[:, :, 0]
+            self._write_decode_kv(i, row_index, lengths, k, v)
             if contiguous:
                 keys, values = cache.k[i, :n, :, :width], cache.v[i, :n, :, :width]
             else:

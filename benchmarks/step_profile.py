@@ -1,0 +1,170 @@
+"""Where a decode step's time goes, in process, at batch 1 and 64 (the embedded SmolLM2, its dtype here):
+
+    python -m benchmarks.step_profile [--batches 1,64] [--steps 10]
+
+Each part of the step is wrapped in a timer (the projections of the 30 layers, attention, the cache
+writes, norms, rotary, lm_head, sampling: CPU ops are synchronous, so wall time around a call is its cost;
+a profiler's per-op overhead would inflate the parts made of many small ops) and the step's wall time is
+split by them; what no timer covers (Python, residual adds, reshapes, mask building) is "other". Also prints the share of the step
+that is not the model's matmuls (the issue's goal: below 35% at batch 64) and the roofline for this
+machine: its measured read bandwidth and bf16 matmul rate give the ceiling on tokens per second at batch 1
+(every weight read once per token) and at batch 64 (the matmuls' FLOPs), and each measured step as a
+fraction of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import contextmanager
+
+import torch
+
+import app.engine.llama as llama
+import app.engine.model_runner as model_runner
+from app.engine.engine import Engine, EngineConfig
+from app.engine.types import GenerationRequest, SamplingParams, Sequence
+from app.model.loader import load_model
+from app.settings import Settings
+from benchmarks.structured_load import cpu_name
+
+PARTS = ["projections", "lm_head", "attention", "cache writes", "norms", "rotary", "sampling"]
+
+
+SPENT: dict[str, float] = {}
+
+
+def _labelled(label: str, fn):
+    def wrapped(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[label] = SPENT.get(label, 0.0) + time.perf_counter() - started
+    return wrapped
+
+
+@contextmanager
+def instrumented(runner):
+    """Wrap the step's parts in profiler labels (restored after)."""
+    forward = runner.forward
+    saved = []
+
+    def patch(obj, name, label):
+        saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, _labelled(label, getattr(obj, name)))
+
+    for lin in forward.linears:
+        patch(lin, "qkv", "projections")
+        patch(lin, "o", "projections")
+        patch(lin, "mlp", "projections")  # gate/up and down, and the activation between them
+    patch(llama, "rms_norm", "norms")
+    patch(forward, "lm_head", "lm_head")
+    patch(forward, "grouped_attention", "attention")
+    patch(llama, "apply_rotary_pos_emb", "rotary")
+    patch(model_runner, "sample", "sampling")
+    patch(runner, "_write_decode_kv", "cache writes")
+    try:
+        yield
+    finally:
+        for obj, name, original in reversed(saved):
+            if name == "_write_decode_kv":
+                delattr(obj, name)  # the instance attribute shadowed the method
+            else:
+                setattr(obj, name, original)
+
+
+def running(runner, batch: int, prompt_len: int = 120) -> list[Sequence]:
+    seqs = [Sequence(GenerationRequest(f"r{i}", list(range(1000 + i, 1000 + i + prompt_len)),
+                                       SamplingParams(max_tokens=1 << 30, ignore_eos=True))) for i in range(batch)]
+    for k in range(0, batch, 8):
+        sampled, _, _ = runner.prefill(seqs[k:k + 8])
+        for s in seqs[k:k + 8]:
+            s.output_ids.append(sampled[s.request_id])
+    return seqs
+
+
+def step_breakdown(runner, batch: int, steps: int) -> dict:
+    seqs = running(runner, batch)
+
+    def step():
+        out, _ = runner.decode(seqs)
+        for s in seqs:
+            s.output_ids.append(out[s.request_id])
+    for _ in range(3):
+        step()
+    plain = []
+    for _ in range(steps):  # the step's own time, no timers
+        t = time.perf_counter()
+        step()
+        plain.append(time.perf_counter() - t)
+    SPENT.clear()
+    timed = []
+    with instrumented(runner):
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            timed.append(time.perf_counter() - t)
+    for s in seqs:
+        runner.release(s.request_id)
+    wall_ms = 1000 * sorted(plain)[len(plain) // 2]
+    # the parts' shares of the timed steps, applied to the untimed median step
+    scale = wall_ms / (1000 * sum(timed) / steps)
+    parts = {k: 1000 * SPENT.get(k, 0.0) / steps * scale for k in PARTS}
+    parts["other"] = max(wall_ms - sum(parts.values()), 0.0)
+    return {"batch": batch, "step_ms": wall_ms, "parts_ms": parts}
+
+
+def measure_machine() -> dict:
+    """Read bandwidth (GB/s, a large tensor summed) and bf16 matmul rate (GFLOP/s) on this machine."""
+    x = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.float32)  # 256 MiB: beyond every cache
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(5):
+        x.sum()
+    bandwidth = 5 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    gflops = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
+    return {"read_gb_s": bandwidth, "bf16_gflop_s": gflops}
+
+
+def roofline(loaded, machine: dict, batch: int) -> float:
+    """Tokens per second the machine allows at this batch: the larger of reading every weight once per step
+    and the step's matmul FLOPs (2 per weight per token), whichever bounds."""
+    params = sum(p.numel() for p in loaded.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    read_s = weight_bytes / (machine["read_gb_s"] * 1e9)
+    flop_s = 2 * params * batch / (machine["bf16_gflop_s"] * 1e9)
+    return batch / max(read_s, flop_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    loaded = load_model(Settings())
+    batches = [int(b) for b in args.batches.split(",")]
+    runner = Engine(loaded, EngineConfig(max_num_seqs=max(batches), max_model_len=512)).runner
+    machine = measure_machine()
+    print(f"CPU: {cpu_name()}; model {loaded.spec.name} in {loaded.dtype}; read {machine['read_gb_s']:.1f} GB/s, "
+          f"bf16 matmul {machine['bf16_gflop_s']:.0f} GFLOP/s")
+    for batch in batches:
+        r = step_breakdown(runner, batch, args.steps)
+        parts = r["parts_ms"]
+        non_matmul = 1 - (parts["projections"] + parts["lm_head"]) / r["step_ms"]
+        ceiling = roofline(loaded, machine, batch)
+        achieved = batch / (r["step_ms"] / 1000)
+        print(f"batch {batch}: step {r['step_ms']:.1f} ms = " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+              + f" ms; not matmuls {100 * non_matmul:.0f}%; {achieved:.0f} tok/s of a roofline {ceiling:.0f} "
+              f"({100 * achieved / ceiling:.0f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
