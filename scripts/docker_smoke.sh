@@ -25,7 +25,7 @@ PY=${PY:-python3}
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
 PROJECT=promptserve-smoke
 cleanup() {
-  docker rm -f "$NAME" promptserve-smoke-squatter >/dev/null 2>&1 || true; docker volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+  docker rm -f "$NAME" promptserve-smoke-squatter promptserve-smoke-readonly >/dev/null 2>&1 || true; docker volume rm -f "$VOLUME" >/dev/null 2>&1 || true
   PROMPTSERVE_ADMIN_TOKEN=$TOKEN "${COMPOSE[@]}" -p "$PROJECT" --profile scale down -v >/dev/null 2>&1 || true
 }
 trap 'cleanup; rm -rf "${SECRET_DIR:-/nonexistent}"' EXIT
@@ -124,6 +124,28 @@ tail -n 2 "$stream_out" | grep -q 'data: \[DONE\]' || fail "the stream was cut: 
 grep -q '"finish_reason": "length"' "$stream_out" || fail "the stream did not finish: $(tail -c 300 "$stream_out")"
 [ "$code" = 0 ] || fail "exit code $code after docker stop"
 say "docker stop during a stream: the stream finished, exit 0 after $(( $(date +%s) - t0 )) s"
+
+# the Kubernetes pod's constraints (deploy/k8s): read-only root filesystem with /tmp and the store the only
+# writable places, uid 10001 from the start (the entrypoint's root branch not taken), no capabilities
+RO=promptserve-smoke-readonly
+docker rm -f "$RO" >/dev/null 2>&1 || true
+docker run -d --name "$RO" --read-only --tmpfs /tmp --user 10001:10001 --cap-drop ALL \
+  --security-opt no-new-privileges -e HOME=/tmp/home -e XDG_CACHE_HOME=/tmp/cache -e PROMPTSERVE_ADMIN_TOKEN=$TOKEN \
+  -v "$VOLUME:/data/prompt-store" -p "127.0.0.1:$((PORT + 1)):8000" "$IMAGE" >/dev/null
+t0=$(date +%s)
+until curl -sf "http://127.0.0.1:$((PORT + 1))/ready" >/dev/null; do
+  [ "$(docker inspect -f '{{.State.Running}}' "$RO")" = true ] || { docker logs --tail 20 "$RO"; fail "read-only container exited"; }
+  [ $(( $(date +%s) - t0 )) -lt 240 ] || fail "read-only container not ready"
+  sleep 1
+done
+code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT "http://127.0.0.1:$((PORT + 1))/admin/prompt-sets/readonly" \
+  -H "Authorization: Bearer $TOKEN" -H 'content-type: application/octet-stream' \
+  --data-binary @app/demo_prompt_sets/spam.safetensors)
+[ "$code" = 201 ] || fail "upload on the read-only root filesystem answered $code"
+curl -sf "http://127.0.0.1:$((PORT + 1))/v1/tasks/chat" -H 'content-type: application/json' \
+  -d '{"messages":[{"role":"user","content":"hi"}],"max_tokens":4}' >/dev/null || fail "chat on the read-only root"
+docker rm -f "$RO" >/dev/null
+say "as the Kubernetes pod runs it (read-only root, uid 10001, no capabilities): ready, upload 201, chat answered"
 
 # compose's scale profile: two replicas behind the balancer, one store
 docker tag "$IMAGE" promptserve:latest

