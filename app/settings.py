@@ -29,6 +29,11 @@ class Settings(BaseSettings):
 
     # Prompt-set store.
     store_dir: Path = Path("var/prompt-store")
+    # s3://bucket/prefix: the object-store backend (endpoint and credentials from the AWS_* variables), for
+    # replicas on several hosts; file:///path: the file store at that path; empty: the file store at store_dir
+    store_url: str = ""
+    store_poll_seconds: float = 1.0  # the object store: how old a task's cached manifest may get (a new
+    # active version reaches every replica within about this)
     # prompt-set files imported at start-up when their task is absent: the demo tasks (chat, ner, spam),
     # shipped inside the package; empty turns seeding off
     seed_dir: str = str(DEMO_PROMPT_SETS)

@@ -3,7 +3,22 @@
 from prompt_store.format import PromptSet, PromptSetError, PromptSetMeta
 from prompt_store.store import PromptStore, StoreError, TaskNotFound, VersionInfo
 
-__all__ = [
+
+
+def open_store(url: str, store_dir, cache_dir, poll_seconds: float = 1.0):
+    """The store a URL names: s3://bucket/prefix (ObjectPromptStore, version files cached under cache_dir),
+    file:///path, or, when empty, the file store at store_dir."""
+    if url.startswith("s3://"):
+        from prompt_store.object_store import ObjectPromptStore  # boto3 only when it is used
+        return ObjectPromptStore(url, cache_dir, poll_seconds)
+    if url.startswith("file://"):
+        return PromptStore(url[len("file://"):])
+    if url:
+        raise ValueError(f"unsupported store URL {url!r}: use s3://bucket/prefix or file:///path")
+    return PromptStore(store_dir)
+
+
+__all__ = ["open_store",
     "PromptSet", "PromptSetError", "PromptSetMeta",
     "PromptStore", "StoreError", "TaskNotFound", "VersionInfo",
 ]

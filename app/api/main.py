@@ -18,7 +18,7 @@ from app.model.loader import LoadedModel, load_model
 from app.observability import Metrics
 from app.services.tasks import TaskService
 from app.settings import Settings, get_settings
-from prompt_store import PromptStore
+from prompt_store import PromptStore, open_store
 
 log = logging.getLogger("promptserve")
 
@@ -54,7 +54,8 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store = PromptStore(settings.store_dir)
+        store = open_store(settings.store_url, settings.store_dir, settings.cache_dir / "prompt-sets",
+                           settings.store_poll_seconds)
         # a model handed in (tests, or a caller that already holds one) is used as it is
         if engine is not None:
             model, running = engine.loaded, engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from functools import lru_cache
@@ -19,11 +20,25 @@ from app.services.errors import (Conflict, GenerationFailed, IdempotencyKeyReuse
                                  InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable)
 from prompt_store import PromptSetError, PromptSetMeta, PromptStore, StoreError, TaskNotFound, VersionInfo
 from prompt_store import format as psf
+from prompt_store.object_store import StoreUnavailable
 from prompt_store.store import (ActiveVersion, IdempotencyConflict, VersionNotFound, sha256_of,
                                 validate_task_name)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _store_may_be_down(method):
+    """A store operation while the object store is unreachable: 503 with Retry-After, not a 500 (the file
+    store never raises StoreUnavailable)."""
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the prompt-set store is unavailable: {exc}", {"Retry-After": "2"},
+                              code="store_unavailable") from None
+    return wrapped
 # a prompt set must leave at least this many positions of the context for the prompt and the answer
 MIN_CONTEXT_ROOM = 16
 
@@ -68,6 +83,7 @@ class TaskService:
     def base_model_id(self) -> str:
         return self.spec.name
 
+    @_store_may_be_down
     def resolve(self, task: str) -> ResolvedTask:
         if task == self.base_model_id:
             return ResolvedTask(task, None, None, None)
@@ -265,6 +281,7 @@ class TaskService:
         return {"entities": entities, "usage": {"prompt_tokens": out.prompt_tokens}}
 
     # -- listing and admin ------------------------------------------------------------------------
+    @_store_may_be_down
     def list_tasks(self) -> list[VersionInfo]:
         out = []
         for task in self.store.tasks():
@@ -274,12 +291,14 @@ class TaskService:
                 continue  # deleted between listing and reading: not a task any more
         return out
 
+    @_store_may_be_down
     def versions(self, task: str) -> list[VersionInfo]:
         try:
             return self.store.list_versions(task)
         except (TaskNotFound, StoreError) as exc:
             raise NotFound(str(exc)) from None
 
+    @_store_may_be_down
     def activate(self, task: str, version: int) -> VersionInfo:
         try:
             info = self.store.activate(task, version)
@@ -289,6 +308,7 @@ class TaskService:
             raise InvalidRequest(str(exc)) from None
         return self._preload(info)
 
+    @_store_may_be_down
     def delete_version(self, task: str, version: int) -> None:
         try:
             self.store.delete_version(task, version)
@@ -299,6 +319,7 @@ class TaskService:
         except StoreError as exc:
             raise InvalidRequest(str(exc)) from None
 
+    @_store_may_be_down
     def delete_task(self, task: str) -> None:
         try:
             self.store.delete_task(task)
@@ -312,6 +333,7 @@ class TaskService:
         return self.upload(task, converted, idempotency_key)
 
     # -- uploads ---------------------------------------------------------------------------------
+    @_store_may_be_down
     def upload(self, task: str, data: bytes, idempotency_key: str | None = None) -> VersionInfo:
         """Validate prompt-set bytes against this model, make them device-resident, then store them as the
         task's next active version (or return the stored one: see PromptStore.put).

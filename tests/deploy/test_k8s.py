@@ -71,6 +71,8 @@ def test_deployment_is_production_shaped(overlay):
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     admin = [e for e in container["env"] if e["name"] == "PROMPTSERVE_ADMIN_TOKEN"][0]
     assert admin["valueFrom"]["secretKeyRef"]["name"] == "promptserve-admin"  # never a literal token
+    s3 = [e["secretRef"] for e in container["envFrom"] if "secretRef" in e]
+    assert s3 == [{"name": "promptserve-s3", "optional": True}]  # the object store's URL and credentials
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/tmp", settings["PROMPTSERVE_STORE_DIR"]} <= mounts  # the only writable places
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
