@@ -40,7 +40,8 @@ def _median_ms(fn, n: int = 20, skip: int = 4) -> float:
     return 1000 * statistics.median(times[skip:])
 
 
-def _running(runner, batch: int, prompt_len: int = 150) -> list[Sequence]:
+def running_sequences(runner, batch: int, prompt_len: int = 150) -> list[Sequence]:
+    """`batch` sequences prefilled (8 at a time) and holding their first token, ready to decode."""
     seqs = [Sequence(GenerationRequest(f"r{i}", list(range(1000, 1000 + prompt_len)),
                                        SamplingParams(max_tokens=1 << 30, ignore_eos=True))) for i in range(batch)]
     for k in range(0, batch, 8):
@@ -74,7 +75,7 @@ def _prefill_ms(runner, ids: list[int]) -> float:
 
 def second_openmp_team(loaded) -> None:
     runner = Engine(loaded, EngineConfig(max_num_seqs=2, max_model_len=512)).runner
-    alone = _decode_ms(runner, _running(runner, 1))
+    alone = _decode_ms(runner, running_sequences(runner, 1))
     release = threading.Event()
 
     def validate_then_idle():  # what an upload validated on an HTTP worker thread did
@@ -82,7 +83,7 @@ def second_openmp_team(loaded) -> None:
         release.wait()
     worker = threading.Thread(target=validate_then_idle)
     worker.start()
-    beside = _decode_ms(runner, _running(runner, 1))
+    beside = _decode_ms(runner, running_sequences(runner, 1))
     release.set()
     worker.join()
     print(f"decode at batch 1: {alone:.1f} ms alone, {beside:.1f} ms with another live thread that ran a torch op "
@@ -96,7 +97,7 @@ def packed_weights(loaded, tokenizer) -> None:
     figures = {}
     for pack in (False, True):
         runner = Engine(loaded, EngineConfig(max_num_seqs=64, max_model_len=512, pack_weights=pack)).runner
-        row = {f"decode batch {b}": _decode_ms(runner, _running(runner, b)) for b in (1, 16, 63)}
+        row = {f"decode batch {b}": _decode_ms(runner, running_sequences(runner, b)) for b in (1, 16, 63)}
         row[f"prefill {len(short_ids)} tokens"] = _prefill_ms(runner, short_ids)
         figures[pack] = row
         del runner
@@ -109,7 +110,7 @@ def decode_profile(loaded) -> None:
     from torch.profiler import profile
 
     runner = Engine(loaded, EngineConfig(max_num_seqs=2, max_model_len=512)).runner
-    seqs = _running(runner, 1)
+    seqs = running_sequences(runner, 1)
     for _ in range(3):
         seqs[0].output_ids.append(runner.decode(seqs)[0][seqs[0].request_id])
     with profile() as prof:

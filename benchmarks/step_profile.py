@@ -23,9 +23,9 @@ import torch
 import app.engine.llama as llama
 import app.engine.model_runner as model_runner
 from app.engine.engine import Engine, EngineConfig
-from app.engine.types import GenerationRequest, SamplingParams, Sequence
 from app.model.loader import load_model
 from app.settings import Settings
+from benchmarks.engine_steps import running_sequences
 from benchmarks.structured_load import cpu_name
 
 PARTS = ["projections", "lm_head", "attention", "cache writes", "norms", "rotary", "sampling"]
@@ -74,18 +74,8 @@ def instrumented(runner):
                 setattr(obj, name, original)
 
 
-def running(runner, batch: int, prompt_len: int = 120) -> list[Sequence]:
-    seqs = [Sequence(GenerationRequest(f"r{i}", list(range(1000 + i, 1000 + i + prompt_len)),
-                                       SamplingParams(max_tokens=1 << 30, ignore_eos=True))) for i in range(batch)]
-    for k in range(0, batch, 8):
-        sampled, _, _ = runner.prefill(seqs[k:k + 8])
-        for s in seqs[k:k + 8]:
-            s.output_ids.append(sampled[s.request_id])
-    return seqs
-
-
 def step_breakdown(runner, batch: int, steps: int) -> dict:
-    seqs = running(runner, batch)
+    seqs = running_sequences(runner, batch)
 
     def step():
         out, _ = runner.decode(seqs)

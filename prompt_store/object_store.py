@@ -264,14 +264,20 @@ class ObjectPromptStore:
         info = self._info(task, manifest, version)
         return VersionInfo(**{**info.__dict__, "created_now": created})
 
+    @staticmethod
+    def _require_version(task: str, manifest: dict | None, version: int) -> dict:
+        """The live manifest that holds this version, else TaskNotFound / VersionNotFound."""
+        if manifest is None or manifest.get("deleted") or manifest.get("active") is None:
+            raise TaskNotFound(f"no task named {task!r}")
+        if str(version) not in manifest["versions"]:
+            raise VersionNotFound(f"task {task!r} has no version {version}")
+        return manifest
+
     def activate(self, task: str, version: int) -> VersionInfo:
         validate_version(task, version)
 
         def change(manifest):
-            if manifest is None or manifest.get("deleted") or manifest.get("active") is None:
-                raise TaskNotFound(f"no task named {task!r}")
-            if str(version) not in manifest["versions"]:
-                raise VersionNotFound(f"task {task!r} has no version {version}")
+            manifest = self._require_version(task, manifest, version)
             manifest["active"] = version
             return manifest, None
 
@@ -280,11 +286,9 @@ class ObjectPromptStore:
 
     def delete_version(self, task: str, version: int) -> None:
         validate_version(task, version)
+
         def change(manifest):
-            if manifest is None or manifest.get("deleted") or manifest.get("active") is None:
-                raise TaskNotFound(f"no task named {task!r}")
-            if str(version) not in manifest["versions"]:
-                raise VersionNotFound(f"task {task!r} has no version {version}")
+            manifest = self._require_version(task, manifest, version)
             if manifest["active"] == version:
                 raise ActiveVersion(f"version {version} of {task!r} is active: activate another one first, "
                                     "or delete the task")
