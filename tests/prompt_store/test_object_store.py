@@ -4,6 +4,7 @@ object store going down and coming back; then two real `promptserve serve` proce
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import threading
 import time
@@ -157,3 +158,53 @@ def test_two_servers_on_one_bucket(seaweed, url, tmp_path, tiny, tiny_model_dir)
         assert refused.headers.get("retry-after")
         again = httpx.put(f"{one}/admin/prompt-sets/shared", content=blob(tiny.spec, 5000), headers=admin, timeout=30)
         assert again.status_code == 201
+
+
+@pytest.mark.real_model
+def test_kill_9_mid_upload_loses_nothing_acknowledged(seaweed, url, tmp_path, tiny, tiny_model_dir):
+    """A server killed with SIGKILL while uploads stream in: every version that was answered 201 before the
+    kill is there, with its bytes, on a server started afresh on the bucket."""
+    import signal
+
+    from tests.servers import free_port, spawn, stop, wait_ready
+
+    env = {**seaweed.env, "PROMPTSERVE_STORE_URL": url, "PROMPTSERVE_MODEL": str(tiny_model_dir),
+           "PROMPTSERVE_DTYPE": "float32", "PROMPTSERVE_SEED_DIR": "", "PROMPTSERVE_ADMIN_TOKEN": "t",
+           "PROMPTSERVE_CACHE_DIR": str(tmp_path / "cache-k")}
+    admin = {"Authorization": "Bearer t", "content-type": "application/octet-stream"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = spawn(env, port)
+    acknowledged: dict[int, str] = {}
+    try:
+        wait_ready(base, proc)
+        done = threading.Event()
+
+        def uploads():
+            seed = 0
+            while not done.is_set():
+                seed += 1
+                try:
+                    r = httpx.put(f"{base}/admin/prompt-sets/k9", content=blob(tiny.spec, 7000 + seed), headers=admin,
+                                  timeout=10)
+                except httpx.HTTPError:
+                    return  # the server is gone
+                if r.status_code == 201:
+                    acknowledged[r.json()["version"]] = r.json()["sha256"]
+        writer = threading.Thread(target=uploads)
+        writer.start()
+        time.sleep(4)
+        proc.send_signal(signal.SIGKILL)  # mid-stream of uploads, no drain
+        proc.wait(10)
+        done.set()
+        writer.join(20)
+    finally:
+        stop(proc)
+    assert len(acknowledged) >= 3, acknowledged
+    fresh = ObjectPromptStore(url, tmp_path / "cache-fresh", client=seaweed.client())
+    stored = {v.version: v.sha256 for v in fresh.list_versions("k9")}
+    missing = {v: sha for v, sha in acknowledged.items() if stored.get(v) != sha}
+    assert not missing, f"acknowledged but lost: {missing}"
+    for v in acknowledged:
+        info = next(i for i in fresh.list_versions("k9") if i.version == v)
+        assert hashlib.sha256(info.path.read_bytes()).hexdigest() == info.sha256
