@@ -87,15 +87,18 @@ async def start_stream(tasks: TaskService, task: ResolvedTask, ids: list[int], s
 
 async def start_streams(tasks: TaskService, task: ResolvedTask,
                         jobs: list[tuple[list[int], SamplingParams, object]]) -> list:
-    started = []
-    try:
-        for ids, sampling, constraint in jobs:
-            started.append(await start_stream(tasks, task, ids, sampling, constraint))
-    except BaseException:
-        for outputs, _, _ in started:
-            await outputs.aclose()
-        raise
-    return started
+    """Start several generations side by side (submitted together, so identical prompts can share their
+    prefill); if any is refused, the others are closed and the refusal raised."""
+    runs = [asyncio.ensure_future(start_stream(tasks, task, ids, sampling, constraint))
+            for ids, sampling, constraint in jobs]
+    await asyncio.wait(runs)
+    failed = next((r.exception() for r in runs if r.exception() is not None), None)
+    if failed is not None:
+        for r in runs:
+            if r.exception() is None:
+                await r.result()[0].aclose()
+        raise failed
+    return [r.result() for r in runs]
 
 
 async def _chain(first, rest):

@@ -90,30 +90,43 @@ def test_chunked_prefill_equals_whole_prefill(tiny, tmp_path):
 
 
 def test_identical_prompts_share_one_prefill_and_decode_as_if_alone(tiny, tmp_path):
-    """n choices of one request (the same prompt and prompt set, submitted together) are prefilled once: the
-    copies take the leader's cache row. Each then decodes exactly as the prompt alone would (float32)."""
+    """n choices of one request (the same prompt and prompt set) admitted in one step are prefilled once:
+    the copies take the leader's cache row. Each then decodes exactly as the prompt alone would (float32).
+    The engine is stepped by hand, so the four are admitted together whatever the timing."""
     import asyncio
 
+    from app.engine.engine import Engine, EngineConfig
     from tests.helpers import collect, greedy, make_engine, random_deep_prompt_set, save_ref
 
     ref = save_ref(tmp_path, "shared", random_deep_prompt_set(tiny.spec, 4, seed=3), tiny.spec)
     ids = tiny.tokenizer.encode("Once upon a time")
-    engine = make_engine(tiny)
+    running = make_engine(tiny)
     try:
-        alone = asyncio.run(collect(engine, ids, greedy(12, ignore_eos=True), ref))[0]
-        forwarded = []
-        real_hidden = engine.runner.forward.hidden
-
-        def counting(x, *a, **k):  # x: embeddings [rows, tokens, hidden]; a prefill has several tokens
-            if x.shape[1] > 1:
-                forwarded.append(x.shape[0])
-            return real_hidden(x, *a, **k)
-        engine.runner.forward.hidden = counting
-
-        async def together():
-            return await asyncio.gather(*(collect(engine, ids, greedy(12, ignore_eos=True), ref) for _ in range(4)))
-        outs = asyncio.run(together())
+        alone = asyncio.run(collect(running, ids, greedy(12, ignore_eos=True), ref))[0]
     finally:
-        engine.stop()
-    assert [o[0] for o in outs] == [alone] * 4
+        running.stop()
+    engine = Engine(tiny, EngineConfig(max_num_seqs=8, max_model_len=512))  # no loop: stepped below
+    forwarded = []
+    real_hidden = engine.runner.forward.hidden
+
+    def counting(x, *a, **k):  # x: embeddings [rows, tokens, hidden]; a prefill has several tokens
+        if x.shape[1] > 1:
+            forwarded.append(x.shape[0])
+        return real_hidden(x, *a, **k)
+    engine.runner.forward.hidden = counting
+
+    async def together():
+        queues = [engine.submit(ids, greedy(12, ignore_eos=True), ref)[1] for _ in range(4)]
+        while engine.scheduler.has_work():
+            engine.step()
+        await asyncio.sleep(0)
+        outs = []
+        for q in queues:
+            tokens = []
+            while not q.empty():
+                tokens.extend(q.get_nowait().token_ids)
+            outs.append(tokens)
+        return outs
+    outs = asyncio.run(together())
+    assert outs == [alone] * 4
     assert sum(forwarded) == 1, f"prefill forwards ran {forwarded} rows for 4 identical prompts (want one row)"
