@@ -1,5 +1,5 @@
 """OpenAI response pieces built from engine results: log-probabilities in the chat and the completions
-shapes, and usage. Token texts come from the task service (the tokenizer); nothing here touches tensors."""
+shapes. Token texts come from the task service (the tokenizer); nothing here touches tensors."""
 
 from __future__ import annotations
 
@@ -40,8 +40,3 @@ def prompt_entries(prompt_ids: list[int], prompt_logprobs: list[TokenLogprob | N
 
 def output_entries(entries: list[TokenLogprob]) -> list[tuple[int, TokenLogprob | None]]:
     return [(e.token_id, e) for e in entries]
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}

@@ -89,7 +89,7 @@ class SamplingExtras(OpenAIModel):
         guided = [(name, kind, getattr(self, name)) for name, kind in (
             ("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
             ("guided_grammar", "grammar"))]
-        return output_format(self.response_format, self.structured_outputs, guided, extra)
+        return output_format(self.response_format, self.structured_outputs, guided, extra, bool(self.ignore_eos))
 
     def sampling(self, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None,
                  choice: int = 0) -> SamplingParams:

@@ -56,10 +56,10 @@ def closed_objects(schema):
 
 
 def output_format(response_format: ResponseFormat | None, structured_outputs: StructuredOutputs | None,
-                  guided: list[tuple[str, str, Any]] = (), extra: list[tuple[str, ConstraintSpec]] = ()
-                  ) -> tuple[str, ConstraintSpec] | None:
+                  guided: list[tuple[str, str, Any]] = (), extra: list[tuple[str, ConstraintSpec]] = (),
+                  ignore_eos: bool = False) -> tuple[str, ConstraintSpec] | None:
     """(field, spec) of the one output format a request asks for, or None; 400 naming the field when it
-    asks for two."""
+    asks for two, or for one together with ignore_eos (a grammar ends with the end-of-sequence token)."""
     found: list[tuple[str, ConstraintSpec]] = list(extra)
     rf = response_format
     if rf is not None and rf.type == "json_object":
@@ -84,6 +84,8 @@ def output_format(response_format: ResponseFormat | None, structured_outputs: St
     if len(found) > 1:
         raise ApiError(400, "invalid_request", "ask for one output format at a time, not "
                        + " and ".join(f for f, _ in found), param=found[1][0])
+    if found and ignore_eos:
+        raise ApiError(400, "invalid_request", "ignore_eos cannot go with an output format", param="ignore_eos")
     return found[0] if found else None
 
 

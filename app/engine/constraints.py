@@ -52,10 +52,6 @@ class Constraint:
         self.matcher = matcher
         self.vocab_size = vocab_size
 
-    def mask(self, logits: torch.Tensor) -> None:
-        """Set the logits [V] (float32) of every token the grammar forbids next to -inf, in place."""
-        mask_rows([self], logits.unsqueeze(0))
-
     def accept(self, token_id: int) -> bool:
         return self.matcher.consume_token(token_id)
 

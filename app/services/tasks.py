@@ -120,38 +120,34 @@ class TaskService:
                              {"Retry-After": "1"}) from None
 
     # -- prompts ---------------------------------------------------------------------------------
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a raw prompt, or of a chat (with tools offered, or tool calls in its history)."""
         if (prompt is None) == (messages is None):
             raise InvalidRequest("give exactly one of 'prompt' or 'messages'")
         if messages is not None:
             if not messages:
                 raise InvalidRequest("'messages' is empty")
-            try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # a template may reject role orders it does not support
-                raise InvalidRequest(f"the chat template rejected these messages: {exc}") from None
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = self.tokenizer.encode(self._chat_text(messages, tools), add_special_tokens=False)
         else:
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         if not ids:
             raise InvalidRequest("the prompt is empty")
         return ids
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """A chat with tool definitions and tool calls in its history, in the model's own tool format when
-        its chat template has one, else in the format of app/services/tools.py."""
-        from app.services.tools import render_tool_chat  # tools only: plain chats take encode()
+    def _chat_text(self, messages: list[dict], tools: list[dict] | None = None,
+                   add_generation_prompt: bool = True) -> str:
+        """The chat as prompt text: the model's chat template; with tools offered or tool calls in the history,
+        its tool format when it has one, else the format of app/services/tools.py."""
+        from app.services.tools import render_tool_chat  # tools only
 
-        if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-            return self.encode(None, messages)
         try:
-            text = render_tool_chat(self.tokenizer, messages, tools or [])
-        except Exception as exc:
+            if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+                return render_tool_chat(self.tokenizer, messages, tools or [])
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
+        except Exception as exc:  # a template may reject role orders it does not support
             raise InvalidRequest(f"the chat template rejected these messages: {exc}") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if not ids:
-            raise InvalidRequest("the prompt is empty")
-        return ids
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """The tokenizer as Hugging Face files (tokenizer.json, its config, the chat template), so a client
@@ -168,14 +164,8 @@ class TaskService:
     def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool = True,
                  add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         if messages is not None:
-            if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-                return self.encode_chat(messages, tools)
-            try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                          tokenize=False)
-            except Exception as exc:
-                raise InvalidRequest(f"the chat template rejected these messages: {exc}") from None
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            return self.tokenizer.encode(self._chat_text(messages, tools, add_generation_prompt),
+                                         add_special_tokens=False)
         return self.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
 
     def detokenize(self, ids: list[int]) -> str:
@@ -279,6 +269,12 @@ class TaskService:
         out = await self._run_head(task, enc.ids, "tag", enc.positions)
         entities = decode_entities(text, enc, out.tags, bio_tags(task.meta.labels))
         return {"entities": entities, "usage": {"prompt_tokens": out.prompt_tokens}}
+
+    async def label(self, task: ResolvedTask, texts: list[str]) -> list[dict]:
+        """Classify or extract each text, in order; submitted together, so the engine runs them in the same
+        forward passes."""
+        run = self.classify if task.task_type == "classify" else self.extract
+        return list(await asyncio.gather(*(run(task, text) for text in texts)))
 
     # -- listing and admin ------------------------------------------------------------------------
     @_store_may_be_down

@@ -18,8 +18,9 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError, body_of
 from app.api.generation import guarded, run_completions, start_streams, stream_outputs
-from app.api.openai_format import (chat_logprobs, completion_logprobs, output_entries, prompt_entries, usage)
+from app.api.openai_format import chat_logprobs, completion_logprobs, output_entries, prompt_entries
 from app.api.openai_schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, NamedToolChoice
+from app.api.schemas import Usage
 from app.api.sse import sse
 from app.services.tasks import ResolvedTask, TaskService
 from app.services.tools import calls_grammar, parse_tool_calls
@@ -87,7 +88,7 @@ async def _event_stream(tasks, resolved, jobs, metrics, settings, render, envelo
     """The streamed answer of a request's generations: the endpoint's events, then a usage chunk (when asked
     for, with the totals `render` kept) and [DONE]."""
     def epilogue():
-        tail = [sse({**envelope, "choices": [], "usage": usage(totals["prompt"], totals["completion"])})] \
+        tail = [sse({**envelope, "choices": [], "usage": Usage.of(totals["prompt"], totals["completion"]).model_dump()})] \
             if include_usage else []
         return tail + [sse("[DONE]")]
 
@@ -111,10 +112,8 @@ def _refuse_for_labelled(body, resolved: ResolvedTask, fields: list[str]) -> Non
                            f"{name!r} does not apply to it", param=name)
 
 
-async def _label(request: Request, tasks: TaskService, settings, resolved: ResolvedTask, text: str) -> tuple[str, dict, int]:
-    """(content, extension fields, prompt tokens) of a classify or extract task's answer."""
-    run = tasks.classify if resolved.task_type == "classify" else tasks.extract
-    out = await guarded(request, run(resolved, text), settings.request_timeout)
+def _answer(resolved: ResolvedTask, out: dict) -> tuple[str, dict, int]:
+    """(content, extension fields, prompt tokens) of a classify or extract task's answer to one text."""
     if resolved.task_type == "classify":
         return out["label"], {"scores": out["scores"]}, out["usage"]["prompt_tokens"]
     return json.dumps({"entities": out["entities"]}, ensure_ascii=False), {"entities": out["entities"]}, \
@@ -128,12 +127,13 @@ LABELLED_REFUSED = ["logprobs", "top_logprobs", "echo", "tools", "response_forma
 async def _labelled(request, body, tasks, settings, metrics, resolved, texts: list[str], chat: bool):
     _refuse_for_labelled(body, resolved, LABELLED_REFUSED)
     start = time.monotonic()
-    answers = [await _label(request, tasks, settings, resolved, t) for t in texts]
+    outs = await guarded(request, tasks.label(resolved, texts), settings.request_timeout)
+    answers = [_answer(resolved, out) for out in outs]
     metrics.observe(resolved.name, "200", time.monotonic() - start,
                     prompt_tokens=sum(a[2] for a in answers))
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    total = usage(sum(a[2] for a in answers), 0)
+    total = Usage.of(sum(a[2] for a in answers), 0).model_dump()
     if body.stream:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -185,8 +185,6 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
     prompt_top = top if echo and top is not None else body.prompt_logprobs
     encoded = [p if isinstance(p, list) else await run_in_threadpool(tasks.encode, p) for p in prompts]
     found = body.constraint_spec()
-    if found and body.ignore_eos:
-        raise ApiError(400, "invalid_request", "ignore_eos cannot go with an output format", param="ignore_eos")
     jobs = []
     for ids in encoded:
         max_tokens = tasks.max_tokens_for(resolved, ids, body.max_tokens, settings.default_max_tokens)
@@ -234,7 +232,7 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
         choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason})
     prompt_tokens = sum(len(ids) for ids in encoded)
     return {**_envelope("text_completion", rid, created, body.model), "choices": choices,
-            "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results))}
+            "usage": Usage.of(prompt_tokens, sum(r.completion_tokens for r in results)).model_dump()}
 
 
 # -- chat ------------------------------------------------------------------------------------------------
@@ -279,10 +277,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tasks:
                                chat=True)
     tools = body.tool_dicts() if body.calls_tools else []
     parallel = body.parallel_tool_calls is not False
-    ids = await run_in_threadpool(tasks.encode_chat, [m.plain() for m in body.messages], tools)
+    ids = await run_in_threadpool(tasks.encode, None, [m.plain() for m in body.messages], tools)
     found = body.constraint_spec(_tool_grammar(body, tools))
-    if found and body.ignore_eos:
-        raise ApiError(400, "invalid_request", "ignore_eos cannot go with an output format", param="ignore_eos")
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = tasks.max_tokens_for(resolved, ids, body.max_completion_tokens or body.max_tokens,
                                       settings.default_max_tokens)
@@ -340,4 +336,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tasks:
             if top is not None else None
         choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
     return {**_envelope("chat.completion", rid, created, body.model), "choices": choices,
-            "usage": usage(len(ids), sum(r.completion_tokens for r in results))}
+            "usage": Usage.of(len(ids), sum(r.completion_tokens for r in results)).model_dump()}

@@ -1,4 +1,3 @@
-import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -44,9 +43,7 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
     ids = await run_in_threadpool(tasks.encode, body.prompt, messages)  # not on the event loop
     sampling = body.sampling(tasks.max_tokens_for(resolved, ids, body.max_tokens, settings.default_max_tokens))
-    found = output_format(body.response_format, body.structured_outputs)
-    if found and body.ignore_eos:
-        raise ApiError(400, "invalid_request", "ignore_eos cannot go with an output format", param="ignore_eos")
+    found = output_format(body.response_format, body.structured_outputs, ignore_eos=body.ignore_eos)
     constraint = await run_in_threadpool(tasks.constraint, found[1], found[0]) if found else None
     if body.stream:
         def render(_, out):
@@ -72,8 +69,7 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
 
 
 async def _label(task, body, request, tasks, settings, metrics, resolved, ref):
-    """Classify or extract one `text`, or several `texts` (submitted together, so the engine runs them in
-    the same forward passes; answered in order)."""
+    """Classify or extract one `text`, or several `texts` (answered in order)."""
     texts = body.texts if body.texts is not None else [body.text] if body.text is not None else None
     if texts is None:
         raise ApiError(400, "invalid_request", f"task {task!r} is a {resolved.task_type} task: send 'text' or "
@@ -83,8 +79,7 @@ async def _label(task, body, request, tasks, settings, metrics, resolved, ref):
             raise ApiError(400, "invalid_request", f"task {task!r} is a {resolved.task_type} task: {name!r} does "
                            "not apply to it", param=name)
     start = time.monotonic()
-    run = tasks.classify if resolved.task_type == "classify" else tasks.extract
-    outs = await guarded(request, asyncio.gather(*(run(resolved, t) for t in texts)), settings.request_timeout)
+    outs = await guarded(request, tasks.label(resolved, texts), settings.request_timeout)
     metrics.observe(task, "200", time.monotonic() - start, prompt_tokens=sum(o["usage"]["prompt_tokens"] for o in outs))
     answers = [ClassifyResponse(label=o["label"], scores=o["scores"], prompt_set=ref)
                if resolved.task_type == "classify" else ExtractResponse(entities=o["entities"], prompt_set=ref)
