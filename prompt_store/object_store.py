@@ -9,7 +9,8 @@ need).
 Layout under the prefix, per task:
   tasks/<task>/versions/<sha256>.safetensors   immutable, named by content: written once, never changed
   tasks/<task>/manifest.json                   {"last", "active", "versions": {n: {sha256, size, created}},
-                                                "keys": {key hash: [sha256, version]}, "deleted"}
+                                                "keys": {key hash: [sha256, version]}, "deleted",
+                                                "generation": swaps so far}
 Version objects are never deleted: a deleted version or task leaves the manifest and is never served again,
 but its bytes stay (a concurrent upload of the same bytes may name the same object; removing it could lose
 an acknowledged version). A bucket lifecycle rule can reclaim the space.
@@ -53,6 +54,12 @@ class _Cached:
     read_at: float
 
 
+def _generation(manifest: dict | None) -> int:
+    """How many swaps made this manifest (-1: none exists yet; manifests are never removed, a deleted task
+    keeps a tombstone)."""
+    return -1 if manifest is None else manifest.get("generation", 0)
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """s3://bucket/prefix -> (bucket, "prefix/") ("" without a prefix)."""
     rest = url[len("s3://"):]
@@ -64,6 +71,12 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 class ObjectPromptStore:
+    # Where a test may simulate a kill (see PromptStore.crash_point): before anything is written, and with
+    # the version object written but the manifest not yet swapped. There is no third state: the manifest
+    # swap stores and activates a version at once.
+    UPLOAD_CRASH_POINTS = ("before_content", "content_written")
+    crash_point = staticmethod(lambda step: None)
+
     def __init__(self, url: str, cache_dir: str | Path, poll_seconds: float = 1.0, client=None):
         import boto3
         from botocore.config import Config
@@ -119,14 +132,26 @@ class ObjectPromptStore:
         if cached is None or now - cached.read_at >= self.poll_seconds:
             try:
                 manifest, _ = self._read_manifest(task)
-                cached = _Cached(manifest, now)
-                self._manifests[task] = cached
+                cached = self._remember(task, manifest, now)
             except StoreUnavailable:
                 if cached is None:
                     raise
         if cached.manifest is None or cached.manifest.get("deleted") or cached.manifest.get("active") is None:
             raise TaskNotFound(f"no task named {task!r}")
         return cached.manifest
+
+    def _remember(self, task: str, manifest: dict | None, read_at: float) -> _Cached:
+        """Cache a manifest unless a newer one is cached already. Two threads of one replica can finish in
+        either order (a read that began before a write, two writes whose swaps succeeded one after the
+        other): without this, the older manifest could land last and be served for a poll interval, e.g. a
+        task deleted and acknowledged still listed. Every swap raises `generation` by one."""
+        with self._lock:
+            cached = self._manifests.get(task)
+            if cached is not None and _generation(cached.manifest) > _generation(manifest):
+                return cached
+            cached = _Cached(manifest, read_at)
+            self._manifests[task] = cached
+            return cached
 
     def _update(self, task: str, change) -> tuple[dict, object]:
         """Compare-and-swap the task's manifest: change(manifest or None) -> (new manifest, result)."""
@@ -136,6 +161,7 @@ class ObjectPromptStore:
         for _ in range(CAS_ATTEMPTS):
             manifest, etag = self._read_manifest(task)
             new, result = change(copy.deepcopy(manifest))
+            new["generation"] = _generation(manifest) + 1
             condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
             try:
                 self._call(self._s3.put_object, Bucket=self.bucket, Key=self._key(task, "manifest.json"),
@@ -145,7 +171,7 @@ class ObjectPromptStore:
                         exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                     continue  # another writer got there first: read again and redo the change
                 raise
-            self._manifests[task] = _Cached(new, time.monotonic())
+            self._remember(task, new, time.monotonic())
             with self._lock:
                 self._tasks = None
             return new, result
@@ -226,8 +252,10 @@ class ObjectPromptStore:
         validate_task_name(task)
         sha = sha256_of(data)
         # the content first (immutable, by hash: a retry rewrites the same bytes), then the manifest
+        self.crash_point("before_content")
         self._call(self._s3.put_object, Bucket=self.bucket, Key=self._key(task, f"versions/{sha}.safetensors"),
                    Body=data, ContentType="application/octet-stream")
+        self.crash_point("content_written")
         key_id = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
 
         def change(manifest):
@@ -305,3 +333,4 @@ class ObjectPromptStore:
             return {"last": manifest["last"], "active": None, "versions": {}, "keys": {}, "deleted": True}, None
 
         self._update(task, change)
+        self.crash_point("deactivated")  # the swap was the whole delete: a kill now changes nothing

@@ -130,6 +130,7 @@ class PromptStore:
     # Test hook: called with a step name between the file operations of a write, so a test can simulate
     # a crash (raise) at any point and check what a restarted store then shows.
     crash_point = staticmethod(lambda step: None)
+    UPLOAD_CRASH_POINTS = ("claimed", "written", "linked")
 
     def __init__(self, root: str | Path, recover: bool = True):
         self.root = Path(root)

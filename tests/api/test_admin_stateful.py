@@ -1,8 +1,10 @@
-"""Stateful property test of the prompt-set store through the admin API, against a simple model.
+"""Stateful property test of the prompt-set store through the admin API, against a simple model, on both
+backends: the file store and the object store (a real SeaweedFS on loopback).
 
 Rules: upload (with or without an idempotency key), activate, delete a version, delete a task, two of
 these at once from two threads, and a simulated crash (a kill between any two file operations of an
-upload or a task delete) followed by a restart of the store. After every step: the listing equals the
+upload or a task delete) followed by a restart of the store: a new store object on the same directory or
+bucket, with an empty cache. After every step: the listing equals the
 model, version numbers were never reused, and what a request is served is exactly the active bytes (its
 greedy output equals that of the same bytes uploaded under a reference name).
 
@@ -10,6 +12,7 @@ Bounded in CI; PROMPTSERVE_STATEFUL_EXAMPLES=N runs a longer search.
 """
 
 import os
+import tempfile
 import threading
 
 import pytest
@@ -20,6 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from app.api.main import create_app
 from prompt_store import PromptStore
+from prompt_store.object_store import ObjectPromptStore
 from prompt_store.store import sha256_of
 from tests.api.conftest import ADMIN, make_settings
 from tests.helpers import input_prompt_set
@@ -27,17 +31,28 @@ from tests.helpers import input_prompt_set
 TASKS = ("a", "b")
 N_DATA = 5
 EXAMPLES = int(os.environ.get("PROMPTSERVE_STATEFUL_EXAMPLES", "12"))
-UPLOAD_STEPS = ("claimed", "written", "linked")
 
 
 class Killed(BaseException):
     """A simulated kill -9: not an Exception, so no handler of the server can swallow it."""
 
 
-@pytest.fixture(scope="module")
-def world(tiny, tmp_path_factory):
+@pytest.fixture(scope="module", params=["file", "s3"])
+def world(request, tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("stateful")
-    with TestClient(create_app(make_settings(root), loaded=tiny)) as client:
+    with pytest.MonkeyPatch.context() as env:
+        if request.param == "s3":
+            seaweed = request.getfixturevalue("seaweed")
+            for name, value in seaweed.env.items():
+                env.setenv(name, value)
+            settings = make_settings(root, store_url=f"s3://promptsets/stateful-{root.name}", cache_dir=root / "cache")
+        else:
+            settings = make_settings(root)
+        yield from _world(settings, tiny)
+
+
+def _world(settings, tiny):
+    with TestClient(create_app(settings, loaded=tiny)) as client:
         datas = [input_prompt_set(tiny.spec, 2 + i, seed=i, scale=1.0).to_bytes(tiny.spec) for i in range(N_DATA)]
         expected = {}
         for i, data in enumerate(datas):
@@ -109,9 +124,15 @@ class AdminMachine(RuleBasedStateMachine):
         self.keys = {k: v for k, v in self.keys.items() if not k.startswith((f"{task}-", f"crash-{task}-"))}
 
     def _restart_store(self):
-        """A new process on the same directory: start-up recovery runs."""
+        """A new process on the same directory (start-up recovery runs) or bucket (with an empty cache)."""
         service = self.client.app.state.tasks
-        service.store = self.client.app.state.store = PromptStore(service.store.root)
+        old = service.store
+        if isinstance(old, PromptStore):
+            new = PromptStore(old.root)
+        else:
+            new = ObjectPromptStore(f"s3://{old.bucket}/{old.prefix}", tempfile.mkdtemp(dir=old.cache_dir.parent),
+                                    old.poll_seconds)
+        service.store = self.client.app.state.store = new
 
     # -- rules -----------------------------------------------------------------------------------
     @rule(task=st.sampled_from(TASKS), idx=st.integers(0, N_DATA - 1), key=st.sampled_from([None, "k1", "k2"]))
@@ -151,17 +172,18 @@ class AdminMachine(RuleBasedStateMachine):
         assert r.status_code == (204 if task in self.model else 404)
         self._forget(task)
 
-    @rule(task=st.sampled_from(TASKS), idx=st.integers(0, N_DATA - 1), step=st.sampled_from(UPLOAD_STEPS))
-    def upload_killed_then_retried(self, task, idx, step):
+    @rule(task=st.sampled_from(TASKS), idx=st.integers(0, N_DATA - 1), point=st.integers(0, 5))
+    def upload_killed_then_retried(self, task, idx, point):
         """A kill mid-upload (the client saw no answer), a restart, and the client's keyed retry."""
         key = f"crash-{task}-{idx}"
         if self.keys.get(key) not in (None, sha256_of(self.datas[idx])):
             return
+        store = self.client.app.state.store
+        step = store.UPLOAD_CRASH_POINTS[point % len(store.UPLOAD_CRASH_POINTS)]
 
         def crash(at):
             if at == step:
                 raise Killed(at)
-        store = self.client.app.state.store
         store.crash_point = crash
         try:  # the service as the route calls it (a kill must not cross the test client's event loop)
             info = self.client.app.state.tasks.upload(task, self.datas[idx], key)
