@@ -5,18 +5,19 @@ from prompt_store.store import PromptStore, StoreError, TaskNotFound, VersionInf
 
 
 
-def open_store(url: str, store_dir, cache_dir, poll_seconds: float = 1.0):
-    """The store a URL names: s3://bucket/prefix (ObjectPromptStore, version files cached under cache_dir),
-    file:///path, or, when empty, the file store at store_dir."""
+def open_store(url: str, store_dir, poll_seconds: float = 1.0):
+    """The store a URL names: s3://bucket/prefix (ObjectPromptStore), file:///path, or, when empty, the file
+    store at store_dir. With an object store, store_dir holds this replica's read-through cache of version
+    files: the one directory a deployment already makes writable for the store (the image's volume, a
+    pod's emptyDir), where the root filesystem and the model cache may be read-only."""
     if url.startswith("s3://"):
         from prompt_store.object_store import ObjectPromptStore  # boto3 only when it is used
-        return ObjectPromptStore(url, cache_dir, poll_seconds)
+        return ObjectPromptStore(url, store_dir, poll_seconds)
     if url.startswith("file://"):
         return PromptStore(url[len("file://"):])
     if url:
         raise ValueError(f"unsupported store URL {url!r}: use s3://bucket/prefix or file:///path")
     return PromptStore(store_dir)
-
 
 __all__ = ["open_store",
     "PromptSet", "PromptSetError", "PromptSetMeta",

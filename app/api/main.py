@@ -54,8 +54,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store = open_store(settings.store_url, settings.store_dir, settings.cache_dir / "prompt-sets",
-                           settings.store_poll_seconds)
+        store = open_store(settings.store_url, settings.store_dir, settings.store_poll_seconds)
         # a model handed in (tests, or a caller that already holds one) is used as it is
         if engine is not None:
             model, running = engine.loaded, engine

@@ -45,7 +45,7 @@ def world(request, tiny, tmp_path_factory):
             seaweed = request.getfixturevalue("seaweed")
             for name, value in seaweed.env.items():
                 env.setenv(name, value)
-            settings = make_settings(root, store_url=f"s3://promptsets/stateful-{root.name}", cache_dir=root / "cache")
+            settings = make_settings(root, store_url=f"s3://promptsets/stateful-{root.name}")
         else:
             settings = make_settings(root)
         yield from _world(settings, tiny)

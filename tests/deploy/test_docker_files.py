@@ -109,11 +109,22 @@ def test_compose_file_validates_against_the_compose_spec():
     jsonschema.validate(compose, _compose_schema())
     services = compose["services"]
     # the scale profile: exactly two servers (the default one and replica-b) and the balancer
-    assert set(services) == {"promptserve", "promptserve-gpu", "replica-b", "balancer"}
+    assert set(services) == {"promptserve", "promptserve-gpu", "replica-b", "balancer",
+                             "seaweedfs", "s3-bucket", "s3-replica-a", "s3-replica-b", "s3-balancer"}
     assert "profiles" not in services["promptserve"]
     assert services["replica-b"]["profiles"] == services["balancer"]["profiles"] == ["scale"]
     assert services["promptserve"]["volumes"] == services["replica-b"]["volumes"] == ["prompt-store:/data/prompt-store"]
     assert services["promptserve-gpu"]["profiles"] == ["gpu"]
+    # the s3 profile: two replicas sharing nothing but the bucket, on a network of their own
+    s3 = {name for name, service in services.items() if service.get("profiles") == ["s3"]}
+    assert s3 == {"seaweedfs", "s3-bucket", "s3-replica-a", "s3-replica-b", "s3-balancer"}
+    for name in ("s3-replica-a", "s3-replica-b"):
+        replica = services[name]
+        assert replica["environment"]["PROMPTSERVE_STORE_URL"].startswith("s3://")
+        assert replica["environment"]["AWS_ENDPOINT_URL"] == "http://seaweedfs:8333"
+        assert replica["volumes"] == [] and list(replica["networks"]) == ["s3"]
+        assert replica["depends_on"]["s3-bucket"]["condition"] == "service_completed_successfully"
+    assert services["s3-balancer"]["networks"] == ["s3"]
 
 
 def test_compose_schema_rejects_nonsense():

@@ -4,6 +4,7 @@ deployment carries the probes, drain timing and security settings production nee
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,11 @@ def _kubectl() -> str:
 
 
 def render(overlay: str) -> list[dict]:
-    out = subprocess.run([_kubectl(), "kustomize", str(ROOT / "deploy/k8s/overlays" / overlay)],
-                         capture_output=True, text=True, timeout=60)
+    return render_dir(ROOT / "deploy/k8s/overlays" / overlay)
+
+
+def render_dir(directory: Path) -> list[dict]:
+    out = subprocess.run([_kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -82,3 +86,25 @@ def test_deployment_is_production_shaped(overlay):
     gpus = container["resources"]["limits"].get("nvidia.com/gpu")
     assert (gpus == "1") == (overlay == "gpu")
     assert container["image"] == ("promptserve:cuda" if overlay == "gpu" else "promptserve:latest")
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_the_object_store_component(overlay, tmp_path):
+    """An overlay with the object-store component: no claim, the store path an emptyDir (each replica's
+    cache of version files), the S3 Secret required; still strictly valid."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "deploy/k8s/overlays" / overlay, tmp_path)],
+        "components": [os.path.relpath(ROOT / "deploy/k8s/components/object-store", tmp_path)]}))
+    docs = render_dir(tmp_path)
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    pod = of_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    store = [v for v in pod["volumes"] if v["name"] == "store"][0]
+    assert "emptyDir" in store and "persistentVolumeClaim" not in store
+    container = pod["containers"][0]
+    assert [e["secretRef"] for e in container["envFrom"] if "secretRef" in e] == [
+        {"name": "promptserve-s3", "optional": False}]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert (container["resources"]["limits"].get("nvidia.com/gpu") == "1") == (overlay == "gpu")

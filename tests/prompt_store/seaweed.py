@@ -60,7 +60,7 @@ class Seaweed:
              f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}", "-s3",
              f"-s3.port={p['s3']}", f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
              f"-s3.config={self.config}",
-             "-volume.max=8"],
+             "-volume.max=8", "-master.telemetry=false"],
             stdout=open(self.root / "weed.log", "ab"), stderr=subprocess.STDOUT)
         client = self.client()
         deadline = time.time() + timeout

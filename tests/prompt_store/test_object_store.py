@@ -131,9 +131,9 @@ def test_two_servers_on_one_bucket(seaweed, url, tmp_path, tiny, tiny_model_dir)
     the cache and admin writes answer 503, then recover by themselves."""
     env = {**seaweed.env, "PROMPTSERVE_STORE_URL": url, "PROMPTSERVE_MODEL": str(tiny_model_dir),
            "PROMPTSERVE_DTYPE": "float32", "PROMPTSERVE_SEED_DIR": "", "PROMPTSERVE_ADMIN_TOKEN": "t",
-           "PROMPTSERVE_CACHE_DIR": str(tmp_path / "cache-1")}
+           "PROMPTSERVE_STORE_DIR": str(tmp_path / "cache-1")}
     admin = {"Authorization": "Bearer t", "content-type": "application/octet-stream"}
-    with serving(env) as one, serving({**env, "PROMPTSERVE_CACHE_DIR": str(tmp_path / "cache-2")}) as two:
+    with serving(env) as one, serving({**env, "PROMPTSERVE_STORE_DIR": str(tmp_path / "cache-2")}) as two:
         latencies = []
         for seed in range(20):
             r = httpx.put(f"{one}/admin/prompt-sets/shared", content=blob(tiny.spec, 1000 + seed), headers=admin,
@@ -195,7 +195,7 @@ def test_kill_9_mid_upload_loses_nothing_acknowledged(seaweed, url, tmp_path, ti
 
     env = {**seaweed.env, "PROMPTSERVE_STORE_URL": url, "PROMPTSERVE_MODEL": str(tiny_model_dir),
            "PROMPTSERVE_DTYPE": "float32", "PROMPTSERVE_SEED_DIR": "", "PROMPTSERVE_ADMIN_TOKEN": "t",
-           "PROMPTSERVE_CACHE_DIR": str(tmp_path / "cache-k")}
+           "PROMPTSERVE_STORE_DIR": str(tmp_path / "cache-k")}
     admin = {"Authorization": "Bearer t", "content-type": "application/octet-stream"}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
