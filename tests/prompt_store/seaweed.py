@@ -77,6 +77,13 @@ class Seaweed:
                     raise RuntimeError(f"SeaweedFS did not start:\n{log}") from None
                 time.sleep(0.5)
 
+    def kill(self) -> None:
+        """SIGKILL: the object store dies without a word (a crash, an OOM kill, a lost host)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -127,8 +127,8 @@ def test_the_object_store_down_and_back(seaweed, url, tmp_path, tiny):
 @pytest.mark.real_model
 def test_two_servers_on_one_bucket(seaweed, url, tmp_path, tiny, tiny_model_dir):
     """Two `promptserve serve` processes (the tiny model) on one bucket: an upload through one is served by
-    the other within 2 s (measured over 20 uploads); with the object store down, /v1 keeps answering from
-    the cache and admin writes answer 503, then recover by themselves."""
+    the other within 2 s (measured over 20 uploads); with the object store killed under load, /v1 keeps
+    answering from the cache and admin writes answer 503, then recover by themselves once it is restarted."""
     env = {**seaweed.env, "PROMPTSERVE_STORE_URL": url, "PROMPTSERVE_MODEL": str(tiny_model_dir),
            "PROMPTSERVE_DTYPE": "float32", "PROMPTSERVE_SEED_DIR": "", "PROMPTSERVE_ADMIN_TOKEN": "t",
            "PROMPTSERVE_STORE_DIR": str(tmp_path / "cache-1")}
@@ -162,7 +162,7 @@ def test_two_servers_on_one_bucket(seaweed, url, tmp_path, tiny, tiny_model_dir)
         [t.start() for t in loaders]
         try:
             time.sleep(0.5)
-            seaweed.stop()
+            seaweed.kill()  # killed mid-load, then restarted on its data
             try:
                 time.sleep(2.5)  # past the poll interval: every read now finds the store gone
                 during = len(served)
