@@ -18,15 +18,14 @@ import argparse
 import time
 from contextlib import contextmanager
 
-import torch
-
 import app.engine.llama as llama
 import app.engine.model_runner as model_runner
 from app.engine.engine import Engine, EngineConfig
 from app.model.loader import load_model
 from app.settings import Settings
 from benchmarks.engine_steps import running_sequences
-from benchmarks.structured_load import cpu_name
+from benchmarks.roofline import cpu_name, measure_machine, roofline
+
 
 PARTS = ["projections", "lm_head", "attention", "cache writes", "norms", "rotary", "sampling"]
 
@@ -103,34 +102,6 @@ def step_breakdown(runner, batch: int, steps: int) -> dict:
     parts = {k: 1000 * SPENT.get(k, 0.0) / steps * scale for k in PARTS}
     parts["other"] = max(wall_ms - sum(parts.values()), 0.0)
     return {"batch": batch, "step_ms": wall_ms, "parts_ms": parts}
-
-
-def measure_machine() -> dict:
-    """Read bandwidth (GB/s, a large tensor summed) and bf16 matmul rate (GFLOP/s) on this machine."""
-    x = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.float32)  # 256 MiB: beyond every cache
-    x.sum()
-    t = time.perf_counter()
-    for _ in range(5):
-        x.sum()
-    bandwidth = 5 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    gflops = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
-    return {"read_gb_s": bandwidth, "bf16_gflop_s": gflops}
-
-
-def roofline(loaded, machine: dict, batch: int) -> float:
-    """Tokens per second the machine allows at this batch: the larger of reading every weight once per step
-    and the step's matmul FLOPs (2 per weight per token), whichever bounds."""
-    params = sum(p.numel() for p in loaded.model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    read_s = weight_bytes / (machine["read_gb_s"] * 1e9)
-    flop_s = 2 * params * batch / (machine["bf16_gflop_s"] * 1e9)
-    return batch / max(read_s, flop_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from benchmarks.roofline import cpu_name
 from benchmarks.server_process import free_port, spawn, stop, wait_ready
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -33,16 +33,6 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "kind": {"type": "string", "enum": ["fruit", "tool", "animal"]},
                          "tags": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 12}},
                          "size": {"type": "integer", "minimum": 0, "maximum": 1000}}}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 async def client_loop(http: httpx.AsyncClient, base: str, constrained: bool, until: float, max_tokens: int,
