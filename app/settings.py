@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEMO_PROMPT_SETS = Path(__file__).resolve().parent / "demo_prompt_sets"
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "promptserve"
 
@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     model: str = ""
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
 
     # Prompt-set store.
     store_dir: Path = Path("var/prompt-store")
@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     prefix_cache_mb: int = 1024  # ...and by memory
     default_max_tokens: int = 256
     pack_weights: bool = True  # CPU: oneDNN-packed copies of the linear weights (faster; weights held twice)
+    # CPU: the decode-attention kernel built for this machine (app/engine/kernels; needs a C++ compiler,
+    # else torch's SDPA), cached under cache_dir
+    native_kernels: bool = True
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -60,6 +60,8 @@ def instrumented(runner):
     patch(llama, "rms_norm", "norms")
     patch(forward, "lm_head", "lm_head")
     patch(forward, "grouped_attention", "attention")
+    if runner.decode_attention is not None:  # the native kernel, when it built here
+        patch(runner, "decode_attention", "attention")
     patch(llama, "apply_rotary_pos_emb", "rotary")
     patch(model_runner, "sample", "sampling")
     patch(runner, "_write_decode_kv", "cache writes")

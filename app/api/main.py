@@ -43,7 +43,8 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
         max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len, max_queue=settings.max_queue,
         max_prefills_per_step=settings.max_prefills_per_step, max_prefill_tokens=settings.max_prefill_tokens,
         prefix_cache_size=settings.prefix_cache_size,
-        prefix_cache_bytes=settings.prefix_cache_mb << 20, pack_weights=settings.pack_weights))
+        prefix_cache_bytes=settings.prefix_cache_mb << 20, pack_weights=settings.pack_weights,
+        kernel_cache_dir=str(settings.cache_dir) if settings.native_kernels else None))
 
 
 def create_app(settings: Settings | None = None, loaded: LoadedModel | None = None,

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from app.engine.detokenizer import Detokenizer
@@ -22,6 +22,7 @@ from app.engine.scheduler import QueueFull, Scheduler
 from app.engine.types import (EngineError, ErrorKind, GenerationRequest, PromptSetRef, RequestOutput, SamplingParams,
                               Sequence, SeqStatus)
 from app.model.loader import LoadedModel
+from app.settings import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class EngineConfig:
     prefix_cache_size: int = 4096
     prefix_cache_bytes: int = 1 << 30
     pack_weights: bool = True  # CPU: oneDNN-packed linear weights (faster, one more copy of the weights)
+    # CPU: where the native decode-attention kernel is built and cached (app/engine/kernels); None: SDPA only
+    kernel_cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
 
 
 def _failure_message(exc: Exception) -> str:
@@ -81,7 +84,7 @@ class Engine:
                                    loaded.stop_token_ids, config.max_prefill_tokens)
         self.runner = ModelRunner(loaded.model, loaded.spec, loaded.device, loaded.dtype,
                                   config.max_num_seqs, self.max_model_len, config.prefix_cache_size,
-                                  config.prefix_cache_bytes, config.pack_weights)
+                                  config.prefix_cache_bytes, config.pack_weights, config.kernel_cache_dir)
         self._subs: dict[str, _Subscriber] = {}
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # outputs of this phase, by event loop
         self._wake = threading.Event()

@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from app.engine import kernels
 from app.engine.kv_cache import KVCache
 from app.engine.llama import LlamaForward
 from app.engine.packed_linear import packing_works
@@ -35,10 +36,13 @@ def _sort_sampled(seqs: list[Sequence], tokens: list, sampled: dict, errors: dic
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, shape, device: torch.device, dtype: torch.dtype,
                  max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30,
-                 pack_weights: bool = True):
+                 pack_weights: bool = True, kernel_cache_dir: str | None = None):
         self.device = device
         self.packed_weights = pack_weights and packing_works(device, dtype)
         self.forward = LlamaForward(model, pack_weights=self.packed_weights)
+        # decode attention: the native CPU kernel when it builds here, else torch's SDPA with a mask
+        self.decode_attention = kernels.decode_attention(kernel_cache_dir) \
+            if kernel_cache_dir is not None and device.type == "cpu" else None
         f = self.forward
         self.cache = KVCache(len(f.layers), max_num_seqs, f.num_kv_heads, max_model_len, f.head_dim,
                              dtype, device)
@@ -245,8 +249,10 @@ class ModelRunner:
         lengths = torch.tensor([cache.lengths[r] for r in sorted_rows], device=self.device)
         width = int(lengths.max()) + 1
         row_index = torch.tensor(sorted_rows, device=self.device)
-        allowed = (self._positions[:width].unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)  # [n,1,S]
-        mask = self.forward.group_mask(allowed, cache.k.dtype)
+        f, kernel = self.forward, self.decode_attention
+        if kernel is None:
+            allowed = (self._positions[:width].unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)  # [n,1,S]
+            mask = f.group_mask(allowed, cache.k.dtype)
 
         def attend(i, q, k, v):
             self._write_decode_kv(i, row_index, lengths, k, v)
@@ -254,7 +260,11 @@ class ModelRunner:
                 keys, values = cache.k[i, :n, :, :width], cache.v[i, :n, :, :width]
             else:
                 keys, values = cache.k[i][row_index, :, :width], cache.v[i][row_index, :, :width]
-            return self.forward.grouped_attention(q, keys, values, mask)
+            if kernel is None:
+                return f.grouped_attention(q, keys, values, mask)
+            # row b sees positions 0..lengths[b] (its new token included): no mask tensor needed
+            o = kernel(q.reshape(n, f.num_kv_heads, f.group, f.head_dim).contiguous(), keys, values, lengths, f.scale)
+            return o.view(n, f.num_heads, 1, f.head_dim)
 
         hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attend)
         logits = self.forward.logits(hidden[:, -1])
