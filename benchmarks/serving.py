@@ -466,7 +466,8 @@ def main(args) -> int:
                        ("hf_inputs_embeds", "HF generate per request, inputs_embeds")):
         print(f"| {label} | {report[key]['output_tok_s']:.1f} |")
     print("\n| ratio | value | goal |\n|---|---|---|")
-    goals = {"HF generate batch": 2.5, "single task": 0.95, "inputs_embeds": 10.0, "batch 1": 2.0,
+    # the first key a ratio's name contains gives its goal ("batch 1" before the wider "HF generate batch")
+    goals = {"batch 1": 2.0, "HF generate batch": 2.5, "single task": 0.95, "inputs_embeds": 10.0,
              "one prompt set": 0.9}
     for k, v in ratios.items():
         goal = next((g for key, g in goals.items() if key in k), None)
