@@ -152,6 +152,14 @@ curl -sf "http://127.0.0.1:$((PORT + 1))/v1/tasks/chat" -H 'content-type: applic
 docker rm -f "$RO" >/dev/null
 say "as the Kubernetes pod runs it (read-only root, uid 10001, no capabilities): ready, upload 201, chat answered"
 
+serves_upload() {  # SERVICE TASK: the compose service's replica itself (not the balancer) serves the task
+  docker exec "$("${COMPOSE[@]}" -p "$PROJECT" ps -q "$1")" python3 -c "
+import json, urllib.request
+req = urllib.request.Request('http://127.0.0.1:8000/v1/tasks/$2', data=json.dumps({'text': 'free prize'}).encode(),
+                             headers={'content-type': 'application/json'})
+assert json.load(urllib.request.urlopen(req))['prompt_set']['name'] == '$2'" || fail "$1 does not serve the upload"
+}
+
 # compose's scale profile: two replicas behind the balancer, one store
 docker tag "$IMAGE" promptserve:latest
 export PROMPTSERVE_ADMIN_TOKEN=$TOKEN
@@ -168,14 +176,7 @@ code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT http://127.0.0.1:8080/admin
   -H "Authorization: Bearer $TOKEN" -H 'content-type: application/octet-stream' \
   --data-binary @/tmp/promptserve-smoke.safetensors)
 [ "$code" = 201 ] || fail "upload through the balancer answered $code"
-for service in promptserve replica-b; do
-  container=$("${COMPOSE[@]}" -p "$PROJECT" ps -q "$service")
-  docker exec "$container" python3 -c "
-import json, urllib.request
-req = urllib.request.Request('http://127.0.0.1:8000/v1/tasks/scaled', data=json.dumps({'text': 'free prize'}).encode(),
-                             headers={'content-type': 'application/json'})
-assert json.load(urllib.request.urlopen(req))['prompt_set']['name'] == 'scaled'" || fail "$service does not serve the upload"
-done
+for service in promptserve replica-b; do serves_upload "$service" scaled; done
 rid=$(curl -s -D - -o /dev/null -H 'X-Request-ID: smoke-42' http://127.0.0.1:8080/health | tr -d '\r' \
   | awk 'tolower($1) == "x-request-id:" {print $2}')
 [ "$rid" = smoke-42 ] || fail "the balancer replaced the client's request id with '$rid'"
@@ -244,14 +245,7 @@ upload() {  # through the s3 balancer: the HTTP status, and the body in /tmp/pro
 code=$(upload /tmp/promptserve-smoke.safetensors)
 [ "$code" = 201 ] || fail "upload through the s3 balancer answered $code: $(cat /tmp/promptserve-smoke-s3.json)"
 sleep 1.5  # the other replica's poll interval (1 s)
-for service in s3-replica-a s3-replica-b; do
-  container=$("${COMPOSE[@]}" -p "$PROJECT" ps -q "$service")
-  docker exec "$container" python3 -c "
-import json, urllib.request
-req = urllib.request.Request('http://127.0.0.1:8000/v1/tasks/objects', data=json.dumps({'text': 'free prize'}).encode(),
-                             headers={'content-type': 'application/json'})
-assert json.load(urllib.request.urlopen(req))['prompt_set']['name'] == 'objects'" || fail "$service does not serve the upload"
-done
+for service in s3-replica-a s3-replica-b; do serves_upload "$service" objects; done
 say "s3 profile: an upload through the balancer is served by both replicas (they share only the bucket)"
 "${COMPOSE[@]}" -p "$PROJECT" stop seaweedfs >/dev/null 2>&1
 sleep 2  # past the poll interval: the replicas' reads now find the object store gone
@@ -260,6 +254,7 @@ for _ in $(seq 1 8); do
     >/dev/null || fail "/v1 failed while the object store was down"
 done
 # other bytes of the same valid set (the image has safetensors), made in a replica and copied out
+container=$("${COMPOSE[@]}" -p "$PROJECT" ps -q s3-replica-a)
 docker cp /tmp/promptserve-smoke.safetensors "$container:/tmp/smoke-1.safetensors"
 docker exec "$container" python3 -c "import safetensors.torch as st; src = st.safe_open('/tmp/smoke-1.safetensors', 'pt'); \
 st.save_file({k: src.get_tensor(k) + 0.5 for k in src.keys()}, '/tmp/smoke-2.safetensors', metadata=src.metadata())" \
