@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     be = sub.add_parser("bench", help="serving benchmark against plain-transformers baselines")
     be.add_argument("--url", help="a running server (default: start one here)")
+    be.add_argument("--server-env", default="", help="KEY=VALUE,... set for the server this starts only "
+                    "(an experiment's setting, e.g. OMP_WAIT_POLICY=PASSIVE; the baselines run without it)")
     be.add_argument("--concurrency", default="1,8,32,64", help="closed-loop clients, comma-separated")
     be.add_argument("--rate", help="Poisson arrivals per second, comma-separated: the sweep runs open-loop at "
                                    "these rates (the ratios still use a closed loop at the top concurrency)")

@@ -302,12 +302,12 @@ def hf_inputs_embeds_per_request(model, tokenizer, embeddings: torch.Tensor, pro
 
 
 # -- server lifecycle ---------------------------------------------------------------------------
-def start_server(max_num_seqs: int) -> tuple[subprocess.Popen, str]:
+def start_server(max_num_seqs: int, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     store = tempfile.mkdtemp(prefix="promptserve-bench-")
     env = {"PROMPTSERVE_STORE_DIR": store, "PROMPTSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
            "PROMPTSERVE_SEED_DIR": "", "PROMPTSERVE_MAX_NUM_SEQS": str(max_num_seqs),
-           "PROMPTSERVE_MAX_QUEUE": "100000", "PROMPTSERVE_MAX_MODEL_LEN": "1024"}
+           "PROMPTSERVE_MAX_QUEUE": "100000", "PROMPTSERVE_MAX_MODEL_LEN": "1024", **(extra_env or {})}
     proc = spawn(env, port, stdout=None, log_level="warning")
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, timeout=300)
@@ -354,7 +354,10 @@ def main(args) -> int:
     prompts = load_prompts(max(n, 64), seed=args.seed)
     report: dict = {"output_len": args.output_len, "mix": mix, "requests_per_phase": n}
 
-    proc, url = (None, args.url) if args.url else start_server(top)
+    server_env = dict(kv.split("=", 1) for kv in args.server_env.split(",") if kv)
+    proc, url = (None, args.url) if args.url else start_server(top, server_env)
+    if server_env:
+        report["server_env"] = server_env
     try:
         base = httpx.get(f"{url}/v1/models").json()["data"][0]  # the base model, with its fingerprint
         sets = bench_prompt_sets(base["fingerprint"])
