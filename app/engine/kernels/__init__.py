@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
-_loaded: dict[str, Callable] = {}
+_UNTRIED = object()
+_decode_attention: Callable | None | object = _UNTRIED  # this process's outcome: the op, or None (SDPA)
 
 
 def _cpu_flags() -> str:
@@ -56,9 +57,15 @@ def _build(compiler: str, target: Path) -> None:
 
 def decode_attention(cache_dir: Path | str) -> Callable | None:
     """torch.ops.promptserve.decode_attention(q, k, v, lengths, scale), built if needed; None when no
-    native build is possible here (then use SDPA)."""
-    if "decode_attention" in _loaded:
-        return _loaded["decode_attention"]
+    native build is possible here (then use SDPA). Decided once per process: a failed build is not
+    retried by every engine made afterwards."""
+    global _decode_attention
+    if _decode_attention is _UNTRIED:
+        _decode_attention = _load_decode_attention(Path(cache_dir))
+    return _decode_attention
+
+
+def _load_decode_attention(cache_dir: Path) -> Callable | None:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         log.warning("no C++ compiler: decode attention uses torch's SDPA (slower at large batches)")
@@ -66,7 +73,7 @@ def decode_attention(cache_dir: Path | str) -> Callable | None:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, version, " ".join(FLAGS),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
-    target = Path(cache_dir) / "kernels" / f"decode_attention-{key}.so"
+    target = cache_dir / "kernels" / f"decode_attention-{key}.so"
     try:
         if not target.is_file():
             try:
@@ -79,5 +86,4 @@ def decode_attention(cache_dir: Path | str) -> Callable | None:
     except Exception as exc:  # any build or load failure: SDPA, never a failed start
         log.warning("native decode attention unavailable (%s): using torch's SDPA", str(exc)[:500])
         return None
-    _loaded["decode_attention"] = torch.ops.promptserve.decode_attention
-    return _loaded["decode_attention"]
+    return torch.ops.promptserve.decode_attention
