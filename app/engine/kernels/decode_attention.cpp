@@ -18,11 +18,17 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define PROMPTSERVE_AVX512_BF16 1
+#endif
+
 #include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -101,6 +107,137 @@ void attend_one(const T* __restrict q, const T* __restrict k, int64_t k_step, co
   for (int64_t i = 0; i < g * d; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
+#ifdef PROMPTSERVE_AVX512_BF16
+// The bfloat16 path on CPUs with AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake and later): the same
+// computation as attend_one, about 3x faster, because the compiled generic loop spends most of its time
+// converting keys to float32 and reducing each 64-wide dot product to a scalar, key by key.
+// - q.k: `vdpbf16ps` multiplies bfloat16 pairs exactly into float32 and accumulates in float32, so keys are
+//   never converted; the 16-lane partial sums of 16 keys are reduced together (sum16), not one at a time.
+//   The scale is applied to the finished dot product (q is not pre-scaled: bfloat16 q times a float32
+//   scale would need a float32 q, which vdpbf16ps cannot take; for head size 64 the scale is 1/8, exact).
+// - softmax with the same exp polynomial, 16 keys at a time; p.v in float32 FMAs with each value row
+//   converted once for all G queries, and the softmax's 1/sum applied once to the result.
+// The summation order is fixed by the code, not by the batch: batch invariance holds as before.
+
+// v[0..15] -> one vector whose lane i is the sum of v[i]'s 16 lanes (a transposing add tree: 45 adds and
+// shuffles for 16 dot products instead of 16 full horizontal reductions).
+inline __m512 sum16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of 4 consecutive vectors, in order
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // across the four 128-bit lanes: first pairs of lanes, then the pairs' sums
+  const __m512 lo = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 hi = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __mmask16 tail_mask(int64_t left) {  // the first min(left, 16) lanes
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// exp_nonpositive on 16 lanes: the same range reduction and polynomial
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, whole);
+  __m512 p = _mm512_set1_ps(1.8775767e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.9893397e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5826318e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015361e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315308e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999994e-1f));
+  const __m512i two_to_whole = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(two_to_whole));
+}
+
+template <int D>
+inline void prefetch_row(const c10::BFloat16* p) {  // a key or value row's cache lines (D bfloat16)
+  for (int i = 0; i < D * 2; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + i, _MM_HINT_T0);
+}
+
+inline __m512 bf16_to_f32(const c10::BFloat16* p) {  // 16 bfloat16 -> 16 float32 (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <int G, int D>
+void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k, int64_t k_step,
+                     const c10::BFloat16* __restrict v, int64_t v_step, int64_t len, float scale,
+                     float* __restrict scores, c10::BFloat16* __restrict out, const c10::BFloat16* next_k,
+                     int64_t next_len) {
+  static_assert(D % 32 == 0, "a key row is whole 32-lane bfloat16 vectors");
+  constexpr int KW = D / 32, VW = D / 16;
+  const int64_t padded = (len + 15) / 16 * 16;  // scores rows are padded to whole blocks of 16 keys
+  __m512bh qv[G][KW];
+  for (int gi = 0; gi < G; ++gi)
+    for (int c = 0; c < KW; ++c) qv[gi][c] = (__m512bh)_mm512_loadu_si512(q + gi * D + c * 32);
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 partial[G][16];
+  for (int64_t block = 0; block < len; block += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, len - block));
+    for (int t = 0; t < 16; ++t) {
+      if (t < n) {
+        const c10::BFloat16* kt = k + (block + t) * k_step;
+        prefetch_row<D>(v + (block + t) * v_step);  // the values are read next: from memory now, not then
+        __m512bh kv[KW];
+        for (int c = 0; c < KW; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kt + c * 32);
+        for (int gi = 0; gi < G; ++gi) {
+          __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[gi][0], kv[0]);
+          for (int c = 1; c < KW; ++c) s = _mm512_dpbf16_ps(s, qv[gi][c], kv[c]);
+          partial[gi][t] = s;
+        }
+      } else {
+        for (int gi = 0; gi < G; ++gi) partial[gi][t] = _mm512_setzero_ps();
+      }
+    }
+    for (int gi = 0; gi < G; ++gi) _mm512_storeu_ps(scores + gi * padded + block, _mm512_mul_ps(sum16(partial[gi]), sc));
+  }
+  // softmax numerators in place, 16 keys at a time (the tail masked); the 1/sum is applied to the output
+  float inv[G];
+  for (int gi = 0; gi < G; ++gi) {
+    float* s = scores + gi * padded;
+    __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < len; t += 16) m = _mm512_max_ps(m, _mm512_maskz_loadu_ps(tail_mask(len - t), s + t));
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 live = tail_mask(len - t);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + t), top)));
+      _mm512_storeu_ps(s + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[gi] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[G][VW];
+  for (int gi = 0; gi < G; ++gi)
+    for (int c = 0; c < VW; ++c) acc[gi][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const c10::BFloat16* vt = v + t * v_step;
+    if (t < next_len) prefetch_row<D>(next_k + t * k_step);  // the next task's keys, same stride
+    __m512 row[VW];
+    for (int c = 0; c < VW; ++c) row[c] = bf16_to_f32(vt + c * 16);
+    for (int gi = 0; gi < G; ++gi) {
+      const __m512 p = _mm512_set1_ps(scores[gi * padded + t]);
+      for (int c = 0; c < VW; ++c) acc[gi][c] = _mm512_fmadd_ps(p, row[c], acc[gi][c]);
+    }
+  }
+  for (int gi = 0; gi < G; ++gi) {  // normalized, rounded to nearest even as static_cast<BFloat16> does
+    const __m512 scale_out = _mm512_set1_ps(inv[gi]);
+    for (int c = 0; c < VW; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + gi * D + c * 16),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[gi][c], scale_out)));
+  }
+}
+#endif
+
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& lengths, double scale, at::Tensor& out) {
@@ -119,11 +256,37 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   else if (g == 4 && d == 128) attend = attend_one<T, 4, 128>;  // Llama-3-8B (32 heads, 8 KV heads)
   else if (g == 1 && d == 64) attend = attend_one<T, 1, 64>;
   else if (g == 1 && d == 128) attend = attend_one<T, 1, 128>;
+#ifdef PROMPTSERVE_AVX512_BF16
+  void (*attend_bf16)(const c10::BFloat16*, const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t,
+                      float, float*, c10::BFloat16*, const c10::BFloat16*, int64_t) = nullptr;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (g == 3 && d == 64) attend_bf16 = attend_one_bf16<3, 64>;
+    else if (g == 4 && d == 128) attend_bf16 = attend_one_bf16<4, 128>;
+    else if (g == 1 && d == 64) attend_bf16 = attend_one_bf16<1, 64>;
+    else if (g == 1 && d == 128) attend_bf16 = attend_one_bf16<1, 128>;
+    else if (g == 2 && d == 64) attend_bf16 = attend_one_bf16<2, 64>;
+    else if (g == 2 && d == 128) attend_bf16 = attend_one_bf16<2, 128>;
+  }
+#endif
   at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(g * d), row(d), acc(g * d), scores(g * width);
+    std::vector<float> qf(g * d), row(d), acc(g * d), scores(g * ((width + 15) / 16 * 16));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kvh, h = task % kvh;
       const int64_t len = std::min<int64_t>(std::max<int64_t>(lp[b] + 1, 1), width);
+#ifdef PROMPTSERVE_AVX512_BF16
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (attend_bf16 != nullptr) {
+          // the next task's keys (same row's next head, or the next row) are prefetched during this one's
+          // values; its length bounds the prefetch
+          const int64_t nb = (task + 1) / kvh, nh = (task + 1) % kvh;
+          const bool more = task + 1 < end;
+          attend_bf16(qp + task * g * d, kp + b * ks0 + h * ks1, ks2, vp + b * vs0 + h * vs1, vs2, len, sc,
+                      scores.data(), op + task * g * d, more ? kp + nb * ks0 + nh * ks1 : nullptr,
+                      more ? std::min<int64_t>(std::max<int64_t>(lp[nb] + 1, 1), width) : 0);
+          continue;
+        }
+      }
+#endif
       attend(qp + task * g * d, kp + b * ks0 + h * ks1, ks2, vp + b * vs0 + h * vs1, vs2, len, g, d, sc,
                     qf.data(), row.data(), scores.data(), acc.data(), op + task * g * d);
     }
