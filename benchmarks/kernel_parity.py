@@ -1,11 +1,13 @@
-"""Greedy outputs with the native decode-attention kernel against torch's SDPA, on the benchmark's prompts
-(the embedded model in its serving dtype, a batch of them at once, 64 tokens each):
+"""Greedy outputs with the native kernels (app/engine/kernels) against torch's own ops, on the benchmark's
+prompts (the embedded model in its serving dtype, 64 tokens each):
 
-    python -m benchmarks.kernel_parity [--prompts 48]
+    python -m benchmarks.kernel_parity [--prompts 48] [--alone]
 
-Prints how many are identical and, for each that is not, the first token where they part and the two
-candidates' logits gap there (a near-tie that float rounding can flip). Both run in the same engine code;
-only the attention of decode steps differs.
+Together (the default) the prompts decode as one batch: only decode attention differs (native kernel vs
+SDPA). --alone decodes each prompt by itself, where the bfloat16 projections of a one-row step also run
+natively (small_batch_linear vs oneDNN). Prints how many outputs are identical and, for each that is not,
+the first token where they part and the two candidates' logits gap there (a near-tie that float rounding
+can flip). Both run in the same engine code.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from benchmarks.roofline import cpu_name
 from benchmarks.serving import load_prompts
 
 
-def generate(loaded, prompts: list[list[int]], kernel_cache_dir: str | None, max_tokens: int) -> list[list[int]]:
+def generate(loaded, prompts: list[list[int]], kernel_cache_dir: str | None, max_tokens: int,
+             alone: bool = False) -> list[list[int]]:
     engine = Engine(loaded, EngineConfig(max_num_seqs=len(prompts), max_model_len=512,
                                          kernel_cache_dir=kernel_cache_dir))
     assert (engine.runner.decode_attention is not None) == (kernel_cache_dir is not None), "kernel did not build"
@@ -36,6 +39,8 @@ def generate(loaded, prompts: list[list[int]], kernel_cache_dir: str | None, max
         return tokens
 
     async def everything():
+        if alone:
+            return [await one(ids) for ids in prompts]
         return await asyncio.gather(*(one(ids) for ids in prompts))
     try:
         return asyncio.run(everything())
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--alone", action="store_true", help="decode each prompt by itself (batch 1)")
     args = parser.parse_args(argv)
     settings = Settings()
     loaded = load_model(settings)
@@ -55,19 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     messages = [m for task in per_task.values() for m in task][:args.prompts]
     prompts = [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
                           add_special_tokens=False) for m in messages]
-    sdpa = generate(loaded, prompts, None, args.max_tokens)
-    native = generate(loaded, prompts, str(settings.cache_dir), args.max_tokens)
+    sdpa = generate(loaded, prompts, None, args.max_tokens, args.alone)
+    native = generate(loaded, prompts, str(settings.cache_dir), args.max_tokens, args.alone)
     same = sum(a == b for a, b in zip(sdpa, native))
     print(f"CPU: {cpu_name()}; {loaded.spec.name} in {loaded.dtype}; greedy, {args.max_tokens} tokens, "
-          f"{len(prompts)} benchmark prompts decoded together: identical {same} of {len(prompts)}")
+          f"{len(prompts)} benchmark prompts decoded {'one at a time' if args.alone else 'together'}: "
+          f"identical {same} of {len(prompts)} (torch's ops vs the native kernels)")
     if loaded.dtype != torch.float32:  # which of the two stays closer to float32 attention and weights?
-        exact = generate(load_model(Settings(dtype="float32")), prompts, None, args.max_tokens)
+        exact = generate(load_model(Settings(dtype="float32")), prompts, None, args.max_tokens, args.alone)
 
         def agree(xs):
             return sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
                        for a, b in zip(xs, exact)) / len(xs)
-        print(f"mean tokens before parting from the float32 model's greedy output: SDPA {agree(sdpa):.1f}, "
-              f"kernel {agree(native):.1f} (of {args.max_tokens})")
+        print(f"mean tokens before parting from the float32 model's greedy output: torch {agree(sdpa):.1f}, "
+              f"native {agree(native):.1f} (of {args.max_tokens})")
     model = loaded.model
     for k, (a, b) in enumerate(zip(sdpa, native)):
         if a == b:
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = torch.tensor([prompts[k] + a[:at]])
             logits = model(ids).logits[0, -1].float()
         gap = (logits[a[at]] - logits[b[at]]).item()
-        print(f"  prompt {k}: parts at token {at} of {len(a)}: SDPA {tok.decode([a[at]])!r} vs kernel "
+        print(f"  prompt {k}: parts at token {at} of {len(a)}: torch {tok.decode([a[at]])!r} vs native "
               f"{tok.decode([b[at]])!r}; transformers' logits differ by {gap:+.3f} there")
     return 0
 

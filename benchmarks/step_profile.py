@@ -27,18 +27,25 @@ from benchmarks.engine_steps import running_sequences
 from benchmarks.roofline import cpu_name, measure_machine, roofline
 
 
-PARTS = ["projections", "lm_head", "attention", "cache writes", "norms", "rotary", "sampling"]
+PARTS = ["projections", "lm_head", "attention", "cache writes", "norms+adds", "rotary", "sampling"]
 
 
 SPENT: dict[str, float] = {}
 
 
+ACTIVE: set[str] = set()
+
+
 def _labelled(label: str, fn):
     def wrapped(*args, **kwargs):
+        if label in ACTIVE:  # nested in a call of the same part (add_norm's fallback calls rms_norm)
+            return fn(*args, **kwargs)
+        ACTIVE.add(label)
         started = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
+            ACTIVE.discard(label)
             SPENT[label] = SPENT.get(label, 0.0) + time.perf_counter() - started
     return wrapped
 
@@ -57,7 +64,8 @@ def instrumented(runner):
         patch(lin, "qkv", "projections")
         patch(lin, "o", "projections")
         patch(lin, "mlp", "projections")  # gate/up and down, and the activation between them
-    patch(llama, "rms_norm", "norms")
+    patch(llama, "rms_norm", "norms+adds")
+    patch(forward, "add_norm", "norms+adds")  # a residual add and the next norm, fused where native
     patch(forward, "lm_head", "lm_head")
     patch(forward, "grouped_attention", "attention")
     if runner.decode_attention is not None:  # the native kernel, when it built here

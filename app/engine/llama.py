@@ -13,38 +13,45 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from app.engine.packed_linear import Linear, PackedLinear, linear
+from app.engine.packed_linear import Linear, PackedLinear, SmallBatchLinear, linear
 
 # attend(layer_index, q [B, H, T, D], k [B, KVH, T, D], v) -> attention output [B, H, T, D]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _eps(module: torch.nn.Module) -> float:
+    return getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
 
 
 def rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm (LlamaRMSNorm: normalize in float32, back to the input dtype, then scale) with
     torch's fused kernel: bit-identical to the module in float32 and bfloat16, in 4 operations instead of 8
     (each of which, on a small decode batch, costs more in dispatch and threading than in arithmetic)."""
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, _eps(module))
     return module.weight * normed.to(x.dtype)
+
+
+# (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)): the native kernel (kernels/add_rms_norm.cpp)
+AddRmsNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 class _LayerLinears:
     """One decoder layer's projections: the model's modules, or packed copies of them (q/k/v and gate/up
     each fused into one matmul)."""
 
-    def __init__(self, layer: torch.nn.Module, pack: bool):
+    def __init__(self, layer: torch.nn.Module, pack: bool, small: SmallBatchLinear | None):
         attn, mlp = layer.self_attn, layer.mlp
         if pack:
-            qkv = PackedLinear.concat([attn.q_proj, attn.k_proj, attn.v_proj])
+            qkv = PackedLinear.concat([attn.q_proj, attn.k_proj, attn.v_proj], small)
             sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-            gate_up = PackedLinear.concat([mlp.gate_proj, mlp.up_proj])
+            gate_up = PackedLinear.concat([mlp.gate_proj, mlp.up_proj], small)
             self.qkv: Callable[[torch.Tensor], tuple] = lambda h: qkv(h).split(sizes, dim=-1)
             self._gate_up: Callable[[torch.Tensor], tuple] = lambda x: gate_up(x).chunk(2, dim=-1)
         else:
             self.qkv = lambda h: (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
             self._gate_up = lambda x: (mlp.gate_proj(x), mlp.up_proj(x))
-        self.o: Linear = linear(attn.o_proj, pack)
-        self.down: Linear = linear(mlp.down_proj, pack)
+        self.o: Linear = linear(attn.o_proj, pack, small)
+        self.down: Linear = linear(mlp.down_proj, pack, small)
         self.act = mlp.act_fn
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:  # LlamaMLP.forward
@@ -53,16 +60,20 @@ class _LayerLinears:
 
 
 class LlamaForward:
-    def __init__(self, model: torch.nn.Module, pack_weights: bool = False):
-        """pack_weights: use oneDNN-packed copies of the linear weights (CPU; see packed_linear.py)."""
+    def __init__(self, model: torch.nn.Module, pack_weights: bool = False, small_linear: SmallBatchLinear | None = None,
+                 add_rms_norm: AddRmsNorm | None = None):
+        """pack_weights: use oneDNN-packed copies of the linear weights (CPU; see packed_linear.py);
+        small_linear: with them, the native kernel for bfloat16 inputs of 1-2 rows; add_rms_norm: the
+        native residual add + RMSNorm (kernels/)."""
+        self._add_rms_norm = add_rms_norm
         cfg = model.config
         self.model = model
         self.embed = model.get_input_embeddings()
         self.vocab_size = self.embed.num_embeddings
         self.layers = list(model.model.layers)
         self.norm = model.model.norm
-        self.linears = [_LayerLinears(layer, pack_weights) for layer in self.layers]
-        self.lm_head = linear(model.lm_head, pack_weights)
+        self.linears = [_LayerLinears(layer, pack_weights, small_linear) for layer in self.layers]
+        self.lm_head = linear(model.lm_head, pack_weights, small_linear)
         self.rotary = model.model.rotary_emb
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -74,16 +85,27 @@ class LlamaForward:
         """Run all layers on embeddings x [B, T, hidden] at rotary positions [B, T]; final norm applied."""
         cos, sin = self.rotary(x, positions)
         b, t, _ = x.shape
-        for i, (layer, lin) in enumerate(zip(self.layers, self.linears)):
-            q, k, v = lin.qkv(rms_norm(layer.input_layernorm, x))
+        # each residual add is fused with the norm that reads its result: the next sublayer's input norm
+        norms_after = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        norms_after = norms_after[1:] + [self.norm]
+        h = rms_norm(self.layers[0].input_layernorm, x)
+        for i, lin in enumerate(self.linears):
+            q, k, v = lin.qkv(h)
             q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             o = attend(i, q, k, v)
-            x = x + lin.o(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + lin.mlp(rms_norm(layer.post_attention_layernorm, x))
-        return rms_norm(self.norm, x)
+            x, h = self.add_norm(x, lin.o(o.transpose(1, 2).reshape(b, t, -1)), norms_after[2 * i])
+            x, h = self.add_norm(x, lin.mlp(h), norms_after[2 * i + 1])
+        return h
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)): the residual stream and the next sublayer's normalized input."""
+        if self._add_rms_norm is not None and x.dtype == torch.bfloat16:
+            return self._add_rms_norm(x.contiguous(), delta.contiguous(), norm.weight, _eps(norm))
+        x = x + delta
+        return x, rms_norm(norm, x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -39,10 +39,15 @@ class ModelRunner:
                  pack_weights: bool = True, kernel_cache_dir: str | None = None):
         self.device = device
         self.packed_weights = pack_weights and packing_works(device, dtype)
-        self.forward = LlamaForward(model, pack_weights=self.packed_weights)
+        native = kernels.load(kernel_cache_dir) if kernel_cache_dir is not None and device.type == "cpu" \
+            else kernels.NativeKernels()
         # decode attention: the native CPU kernel when it builds here, else torch's SDPA with a mask
-        self.decode_attention = kernels.decode_attention(kernel_cache_dir) \
-            if kernel_cache_dir is not None and device.type == "cpu" else None
+        self.decode_attention = native.decode_attention
+        bf16 = dtype == torch.bfloat16  # float32 keeps torch's ops: bit-identical to the model's own modules
+        # projections of 1-2 rows: the native kernel where the CPU has AVX-512 BF16, else oneDNN
+        self.forward = LlamaForward(model, pack_weights=self.packed_weights,
+                                    small_linear=native.small_batch_linear if bf16 and self.packed_weights else None,
+                                    add_rms_norm=native.add_rms_norm if bf16 else None)
         f = self.forward
         self.cache = KVCache(len(f.layers), max_num_seqs, f.num_kv_heads, max_model_len, f.head_dim,
                              dtype, device)

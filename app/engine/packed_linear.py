@@ -19,14 +19,23 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+# small_batch_linear(x [m, k], w [n, k]) -> [m, n]: the native kernel for a few rows (kernels/)
+SmallBatchLinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# rows up to which the native kernel runs: it is faster than oneDNN for every SmolLM2 projection at 1-2
+# rows and not at 4 (the gate/up and lm_head shapes; benchmarks/engine_steps.py's batch-1 step shows it)
+SMALL_BATCH_ROWS = 2
 
 
 class PackedLinear:
-    def __init__(self, linear: torch.nn.Linear):
-        self._pack(linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None)
+    """A frozen linear as oneDNN's packed matmul; with `small` (the native small-batch kernel), inputs of at
+    most SMALL_BATCH_ROWS rows go to that kernel over the plain weight instead, which it streams at close
+    to the memory bandwidth (the plain weight is the module's own; a concatenation keeps its own copy)."""
+
+    def __init__(self, linear: torch.nn.Linear, small: SmallBatchLinear | None = None):
+        self._pack(linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None, small)
 
     @classmethod
-    def concat(cls, linears: list[torch.nn.Linear]) -> PackedLinear:
+    def concat(cls, linears: list[torch.nn.Linear], small: SmallBatchLinear | None = None) -> PackedLinear:
         """Several linears of the same input as one (outputs side by side): one matmul instead of several,
         e.g. q/k/v or gate/up: 4 calls a layer instead of 7 saved SmolLM2 1-4 ms of projections a step
         (benchmarks/engine_steps.py)."""
@@ -35,19 +44,27 @@ class PackedLinear:
                                                                               dtype=lin.weight.dtype)
                   for lin in linears]
         has_bias = any(lin.bias is not None for lin in linears)
-        self._pack(torch.cat([lin.weight.detach() for lin in linears]), torch.cat(biases) if has_bias else None)
+        self._pack(torch.cat([lin.weight.detach() for lin in linears]), torch.cat(biases) if has_bias else None,
+                   small)
         return self
 
-    def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None, small: SmallBatchLinear | None) -> None:
         # the batch-size hint only tunes the packing; measured equally fast for batches of 1 to 300
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.bias = bias
         self.out_features = weight.shape[0]
+        usable = (small is not None and bias is None and weight.dtype == torch.bfloat16
+                  and weight.shape[1] % 32 == 0)
+        self._small = small if usable else None
+        self._plain = weight.contiguous() if usable else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias,
-                                               "none", [], "")
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        if self._small is not None and rows.shape[0] <= SMALL_BATCH_ROWS and x.dtype == torch.bfloat16:
+            y = self._small(rows, self._plain)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return y.view(*lead, self.out_features)
 
 
@@ -67,5 +84,5 @@ def packing_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def linear(module: torch.nn.Linear, pack: bool) -> Linear:
-    return PackedLinear(module) if pack else module
+def linear(module: torch.nn.Linear, pack: bool, small: SmallBatchLinear | None = None) -> Linear:
+    return PackedLinear(module, small) if pack else module

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    built = kernels.decode_attention(tmp_path_factory.mktemp("kernels"))
+    built = kernels.load(tmp_path_factory.mktemp("kernels")).decode_attention
     assert built is not None, "a compiler is here, so the kernel must build"
     return built
 

@@ -1,0 +1,83 @@
+"""The native small-batch bfloat16 linear (app/engine/kernels/small_batch_linear.cpp) against F.linear:
+SmolLM2's projection shapes and ragged ones, 1-4 rows; a row's result does not depend on the other rows;
+the packed linear routes 1-2 rows to it and more to oneDNN; what it cannot take is refused by name."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.engine import kernels
+from app.engine.packed_linear import SMALL_BATCH_ROWS, PackedLinear, packing_works
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="no C++ compiler: the engine uses oneDNN (tested everywhere else)")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    native = kernels.load(tmp_path_factory.mktemp("kernels"))
+    assert native.decode_attention is not None, "a compiler is here, so the kernels must build"
+    op = native.small_batch_linear
+    if op is None:
+        pytest.skip("this CPU has no AVX-512 BF16: projections stay on oneDNN")
+    return op
+
+
+def _close_to_linear(y, x, w):
+    ref = F.linear(x.float(), w.float())
+    # float32 sums of exact bf16 products, rounded once to bfloat16: within one bf16 step of the exact
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (49, 64), (7, 32)])
+def test_equals_linear_within_bf16_rounding(small, rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    y = small(x, w)
+    assert y.shape == (rows, n)
+    _close_to_linear(y, x, w)
+
+
+def test_a_row_does_not_depend_on_the_others(small):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 576, generator=g).bfloat16()
+    w = torch.randn(200, 576, generator=g).bfloat16()
+    together = small(x, w)
+    assert all(torch.equal(together[i], small(x[i:i + 1], w)[0]) for i in range(4))
+
+
+def test_refuses_what_it_cannot_take(small):
+    w = torch.randn(8, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="bfloat16 only"):
+        small(torch.randn(1, 64), w.float())
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        small(torch.randn(1, 48).bfloat16(), torch.randn(8, 48).bfloat16())
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        small(torch.randn(5, 64).bfloat16(), w)
+
+
+@pytest.mark.skipif(not packing_works(torch.device("cpu"), torch.bfloat16), reason="no oneDNN packing here")
+def test_packed_linear_sends_small_batches_to_the_kernel(small):
+    layer = torch.nn.Linear(576, 96, bias=False).bfloat16()
+    calls = []
+
+    def counting(x, w):
+        calls.append(x.shape[0])
+        return small(x, w)
+
+    packed = PackedLinear(layer, counting)
+    with torch.inference_mode():
+        for rows in range(1, 6):
+            x = torch.randn(rows, 1, 576).bfloat16()
+            y = packed(x)
+            assert y.shape == (rows, 1, 96)
+            _close_to_linear(y.view(rows, 96), x.view(rows, 576), layer.weight)
+    assert calls == list(range(1, SMALL_BATCH_ROWS + 1))
+    # a bias, or float32, stays on oneDNN
+    assert PackedLinear(torch.nn.Linear(576, 96, bias=True).bfloat16(), counting)._small is None
+    assert PackedLinear(torch.nn.Linear(576, 96, bias=False), counting)._small is None
