@@ -41,18 +41,22 @@ class _LayerLinears:
 
     def __init__(self, layer: torch.nn.Module, pack: bool, small: SmallBatchLinear | None):
         attn, mlp = layer.self_attn, layer.mlp
+        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         if pack:
             qkv = PackedLinear.concat([attn.q_proj, attn.k_proj, attn.v_proj], small)
-            sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
             gate_up = PackedLinear.concat([mlp.gate_proj, mlp.up_proj], small)
-            self.qkv: Callable[[torch.Tensor], tuple] = lambda h: qkv(h).split(sizes, dim=-1)
+            # q, k and v side by side in one tensor [..., q + k + v]
+            self.qkv_joined: Callable[[torch.Tensor], torch.Tensor] = qkv
             self._gate_up: Callable[[torch.Tensor], tuple] = lambda x: gate_up(x).chunk(2, dim=-1)
         else:
-            self.qkv = lambda h: (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+            self.qkv_joined = lambda h: torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
             self._gate_up = lambda x: (mlp.gate_proj(x), mlp.up_proj(x))
         self.o: Linear = linear(attn.o_proj, pack, small)
         self.down: Linear = linear(mlp.down_proj, pack, small)
         self.act = mlp.act_fn
+
+    def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qkv_joined(h).split(self.qkv_sizes, dim=-1)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:  # LlamaMLP.forward
         gate, up = self._gate_up(x)
@@ -81,23 +85,39 @@ class LlamaForward:
         self.group = self.num_heads // self.num_kv_heads
         self.scale = self.head_dim ** -0.5
 
-    def hidden(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """Run all layers on embeddings x [B, T, hidden] at rotary positions [B, T]; final norm applied."""
+    def hidden(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run all layers on embeddings x [B, T, hidden] at rotary positions [B, T]; final norm applied.
+
+        valid [B, T] (True = a real token, False = padding), when some rows are padded: everything but
+        attention then runs on the real tokens only, packed into one [N, hidden] matrix (a prefill of
+        prompts of 40 to 130 tokens padded to the longest spends a third of its matmuls on pads).
+        Attention alone sees the padded layout; the pads' outputs are zeros."""
         cos, sin = self.rotary(x, positions)
-        b, t, _ = x.shape
+        b, t, c = x.shape
+        rows = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)  # packed -> padded index
+        if rows is not None:
+            x = x.reshape(b * t, c)[rows]
         # each residual add is fused with the norm that reads its result: the next sublayer's input norm
         norms_after = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
         norms_after = norms_after[1:] + [self.norm]
         h = rms_norm(self.layers[0].input_layernorm, x)
         for i, lin in enumerate(self.linears):
-            q, k, v = lin.qkv(h)
+            qkv = lin.qkv_joined(h)
+            if rows is not None:  # into the padded layout for attention
+                qkv = qkv.new_zeros(b * t, qkv.shape[-1]).index_copy_(0, rows, qkv)
+            q, k, v = qkv.view(b, t, -1).split(lin.qkv_sizes, dim=-1)
             q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            o = attend(i, q, k, v)
-            x, h = self.add_norm(x, lin.o(o.transpose(1, 2).reshape(b, t, -1)), norms_after[2 * i])
+            o = attend(i, q, k, v).transpose(1, 2).reshape(b * t, -1)
+            if rows is not None:
+                o = o[rows]
+            x, h = self.add_norm(x, lin.o(o.view(*x.shape[:-1], -1)), norms_after[2 * i])
             x, h = self.add_norm(x, lin.mlp(h), norms_after[2 * i + 1])
+        if rows is not None:
+            return h.new_zeros(b * t, c).index_copy_(0, rows, h).view(b, t, c)
         return h
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

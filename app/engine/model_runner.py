@@ -181,7 +181,10 @@ class ModelRunner:
             return self.forward.grouped_attention(q, cache.k[i, r0:r0 + b, :, :width],
                                                   cache.v[i, r0:r0 + b, :, :width], mask)
 
-        hidden = self.forward.hidden(self.forward.embed(ids), positions, attend)
+        padded = min(lens) < t
+        valid = self._positions[:t].unsqueeze(0) < torch.tensor(lens, device=self.device).unsqueeze(1) \
+            if padded else None
+        hidden = self.forward.hidden(self.forward.embed(ids), positions, attend, valid)
         # the shared copies: their leader's cache row and hidden states, no forward of their own
         source = {id(seq): k for k, (seq, _, _) in enumerate(runs)}
         for seq, row, _ in shared:
