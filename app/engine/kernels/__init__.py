@@ -11,7 +11,7 @@
 
 Both are one library, built for this CPU (-march=native) into the cache directory, keyed by the sources,
 torch's version, the compiler and the CPU's feature flags, so a changed CPU or torch builds afresh and a
-restart reuses the build (about 12 s once). Without a compiler (a slim image) or when the build fails,
+restart reuses the build (about 20 s once). Without a compiler (a slim image) or when the build fails,
 the engine keeps torch's SDPA and oneDNN and says so in the log: the results are the same to float
 rounding, only slower.
 """
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "small_batch_linear.cpp", "add_rms_norm.cpp")]
+HEADERS = [Path(__file__).with_name("avx512_bf16.h")]  # included by the sources: part of the build's key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 _UNTRIED = object()
 _loaded: bool | object = _UNTRIED  # this process's outcome: the library loaded, or not (SDPA, oneDNN)
@@ -101,7 +102,7 @@ def _load(cache_dir: Path) -> bool:
         log.warning("no C++ compiler: decode attention uses torch's SDPA and projections oneDNN (slower)")
         return False
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256("\n".join([*(source.read_text() for source in SOURCES), torch.__version__, version,
+    key = hashlib.sha256("\n".join([*(source.read_text() for source in SOURCES + HEADERS), torch.__version__, version,
                                     " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
     target = cache_dir / "kernels" / f"promptserve-kernels-{key}.so"
     try:

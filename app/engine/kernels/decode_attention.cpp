@@ -18,10 +18,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define PROMPTSERVE_AVX512_BF16 1
-#endif
+#include "avx512_bf16.h"
 
 #include <algorithm>
 #include <bit>
@@ -108,6 +105,9 @@ void attend_one(const T* __restrict q, const T* __restrict k, int64_t k_step, co
 }
 
 #ifdef PROMPTSERVE_AVX512_BF16
+using promptserve::sum16;
+using promptserve::tail_mask;
+
 // The bfloat16 path on CPUs with AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake and later): the same
 // computation as attend_one, about 3x faster, because the compiled generic loop spends most of its time
 // converting keys to float32 and reducing each 64-wide dot product to a scalar, key by key.
@@ -118,29 +118,6 @@ void attend_one(const T* __restrict q, const T* __restrict k, int64_t k_step, co
 // - softmax with the same exp polynomial, 16 keys at a time; p.v in float32 FMAs with each value row
 //   converted once for all G queries, and the softmax's 1/sum applied once to the result.
 // The summation order is fixed by the code, not by the batch: batch invariance holds as before.
-
-// v[0..15] -> one vector whose lane i is the sum of v[i]'s 16 lanes (a transposing add tree: 45 adds and
-// shuffles for 16 dot products instead of 16 full horizontal reductions).
-inline __m512 sum16(const __m512* v) {
-  __m512 pairs[8], quads[4];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of 4 consecutive vectors, in order
-    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
-    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  // across the four 128-bit lanes: first pairs of lanes, then the pairs' sums
-  const __m512 lo = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 hi = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-inline __mmask16 tail_mask(int64_t left) {  // the first min(left, 16) lanes
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
 
 // exp_nonpositive on 16 lanes: the same range reduction and polynomial
 inline __m512 exp_nonpositive16(__m512 x) {

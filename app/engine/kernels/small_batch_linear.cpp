@@ -19,32 +19,15 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define PROMPTSERVE_AVX512_BF16 1
-#endif
+#include "avx512_bf16.h"
 
 namespace {
 
 #ifdef PROMPTSERVE_AVX512_BF16
-// v[0..15] -> lane i = the sum of v[i]'s lanes (the transposing add tree of decode_attention.cpp)
-inline __m512 sum16(const __m512* v) {
-  __m512 pairs[8], quads[4];
-  for (int i = 0; i < 8; ++i)
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
-    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  const __m512 lo = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 hi = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
-}
+using promptserve::sum16;
+using promptserve::tail_mask;
 
-constexpr int PREFETCH_ROWS = 8;  // how far ahead the weight stream is fetched
+constexpr int PREFETCH_ROWS = 8;  // how far ahead the weight stream is fetched (2, 4 and 8 measured alike)
 
 // 16 output columns [n0, n0 + 16) of M rows; rows past n are zero-padded and not stored
 template <int M>
@@ -66,9 +49,8 @@ void block16(const c10::BFloat16* __restrict x, const c10::BFloat16* __restrict 
     }
     for (int m = 0; m < M; ++m) partial[m][r] = acc[m];
   }
-  const __mmask16 mask = live >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << live) - 1);
   for (int m = 0; m < M; ++m)
-    _mm256_mask_storeu_epi16(y + m * n + n0, mask, (__m256i)_mm512_cvtneps_pbh(sum16(partial[m])));
+    _mm256_mask_storeu_epi16(y + m * n + n0, tail_mask(live), (__m256i)_mm512_cvtneps_pbh(sum16(partial[m])));
 }
 
 template <int M>
