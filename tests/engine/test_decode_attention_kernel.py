@@ -2,23 +2,14 @@
 float32 and bfloat16, strided views of a cache, rows of different lengths, grouped queries of the shapes
 the kernel specializes and of others; and a row's result does not depend on the rest of its batch."""
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from app.engine import kernels
-
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="no C++ compiler: the engine uses SDPA (tested everywhere else)")
-
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    built = kernels.load(tmp_path_factory.mktemp("kernels")).decode_attention
-    assert built is not None, "a compiler is here, so the kernel must build"
-    return built
+def kernel(native_kernels):
+    return native_kernels.decode_attention
 
 
 def reference(q, k, v, lengths, scale):

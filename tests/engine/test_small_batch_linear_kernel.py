@@ -2,27 +2,18 @@
 SmolLM2's projection shapes and ragged ones, 1-4 rows; a row's result does not depend on the other rows;
 the packed linear routes 1-2 rows to it and more to oneDNN; what it cannot take is refused by name."""
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from app.engine import kernels
 from app.engine.packed_linear import SMALL_BATCH_ROWS, PackedLinear, packing_works
-
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="no C++ compiler: the engine uses oneDNN (tested everywhere else)")
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    native = kernels.load(tmp_path_factory.mktemp("kernels"))
-    assert native.decode_attention is not None, "a compiler is here, so the kernels must build"
-    op = native.small_batch_linear
-    if op is None:
+def small(native_kernels):
+    if native_kernels.small_batch_linear is None:
         pytest.skip("this CPU has no AVX-512 BF16: projections stay on oneDNN")
-    return op
+    return native_kernels.small_batch_linear
 
 
 def _close_to_linear(y, x, w):
