@@ -27,7 +27,8 @@ from benchmarks.engine_steps import running_sequences
 from benchmarks.roofline import cpu_name, measure_machine, roofline
 
 
-PARTS = ["projections", "lm_head", "attention", "cache writes", "norms+adds", "rotary", "sampling"]
+PARTS = ["projections", "lm_head", "attention", "cache writes", "norms+adds", "rotary", "rotary+cache writes",
+         "sampling"]
 
 
 SPENT: dict[str, float] = {}
@@ -61,7 +62,7 @@ def instrumented(runner):
         setattr(obj, name, _labelled(label, getattr(obj, name)))
 
     for lin in forward.linears:
-        patch(lin, "qkv", "projections")
+        patch(lin, "qkv_joined", "projections")
         patch(lin, "o", "projections")
         patch(lin, "mlp", "projections")  # gate/up and down, and the activation between them
     patch(llama, "rms_norm", "norms+adds")
@@ -71,6 +72,8 @@ def instrumented(runner):
     if runner.decode_attention is not None:  # the native kernel, when it built here
         patch(runner, "decode_attention", "attention")
     patch(llama, "apply_rotary_pos_emb", "rotary")
+    if runner._rope_decode is not None:  # the native rotary, which writes the cache too
+        patch(runner, "_rope_decode", "rotary+cache writes")
     patch(model_runner, "sample", "sampling")
     patch(runner, "_write_decode_kv", "cache writes")
     try:

@@ -17,6 +17,9 @@ from app.engine.packed_linear import Linear, PackedLinear, SmallBatchLinear, lin
 
 # attend(layer_index, q [B, H, T, D], k [B, KVH, T, D], v) -> attention output [B, H, T, D]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend_joined(layer_index, qkv [B*T, (H + 2 KVH) D] unrotated, cos, sin [B*T, D]) -> [B*T, H*D]: rotary,
+# the cache write and attention in one (the native decode path)
+AttendJoined = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _eps(module: torch.nn.Module) -> float:
@@ -55,9 +58,6 @@ class _LayerLinears:
         self.down: Linear = linear(mlp.down_proj, pack, small)
         self.act = mlp.act_fn
 
-    def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.qkv_joined(h).split(self.qkv_sizes, dim=-1)
-
     def mlp(self, x: torch.Tensor) -> torch.Tensor:  # LlamaMLP.forward
         gate, up = self._gate_up(x)
         return self.down(self.act(gate) * up)
@@ -85,14 +85,15 @@ class LlamaForward:
         self.group = self.num_heads // self.num_kv_heads
         self.scale = self.head_dim ** -0.5
 
-    def hidden(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend,
-               valid: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend | None,
+               valid: torch.Tensor | None = None, attend_joined: AttendJoined | None = None) -> torch.Tensor:
         """Run all layers on embeddings x [B, T, hidden] at rotary positions [B, T]; final norm applied.
 
         valid [B, T] (True = a real token, False = padding), when some rows are padded: everything but
         attention then runs on the real tokens only, packed into one [N, hidden] matrix (a prefill of
         prompts of 40 to 130 tokens padded to the longest spends a third of its matmuls on pads).
-        Attention alone sees the padded layout; the pads' outputs are zeros."""
+        Attention alone sees the padded layout; the pads' outputs are zeros.
+        attend_joined (without valid), instead of attend: takes each layer's projection unrotated."""
         cos, sin = self.rotary(x, positions)
         b, t, c = x.shape
         rows = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)  # packed -> padded index
@@ -104,6 +105,11 @@ class LlamaForward:
         h = rms_norm(self.layers[0].input_layernorm, x)
         for i, lin in enumerate(self.linears):
             qkv = lin.qkv_joined(h)
+            if attend_joined is not None:
+                o = attend_joined(i, qkv.view(b * t, -1), cos.view(b * t, -1), sin.view(b * t, -1))
+                x, h = self.add_norm(x, lin.o(o.view(b, t, -1)), norms_after[2 * i])
+                x, h = self.add_norm(x, lin.mlp(h), norms_after[2 * i + 1])
+                continue
             if rows is not None:  # into the padded layout for attention
                 qkv = qkv.new_zeros(b * t, qkv.shape[-1]).index_copy_(0, rows, qkv)
             q, k, v = qkv.view(b, t, -1).split(lin.qkv_sizes, dim=-1)

@@ -43,6 +43,8 @@ class ModelRunner:
             else kernels.NativeKernels()
         # decode attention: the native CPU kernel when it builds here, else torch's SDPA with a mask
         self.decode_attention = native.decode_attention
+        # with it, the decode step's rotary and cache write as one native op too (bit-identical to torch's)
+        self._rope_decode = native.rope_decode if native.decode_attention is not None else None
         bf16 = dtype == torch.bfloat16  # float32 keeps torch's ops: bit-identical to the model's own modules
         # projections of 1-2 rows: the native kernel where the CPU has AVX-512 BF16, else oneDNN
         self.forward = LlamaForward(model, pack_weights=self.packed_weights,
@@ -274,7 +276,18 @@ class ModelRunner:
             o = kernel(q.reshape(n, f.num_kv_heads, f.group, f.head_dim).contiguous(), keys, values, lengths, f.scale)
             return o.view(n, f.num_heads, 1, f.head_dim)
 
-        hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attend)
+        def attend_joined(i, qkv, cos, sin):
+            q = self._rope_decode(qkv, cos, sin, cache.k[i], cache.v[i], row_index, lengths, f.num_heads,
+                                  f.num_kv_heads)
+            if contiguous:
+                keys, values = cache.k[i, :n, :, :width], cache.v[i, :n, :, :width]
+            else:
+                keys, values = cache.k[i][row_index, :, :width], cache.v[i][row_index, :, :width]
+            o = kernel(q.view(n, f.num_kv_heads, f.group, f.head_dim), keys, values, lengths, f.scale)
+            return o.view(n, -1)
+
+        fused = attend_joined if self._rope_decode is not None else None
+        hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attend, attend_joined=fused)
         logits = self.forward.logits(hidden[:, -1])
         tokens = sample(logits, self._rows(seqs))
         # only now: a step that raised before here is retried over the same positions
