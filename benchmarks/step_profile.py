@@ -72,8 +72,8 @@ def instrumented(runner):
     if runner.decode_attention is not None:  # the native kernel, when it built here
         patch(runner, "decode_attention", "attention")
     patch(llama, "apply_rotary_pos_emb", "rotary")
-    if runner._rope_decode is not None:  # the native rotary, which writes the cache too
-        patch(runner, "_rope_decode", "rotary+cache writes")
+    if runner._rotary_cache_write is not None:  # the native rotary, which writes the cache too
+        patch(runner, "_rotary_cache_write", "rotary+cache writes")
     patch(model_runner, "sample", "sampling")
     patch(runner, "_write_decode_kv", "cache writes")
     try:

@@ -86,19 +86,22 @@ class LlamaForward:
         self.scale = self.head_dim ** -0.5
 
     def hidden(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend | None,
-               valid: torch.Tensor | None = None, attend_joined: AttendJoined | None = None) -> torch.Tensor:
+               packed: torch.Tensor | None = None, attend_joined: AttendJoined | None = None) -> torch.Tensor:
         """Run all layers on embeddings x [B, T, hidden] at rotary positions [B, T]; final norm applied.
 
-        valid [B, T] (True = a real token, False = padding), when some rows are padded: everything but
-        attention then runs on the real tokens only, packed into one [N, hidden] matrix (a prefill of
-        prompts of 40 to 130 tokens padded to the longest spends a third of its matmuls on pads).
-        Attention alone sees the padded layout; the pads' outputs are zeros.
-        attend_joined (without valid), instead of attend: takes each layer's projection unrotated."""
+        packed: when some rows are padded, the indices of the real tokens in the flattened [B*T]. All but
+        attention then runs on those tokens only, packed into one [N, hidden] matrix (a prefill of prompts
+        of 40 to 130 tokens padded to the longest spends a third of its matmuls on pads); `attend` sees
+        the padded layout, `attend_joined` the packed one. The pads' outputs are zeros.
+        attend_joined, instead of attend: takes each layer's projection unrotated (the native path)."""
         cos, sin = self.rotary(x, positions)
         b, t, c = x.shape
-        rows = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)  # packed -> padded index
-        if rows is not None:
-            x = x.reshape(b * t, c)[rows]
+        if packed is not None:
+            x = x.reshape(b * t, c)[packed]
+        if attend_joined is not None:  # the rotary tables of the tokens that run, one row each
+            cos, sin = cos.reshape(b * t, -1), sin.reshape(b * t, -1)
+            if packed is not None:
+                cos, sin = cos[packed], sin[packed]
         # each residual add is fused with the norm that reads its result: the next sublayer's input norm
         norms_after = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
         norms_after = norms_after[1:] + [self.norm]
@@ -106,27 +109,31 @@ class LlamaForward:
         for i, lin in enumerate(self.linears):
             qkv = lin.qkv_joined(h)
             if attend_joined is not None:
-                o = attend_joined(i, qkv.view(b * t, -1), cos.view(b * t, -1), sin.view(b * t, -1))
-                x, h = self.add_norm(x, lin.o(o.view(b, t, -1)), norms_after[2 * i])
-                x, h = self.add_norm(x, lin.mlp(h), norms_after[2 * i + 1])
-                continue
-            if rows is not None:  # into the padded layout for attention
-                qkv = qkv.new_zeros(b * t, qkv.shape[-1]).index_copy_(0, rows, qkv)
-            q, k, v = qkv.view(b, t, -1).split(lin.qkv_sizes, dim=-1)
-            q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-            k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            o = attend(i, q, k, v).transpose(1, 2).reshape(b * t, -1)
-            if rows is not None:
-                o = o[rows]
+                o = attend_joined(i, qkv.reshape(-1, qkv.shape[-1]), cos, sin)
+            else:
+                o = self._attend_split(i, qkv, lin.qkv_sizes, cos, sin, b, t, packed, attend)
             x, h = self.add_norm(x, lin.o(o.view(*x.shape[:-1], -1)), norms_after[2 * i])
             x, h = self.add_norm(x, lin.mlp(h), norms_after[2 * i + 1])
-        if rows is not None:
-            return h.new_zeros(b * t, c).index_copy_(0, rows, h).view(b, t, c)
+        if packed is not None:
+            return h.new_zeros(b * t, c).index_copy_(0, packed, h).view(b, t, c)
         return h
 
-    def add_norm(self, x: torch.Tensor, delta: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend_split(self, i: int, qkv: torch.Tensor, sizes: list[int], cos: torch.Tensor, sin: torch.Tensor,
+                      b: int, t: int, packed: torch.Tensor | None, attend: Attend) -> torch.Tensor:
+        """torch's path: q, k, v in the padded [B, heads, T, D] layout, rotated, to `attend`; its output
+        back in the layout of the tokens that run ([B*T] or packed), [.., H*D]."""
+        if packed is not None:  # into the padded layout for attention
+            qkv = qkv.new_zeros(b * t, qkv.shape[-1]).index_copy_(0, packed, qkv)
+        q, k, v = qkv.view(b, t, -1).split(sizes, dim=-1)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = attend(i, q, k, v).transpose(1, 2).reshape(b * t, -1)
+        return o[packed] if packed is not None else o
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor,
+                 norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, norm(x + delta)): the residual stream and the next sublayer's normalized input."""
         if self._add_rms_norm is not None and x.dtype == torch.bfloat16:
             return self._add_rms_norm(x.contiguous(), delta.contiguous(), norm.weight, _eps(norm))

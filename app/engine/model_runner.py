@@ -43,8 +43,9 @@ class ModelRunner:
             else kernels.NativeKernels()
         # decode attention: the native CPU kernel when it builds here, else torch's SDPA with a mask
         self.decode_attention = native.decode_attention
-        # with it, the decode step's rotary and cache write as one native op too (bit-identical to torch's)
-        self._rope_decode = native.rope_decode if native.decode_attention is not None else None
+        # with it, rotary and the cache write of decode and prefill tokens as one native op (bit-identical to
+        # torch's)
+        self._rotary_cache_write = native.rotary_cache_write if native.decode_attention is not None else None
         bf16 = dtype == torch.bfloat16  # float32 keeps torch's ops: bit-identical to the model's own modules
         # projections of 1-2 rows: the native kernel where the CPU has AVX-512 BF16, else oneDNN
         self.forward = LlamaForward(model, pack_weights=self.packed_weights,
@@ -177,16 +178,35 @@ class ModelRunner:
         mask = self.forward.group_mask(allowed, cache.k.dtype)
         row_index = torch.arange(r0, r0 + b, device=self.device).unsqueeze(1).expand(b, t)
 
+        f = self.forward
+        # the real tokens' indices in the flattened [B*T], when some rows are padded
+        packed = (self._positions[:t].unsqueeze(0) < torch.tensor(lens, device=self.device).unsqueeze(1)) \
+            .reshape(-1).nonzero().squeeze(1) if min(lens) < t else None
+
         def attend(i, q, k, v):
             cache.k[i][row_index, :, write_at] = k.transpose(1, 2)
             cache.v[i][row_index, :, write_at] = v.transpose(1, 2)
-            return self.forward.grouped_attention(q, cache.k[i, r0:r0 + b, :, :width],
-                                                  cache.v[i, r0:r0 + b, :, :width], mask)
+            return f.grouped_attention(q, cache.k[i, r0:r0 + b, :, :width], cache.v[i, r0:r0 + b, :, :width], mask)
 
-        padded = min(lens) < t
-        valid = self._positions[:t].unsqueeze(0) < torch.tensor(lens, device=self.device).unsqueeze(1) \
-            if padded else None
-        hidden = self.forward.hidden(self.forward.embed(ids), positions, attend, valid)
+        def attend_joined(i, qkv, cos, sin):
+            # rotary and the cache write of the real tokens in one native op (pads write nothing)
+            q = self._rotary_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], token_rows, token_at, f.num_heads,
+                                  f.num_kv_heads)
+            if packed is not None:
+                q = q.new_zeros(b * t, f.num_heads, f.head_dim).index_copy_(0, packed, q)
+            o = f.grouped_attention(q.view(b, t, f.num_heads, f.head_dim).transpose(1, 2),
+                                    cache.k[i, r0:r0 + b, :, :width], cache.v[i, r0:r0 + b, :, :width], mask)
+            o = o.transpose(1, 2).reshape(b * t, -1)
+            return o[packed] if packed is not None else o
+
+        joined = None
+        if self._rotary_cache_write is not None:
+            token_rows, token_at = row_index.reshape(-1), write_at.reshape(-1)
+            if packed is not None:
+                token_rows, token_at = token_rows[packed], token_at[packed]
+            token_rows, token_at = token_rows.contiguous(), token_at.contiguous()
+            joined = attend_joined
+        hidden = f.hidden(f.embed(ids), positions, attend, packed, attend_joined=joined)
         # the shared copies: their leader's cache row and hidden states, no forward of their own
         source = {id(seq): k for k, (seq, _, _) in enumerate(runs)}
         for seq, row, _ in shared:
@@ -277,7 +297,7 @@ class ModelRunner:
             return o.view(n, f.num_heads, 1, f.head_dim)
 
         def attend_joined(i, qkv, cos, sin):
-            q = self._rope_decode(qkv, cos, sin, cache.k[i], cache.v[i], row_index, lengths, f.num_heads,
+            q = self._rotary_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], row_index, lengths, f.num_heads,
                                   f.num_kv_heads)
             if contiguous:
                 keys, values = cache.k[i, :n, :, :width], cache.v[i, :n, :, :width]
@@ -286,7 +306,7 @@ class ModelRunner:
             o = kernel(q.view(n, f.num_kv_heads, f.group, f.head_dim), keys, values, lengths, f.scale)
             return o.view(n, -1)
 
-        fused = attend_joined if self._rope_decode is not None else None
+        fused = attend_joined if self._rotary_cache_write is not None else None
         hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attend, attend_joined=fused)
         logits = self.forward.logits(hidden[:, -1])
         tokens = sample(logits, self._rows(seqs))

@@ -8,8 +8,8 @@
   only on CPUs with AVX-512 BF16 (None elsewhere: the packed matmul stays).
 - `add_rms_norm` (add_rms_norm.cpp): a residual add and the next RMSNorm in one pass, bfloat16 (five torch
   operations, each mostly dispatch overhead at decode sizes).
-- `rope_decode` (rope_decode.cpp): a decode step's rotary embedding and KV-cache write in one pass,
-  bit-identical to transformers' rotary (float32 and bfloat16).
+- `rotary_cache_write` (rotary_cache_write.cpp): rotary embedding and KV-cache write of a decode step's or
+  a prefill's tokens in one pass, bit-identical to transformers' rotary (float32 and bfloat16).
 
 Both are one library, built for this CPU (-march=native) into the cache directory, keyed by the sources,
 torch's version, the compiler and the CPU's feature flags, so a changed CPU or torch builds afresh and a
@@ -35,10 +35,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("decode_attention.cpp", "small_batch_linear.cpp", "add_rms_norm.cpp", "rope_decode.cpp")]
+           for name in ("decode_attention.cpp", "small_batch_linear.cpp", "add_rms_norm.cpp",
+                        "rotary_cache_write.cpp")]
 HEADERS = [Path(__file__).with_name("avx512_bf16.h")]  # included by the sources: part of the build's key
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so elementwise kernels round as
-# torch's own operations do (rope_decode is bit-identical to transformers' rotary in float32 and bf16)
+# torch's own operations do (rotary_cache_write is bit-identical to transformers' rotary, float32 and bf16)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 _UNTRIED = object()
 _loaded: bool | object = _UNTRIED  # this process's outcome: the library loaded, or not (SDPA, oneDNN)
@@ -63,7 +64,8 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in include_paths()],
-               *[str(source) for source in SOURCES], "-o", str(out), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+               *[str(source) for source in SOURCES], "-o", str(out), f"-L{lib}", "-lc10", "-ltorch_cpu",
+               f"-Wl,-rpath,{lib}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-2000:])
@@ -81,7 +83,7 @@ class NativeKernels:
     add_rms_norm: Callable | None = None
     # (qkv [n, (h + 2 kvh) d], cos, sin [n, d], k_cache, v_cache [R, kvh, L, d], rows, at [n], h, kvh)
     #   -> q [n, h, d] rotated; k rotated and v written into the cache at (rows, at)
-    rope_decode: Callable | None = None
+    rotary_cache_write: Callable | None = None
 
 
 def load(cache_dir: Path | str) -> NativeKernels:
@@ -91,7 +93,7 @@ def load(cache_dir: Path | str) -> NativeKernels:
     ops = torch.ops.promptserve
     return NativeKernels(decode_attention=ops.decode_attention,
                          small_batch_linear=ops.small_batch_linear if ops.small_batch_linear_supported() else None,
-                         add_rms_norm=ops.add_rms_norm, rope_decode=ops.rope_decode)
+                         add_rms_norm=ops.add_rms_norm, rotary_cache_write=ops.rotary_cache_write)
 
 
 def _library(cache_dir: Path) -> bool:

@@ -131,7 +131,8 @@ inline __m512 exp_nonpositive16(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015361e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315308e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999994e-1f));
-  const __m512i two_to_whole = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23);
+  const __m512i two_to_whole =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(two_to_whole));
 }
 
@@ -175,7 +176,8 @@ void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __r
         for (int gi = 0; gi < G; ++gi) partial[gi][t] = _mm512_setzero_ps();
       }
     }
-    for (int gi = 0; gi < G; ++gi) _mm512_storeu_ps(scores + gi * padded + block, _mm512_mul_ps(sum16(partial[gi]), sc));
+    for (int gi = 0; gi < G; ++gi)
+      _mm512_storeu_ps(scores + gi * padded + block, _mm512_mul_ps(sum16(partial[gi]), sc));
   }
   // softmax numerators in place, 16 keys at a time (the tail masked); the 1/sum is applied to the output
   float inv[G];

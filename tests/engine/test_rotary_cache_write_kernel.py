@@ -1,4 +1,4 @@
-"""The native rotary + KV-cache write of a decode step (app/engine/kernels/rope_decode.cpp): bit-identical
+"""The native rotary + KV-cache write of a decode step (app/engine/kernels/rotary_cache_write.cpp): bit-identical
 to transformers' apply_rotary_pos_emb and indexed cache writes, in float32 and bfloat16; rows and
 positions outside the cache are refused, never written."""
 
@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 @pytest.fixture(scope="module")
 def rope(native_kernels):
-    return native_kernels.rope_decode
+    return native_kernels.rotary_cache_write
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

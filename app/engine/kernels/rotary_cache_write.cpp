@@ -1,10 +1,11 @@
-// The decode step's rotary embedding and KV-cache write, in one pass over a layer's q/k/v projection.
+// Rotary embedding and KV-cache write of n tokens, in one pass over a layer's q/k/v projection: a decode
+// step's new token of each sequence, or a prefill's real (unpadded) prompt tokens.
 //
-//   qkv      [n, (h + 2 kvh) d]  one new token per row: q heads, then k heads, then v heads (the joined
-//                                 projection's output), last dimension contiguous
-//   cos, sin [n, d]              the rotary tables at each row's position, in qkv's dtype
+//   qkv      [n, (h + 2 kvh) d]  per token: q heads, then k heads, then v heads (the joined projection's
+//                                 output), last dimension contiguous
+//   cos, sin [n, d]              the rotary tables at each token's position, in qkv's dtype
 //   k_cache, v_cache [R, kvh, L, d]  one layer of the cache (last dimension contiguous)
-//   rows, at [n] int64           each row's cache row and the position its new token goes to
+//   rows, at [n] int64           each token's cache row and the position it goes to
 //   returns  q [n, h, d]         rotated, contiguous (the decode-attention kernel reads it as [n, kvh, g, d])
 //
 // The rotation is transformers' apply_rotary_pos_emb, operation for operation: out = x*cos +
@@ -41,7 +42,7 @@ void rotate(const T* __restrict x, const T* __restrict c, const T* __restrict s,
 }
 
 template <typename T>
-void rope_decode_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+void rotary_cache_write_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                       at::Tensor& v_cache, const at::Tensor& rows, const at::Tensor& at_, int64_t h, int64_t kvh,
                       at::Tensor& q) {
   const int64_t n = qkv.size(0), d = cos.size(1);
@@ -73,7 +74,7 @@ void rope_decode_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   });
 }
 
-at::Tensor rope_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
+at::Tensor rotary_cache_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
                        at::Tensor v_cache, const at::Tensor& rows, const at::Tensor& at_, int64_t h, int64_t kvh) {
   TORCH_CHECK(qkv.dim() == 2 && cos.dim() == 2 && sin.dim() == 2, "qkv [n, (h + 2 kvh) d], cos and sin [n, d]");
   const int64_t n = qkv.size(0), d = cos.size(1);
@@ -95,9 +96,11 @@ at::Tensor rope_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::T
                 "row or position outside the cache");
   at::Tensor q = at::empty({n, h, d}, qkv.options());
   switch (qkv.scalar_type()) {
-    case at::kFloat: rope_decode_impl<float>(qkv, cos, sin, k_cache, v_cache, rows, at_, h, kvh, q); break;
-    case at::kBFloat16: rope_decode_impl<c10::BFloat16>(qkv, cos, sin, k_cache, v_cache, rows, at_, h, kvh, q); break;
-    case at::kHalf: rope_decode_impl<c10::Half>(qkv, cos, sin, k_cache, v_cache, rows, at_, h, kvh, q); break;
+    case at::kFloat: rotary_cache_write_impl<float>(qkv, cos, sin, k_cache, v_cache, rows, at_, h, kvh, q); break;
+    case at::kBFloat16:
+      rotary_cache_write_impl<c10::BFloat16>(qkv, cos, sin, k_cache, v_cache, rows, at_, h, kvh, q);
+      break;
+    case at::kHalf: rotary_cache_write_impl<c10::Half>(qkv, cos, sin, k_cache, v_cache, rows, at_, h, kvh, q); break;
     default: TORCH_CHECK(false, "unsupported dtype ", qkv.scalar_type());
   }
   return q;
@@ -106,8 +109,8 @@ at::Tensor rope_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::T
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(promptserve, m) {
-  m.def("rope_decode(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
+  m.def("rotary_cache_write(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
         "Tensor at, int h, int kvh) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("rope_decode", &rope_decode); }
+TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("rotary_cache_write", &rotary_cache_write); }
