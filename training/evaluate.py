@@ -11,7 +11,7 @@ import httpx
 import torch
 import torch.nn.functional as F
 
-from app.task_types.encoding import bio_tags, classify_ids, decode_entities, extract_encoding
+from app.task_types.encoding import best_bio_path, bio_tags, classify_ids, decode_entities, extract_encoding
 from training.data import entities_from_bio, generate_example, read_jsonl
 from training.metrics import class_f1, entity_f1
 from training.presets import PERSONA_QUESTIONS_PATH as PERSONA_QUESTIONS
@@ -137,7 +137,9 @@ def eval_module(module, tokenizer, demo: str, device, limit: int | None = None) 
         for start, chunk, h in _hidden_batches(module, [e.ids for e in encs], device):
             for b in range(len(chunk)):
                 enc = encs[start + b]
-                tag_ids = module.head(h[b, enc.positions].float()).argmax(-1).tolist() if enc.positions else []
+                scores = torch.log_softmax(module.head(h[b, enc.positions].float()), -1).tolist() \
+                    if enc.positions else []
+                tag_ids = best_bio_path(scores, tags)  # as the server decodes
                 pred.append(decode_entities(texts[start + b], enc, tag_ids, tags))
         return {"entity_f1": entity_f1(gold, pred), "n": len(rows)}
     return {"dev_answer_loss": answer_loss(module, tokenizer, rows, device), "n": len(rows)}

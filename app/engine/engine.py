@@ -392,7 +392,7 @@ class Engine:
                                      prompt_tokens=len(seq.request.prompt_token_ids),
                                      completion_tokens=len(seq.output_ids), error=seq.error,
                                      error_kind=seq.error_kind, scores=(seq.result or {}).get("scores"),
-                                     tags=(seq.result or {}).get("tags"), logprobs=logprobs,
+                                     tag_logprobs=(seq.result or {}).get("tag_logprobs"), logprobs=logprobs,
                                      prompt_logprobs=seq.prompt_logprobs))
 
     def _put(self, sub: _Subscriber, out: RequestOutput) -> None:

@@ -256,7 +256,8 @@ class ModelRunner:
             logits = logits + prefix.head_bias
         if req.mode == "classify":
             return {"scores": torch.softmax(logits[0], -1).tolist()}
-        return {"tags": logits.argmax(-1).tolist()}
+        # every tag's log-probability per word: the caller picks the best valid tag sequence (BIO rules)
+        return {"tag_logprobs": torch.log_softmax(logits, -1).tolist()}
 
     def _write_decode_kv(self, layer: int, rows: torch.Tensor, at: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor) -> None:

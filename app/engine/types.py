@@ -176,6 +176,6 @@ class RequestOutput:
     error: str | None = None
     error_kind: str | None = None  # invalid | unavailable | internal (see ErrorKind)
     scores: list[float] | None = None  # classify: probability per label
-    tags: list[int] | None = None  # tag: tag index per position
+    tag_logprobs: list[list[float]] | None = None  # tag: log-probability of each tag, per position
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output, when asked for

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, TypeVar
 
 from app.engine.engine import Engine, InvalidEngineRequest, QueueFull, RequestTooLong
-from app.task_types.encoding import bio_tags, classify_ids, decode_entities, extract_encoding
+from app.task_types.encoding import best_bio_path, bio_tags, classify_ids, decode_entities, extract_encoding
 from app.engine.constraints import Constraint, ConstraintSpec, Grammars, InvalidConstraint
 from app.engine.types import ErrorKind, PromptSetRef, RequestOutput, SamplingParams, TokenLogprob
 from app.model.spec import ModelSpec
@@ -267,7 +267,8 @@ class TaskService:
         if not enc.positions:  # nothing to tag (blank text): no model call needed
             return {"entities": [], "usage": {"prompt_tokens": 0}}
         out = await self._run_head(task, enc.ids, "tag", enc.positions)
-        entities = decode_entities(text, enc, out.tags, bio_tags(task.meta.labels))
+        tags = bio_tags(task.meta.labels)
+        entities = decode_entities(text, enc, best_bio_path(out.tag_logprobs, tags), tags)
         return {"entities": entities, "usage": {"prompt_tokens": out.prompt_tokens}}
 
     async def label(self, task: ResolvedTask, texts: list[str]) -> list[dict]:

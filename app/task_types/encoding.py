@@ -60,6 +60,36 @@ def extract_encoding(tokenizer, text: str) -> ExtractEncoding:
     return ExtractEncoding(ids + [separator_id(tokenizer)] + ids, words, positions, tagged)
 
 
+def best_bio_path(logprobs: list[list[float]], tags: list[str]) -> list[int]:
+    """The tag sequence of highest total log-probability that is valid BIO: I-X only right after B-X or I-X
+    (Viterbi over the head's per-word scores). Per-word argmax can emit "O I-person" or "B-loc I-person",
+    which a lenient reader turns into wrong spans; this never does, and where the argmax sequence is
+    valid it is the answer (it is then the unconstrained maximum)."""
+    if not logprobs:
+        return []
+    inside_of = {j: tags.index("B-" + tag[2:]) for j, tag in enumerate(tags) if tag.startswith("I-")}
+    n_tags = len(tags)
+    score = [lp if j not in inside_of else float("-inf") for j, lp in enumerate(logprobs[0])]  # no I- first
+    back: list[list[int]] = []
+    for row in logprobs[1:]:
+        best_prev = max(range(n_tags), key=score.__getitem__)
+        step, new = [], []
+        for j in range(n_tags):
+            if j in inside_of:  # I-X continues B-X or I-X
+                b = inside_of[j]
+                prev = b if score[b] >= score[j] else j
+            else:
+                prev = best_prev
+            step.append(prev)
+            new.append(score[prev] + row[j])
+        back.append(step)
+        score = new
+    path = [max(range(n_tags), key=score.__getitem__)]
+    for step in reversed(back):
+        path.append(step[path[-1]])
+    return path[::-1]
+
+
 def decode_entities(text: str, enc: ExtractEncoding, tag_ids: list[int], tags: list[str]) -> list[dict]:
     """BIO tags per tagged word -> entities with character offsets into text.
 

@@ -1,4 +1,6 @@
-from app.task_types.encoding import bio_tags, decode_entities, extract_encoding
+import pytest
+
+from app.task_types.encoding import best_bio_path, bio_tags, decode_entities, extract_encoding
 from training.data import entities_from_bio, extract_example
 
 
@@ -36,3 +38,37 @@ def test_training_targets_agree_with_the_data(tiny):
     tags = bio_tags(["person", "geo-loc"])
     ex = extract_example(tiny.tokenizer, row, ["person", "geo-loc"])
     assert [tags[t] for t in ex.targets] == row["tags"]
+
+
+def _valid_bio(path: list[int], tags: list[str]) -> bool:
+    for k, j in enumerate(path):
+        if tags[j].startswith("I-") and (k == 0 or tags[path[k - 1]][2:] != tags[j][2:]):
+            return False
+    return True
+
+
+def test_best_bio_path_is_the_best_valid_sequence():
+    """Against brute force over every tag sequence, on random scores: valid BIO, and no valid sequence
+    scores higher."""
+    import itertools
+    import random
+
+    tags = bio_tags(["person", "loc"])  # O, B-person, I-person, B-loc, I-loc
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 4)
+        logprobs = [[rng.uniform(-5, 0) for _ in tags] for _ in range(n)]
+        path = best_bio_path(logprobs, tags)
+        assert len(path) == n and _valid_bio(path, tags)
+        best = max(sum(logprobs[k][j] for k, j in enumerate(p))
+                   for p in itertools.product(range(len(tags)), repeat=n) if _valid_bio(list(p), tags))
+        assert sum(logprobs[k][j] for k, j in enumerate(path)) == pytest.approx(best)
+
+
+def test_best_bio_path_keeps_a_valid_argmax_and_repairs_an_invalid_one():
+    tags = bio_tags(["person"])  # O, B-person, I-person
+    lp = [[-0.1, -3, -3], [-3, -0.2, -2], [-3, -2, -0.1]]  # argmax O B I: valid
+    assert best_bio_path(lp, tags) == [0, 1, 2]
+    lp = [[-0.1, -3, -3], [-3, -1.0, -0.5], [-3, -2, -0.1]]  # argmax O I I: invalid, B I is the best repair
+    assert best_bio_path(lp, tags) == [0, 1, 2]
+    assert best_bio_path([], tags) == []
