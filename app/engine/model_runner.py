@@ -173,9 +173,6 @@ class ModelRunner:
         # pads write past their row's valid length (clamped into the buffer); nothing ever reads them
         write_at = positions.clamp(max=cache.max_len - 1)
         width = int(max(int(st) + n for st, n in zip(starts.tolist(), lens)))
-        # query t of row b (cache index starts[b] + t) sees every index up to and including its own
-        allowed = self._positions[:width].view(1, 1, -1) <= positions.unsqueeze(2)  # [B, T, W]
-        mask = self.forward.group_mask(allowed, cache.k.dtype)
         row_index = torch.arange(r0, r0 + b, device=self.device).unsqueeze(1).expand(b, t)
 
         f = self.forward
@@ -189,23 +186,27 @@ class ModelRunner:
             return f.grouped_attention(q, cache.k[i, r0:r0 + b, :, :width], cache.v[i, r0:r0 + b, :, :width], mask)
 
         def attend_joined(i, qkv, cos, sin):
-            # rotary and the cache write of the real tokens in one native op (pads write nothing)
-            q = self._rotary_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], token_rows, token_at, f.num_heads,
-                                  f.num_kv_heads)
-            if packed is not None:
-                q = q.new_zeros(b * t, f.num_heads, f.head_dim).index_copy_(0, packed, q)
-            o = f.grouped_attention(q.view(b, t, f.num_heads, f.head_dim).transpose(1, 2),
-                                    cache.k[i, r0:r0 + b, :, :width], cache.v[i, r0:r0 + b, :, :width], mask)
-            o = o.transpose(1, 2).reshape(b * t, -1)
-            return o[packed] if packed is not None else o
+            # the real tokens only: rotary and the cache write in one native op, then each token attends
+            # to its own row up to its own position (no pads, no mask)
+            q = self._rotary_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], token_rows, token_at,
+                                         f.num_heads, f.num_kv_heads)
+            o = kernel(q.view(-1, f.num_kv_heads, f.group, f.head_dim), cache.k[i, r0:r0 + b, :, :width],
+                       cache.v[i, r0:r0 + b, :, :width], token_at, f.scale, token_in_batch)
+            return o.view(q.shape[0], -1)
 
-        joined = None
+        joined, kernel = None, self.decode_attention
         if self._rotary_cache_write is not None:
             token_rows, token_at = row_index.reshape(-1), write_at.reshape(-1)
+            token_in_batch = token_rows - r0
             if packed is not None:
-                token_rows, token_at = token_rows[packed], token_at[packed]
-            token_rows, token_at = token_rows.contiguous(), token_at.contiguous()
+                token_rows, token_at, token_in_batch = token_rows[packed], token_at[packed], token_in_batch[packed]
+            token_rows, token_at, token_in_batch = (token_rows.contiguous(), token_at.contiguous(),
+                                                    token_in_batch.contiguous())
             joined = attend_joined
+        else:
+            # query t of row b (cache index starts[b] + t) sees every index up to and including its own
+            allowed = self._positions[:width].view(1, 1, -1) <= positions.unsqueeze(2)  # [B, T, W]
+            mask = f.group_mask(allowed, cache.k.dtype)
         hidden = f.hidden(f.embed(ids), positions, attend, packed, attend_joined=joined)
         # the shared copies: their leader's cache row and hidden states, no forward of their own
         source = {id(seq): k for k, (seq, _, _) in enumerate(runs)}

@@ -51,3 +51,23 @@ def test_refuses_what_it_cannot_read(kernel):
         kernel(q, k, k, torch.tensor([1, 2], dtype=torch.int32), 0.125)
     with pytest.raises(RuntimeError, match="contiguous last dimension"):
         kernel(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, torch.tensor([1, 2]), 0.125)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_prefill_queries_read_their_own_rows(kernel, dtype, tolerance):
+    """With rows, each query (a prefill's token) reads its own sequence's cache row up to its own
+    position: the same as each sequence's causal attention."""
+    torch.manual_seed(1)
+    kvh, group, d, width = 3, 3, 64, 40
+    cache_k = torch.randn(4, kvh, 50, d, dtype=dtype)
+    cache_v = torch.randn(4, kvh, 50, d, dtype=dtype)
+    k, v = cache_k[1:4, :, :width], cache_v[1:4, :, :width]  # a batch's rows in the cache
+    rows = torch.tensor([0, 0, 0, 2, 2, 1])  # three tokens of sequence 0, two of 2, one of 1
+    positions = torch.tensor([16, 17, 18, 30, 31, 39])  # after a 16-token prefix, say
+    q = torch.randn(len(rows), kvh, group, d, dtype=dtype)
+    out = kernel(q, k, v, positions, d ** -0.5, rows)
+    expected = torch.cat([reference(q[i:i + 1], k[r:r + 1], v[r:r + 1], positions[i:i + 1], d ** -0.5)
+                          for i, r in enumerate(rows.tolist())])
+    assert (out.float() - expected).abs().max().item() < tolerance
+    with pytest.raises(RuntimeError, match="rows outside k"):
+        kernel(q, k, v, positions, d ** -0.5, torch.tensor([0, 0, 0, 2, 3, 1]))

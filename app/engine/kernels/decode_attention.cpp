@@ -1,12 +1,14 @@
-// Decode attention for one new token per sequence, over a KV-cache view, on CPU.
+// Attention of single query tokens over a KV-cache view, on CPU: a decode step's new token of each
+// sequence, or (with `rows`) every real token of a prefill, each against its own sequence's cache row.
 //
 // torch's CPU SDPA spends ~1 ms a layer on a decode batch of 64 (192 problems of 3 queries x ~100 keys),
 // about 6x the time to read the keys and values once; this kernel reads each row's K/V once, in place
 // (strided views of the cache, no copy, no mask tensor), and keeps everything else in float32 registers.
 //
 //   q        [n, kvh, g, d]  contiguous: the g query heads that share KV head h (grouped-query attention)
-//   k, v     [n, kvh, W, d]  any strides with the last dimension contiguous (a view of the cache)
-//   lengths  [n] int64       row b attends to key positions 0..lengths[b] (its new token is at lengths[b])
+//   k, v     [B, kvh, W, d]  any strides with the last dimension contiguous (a view of the cache)
+//   lengths  [n] int64       query i attends to key positions 0..lengths[i] (its own token is at lengths[i])
+//   rows     [n] int64 or None  query i reads k[rows[i]], v[rows[i]]; None: k[i] (then B = n)
 //   returns  [n, kvh, g, d]  softmax(q k^T * scale) v, in q's dtype
 //
 // Each (row, KV head) is an independent task, so a row's result never depends on what else is in the
@@ -24,6 +26,7 @@
 #include <bit>
 #include <cstdint>
 #include <cmath>
+#include <optional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -219,7 +222,7 @@ void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __r
 
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& lengths, double scale, at::Tensor& out) {
+                           const at::Tensor& lengths, const int64_t* rows, double scale, at::Tensor& out) {
   const int64_t n = q.size(0), kvh = q.size(1), g = q.size(2), d = q.size(3), width = k.size(2);
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
@@ -250,18 +253,19 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(g * d), row(d), acc(g * d), scores(g * ((width + 15) / 16 * 16));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kvh, h = task % kvh;
-      const int64_t len = std::min<int64_t>(std::max<int64_t>(lp[b] + 1, 1), width);
+      const int64_t i = task / kvh, h = task % kvh, b = rows ? rows[i] : i;
+      const int64_t len = std::min<int64_t>(std::max<int64_t>(lp[i] + 1, 1), width);
 #ifdef PROMPTSERVE_AVX512_BF16
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (attend_bf16 != nullptr) {
           // the next task's keys (same row's next head, or the next row) are prefetched during this one's
           // values; its length bounds the prefetch
-          const int64_t nb = (task + 1) / kvh, nh = (task + 1) % kvh;
+          const int64_t ni = (task + 1) / kvh, nh = (task + 1) % kvh;
           const bool more = task + 1 < end;
+          const int64_t nb = more ? (rows ? rows[ni] : ni) : 0;
           attend_bf16(qp + task * g * d, kp + b * ks0 + h * ks1, ks2, vp + b * vs0 + h * vs1, vs2, len, sc,
                       scores.data(), op + task * g * d, more ? kp + nb * ks0 + nh * ks1 : nullptr,
-                      more ? std::min<int64_t>(std::max<int64_t>(lp[nb] + 1, 1), width) : 0);
+                      more ? std::min<int64_t>(std::max<int64_t>(lp[ni] + 1, 1), width) : 0);
           continue;
         }
       }
@@ -273,20 +277,29 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& lengths, double scale) {
+                            const at::Tensor& lengths, double scale, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d");
   TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k and v need a contiguous last dimension");
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v differ in shape");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), "q and k differ");
+  TORCH_CHECK((rows.has_value() || k.size(0) == q.size(0)) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "q and k differ");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "dtypes differ");
   TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.is_contiguous() && lengths.numel() == q.size(0),
               "lengths must be n contiguous int64");
+  const int64_t* rp = nullptr;
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->numel() == q.size(0),
+                "rows must be n contiguous int64");
+    rp = rows->const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < q.size(0); ++i)  // a read outside k would be a wild read: refuse it
+      TORCH_CHECK(rp[i] >= 0 && rp[i] < k.size(0), "rows outside k");
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   switch (q.scalar_type()) {
-    case at::kFloat: decode_attention_impl<float>(q, k, v, lengths, scale, out); break;
-    case at::kBFloat16: decode_attention_impl<c10::BFloat16>(q, k, v, lengths, scale, out); break;
-    case at::kHalf: decode_attention_impl<c10::Half>(q, k, v, lengths, scale, out); break;
+    case at::kFloat: decode_attention_impl<float>(q, k, v, lengths, rp, scale, out); break;
+    case at::kBFloat16: decode_attention_impl<c10::BFloat16>(q, k, v, lengths, rp, scale, out); break;
+    case at::kHalf: decode_attention_impl<c10::Half>(q, k, v, lengths, rp, scale, out); break;
     default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
   }
   return out;
@@ -295,7 +308,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY(promptserve, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale, Tensor? rows=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("decode_attention", &decode_attention); }
