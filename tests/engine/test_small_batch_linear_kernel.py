@@ -72,3 +72,14 @@ def test_packed_linear_sends_small_batches_to_the_kernel(small):
     # a bias, or float32, stays on oneDNN
     assert PackedLinear(torch.nn.Linear(576, 96, bias=True).bfloat16(), counting)._small is None
     assert PackedLinear(torch.nn.Linear(576, 96, bias=False), counting)._small is None
+
+
+def test_as_accurate_as_correct_rounding_nearly_always(small):
+    """Exact bf16 products summed in float32: against the exact (float64) result rounded once to bf16,
+    all but a sliver of outputs are the correctly rounded value (oneDNN's packed matmul measured 99.985%,
+    this kernel 99.996%, on SmolLM2's own weights)."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(1536, 576, generator=g) * 0.05).bfloat16()
+    x = (torch.randn(2, 576, generator=g) * 0.5).bfloat16()
+    exact = x.double() @ w.double().T
+    assert (small(x, w) == exact.to(torch.bfloat16)).float().mean().item() >= 0.999

@@ -1,0 +1,94 @@
+"""The benchmark's 64-client wave in process, without HTTP: how much of the served figure is the engine.
+
+    python -m benchmarks.engine_wave [--waves 3] [--requests 64]
+
+The same real prompts as `promptserve bench` (chat, ner and spam interleaved), all submitted at once, 64
+greedy tokens each with `ignore_eos`; the engine loop runs on the main thread as `promptserve serve` runs
+it (a second thread running torch kernels slows the steps), the requests from an asyncio loop on another.
+Prints each wave's output tokens per second and where the last wave's time went (prefill and decode
+forward passes, from the model runner). No prompt sets: with 16-token `input` and `deep` sets on the
+rows the waves measured the same (583-596 against 581-594 tok/s, AMD EPYC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+
+from app.engine.engine import Engine, EngineConfig
+from app.engine.types import SamplingParams
+from app.model.loader import load_model
+from app.settings import Settings
+from benchmarks.roofline import cpu_name
+from benchmarks.serving import _encode, load_prompts
+
+
+def _timed(log: list, kind: str, fn):
+    def wrapped(seqs):
+        started = time.perf_counter()
+        try:
+            return fn(seqs)
+        finally:
+            log.append((kind, len(seqs), time.perf_counter() - started))
+    return wrapped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--waves", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    loaded = load_model(settings)
+    per_task = load_prompts(args.requests)
+    messages = [per_task[task][i] for i in range(args.requests) for task in ("chat", "ner", "spam")][:args.requests]
+    prompts = [_encode(loaded.tokenizer, m) for m in messages]
+    engine = Engine(loaded, EngineConfig(max_num_seqs=args.requests, max_model_len=1024,
+                                         kernel_cache_dir=str(settings.cache_dir) if settings.native_kernels
+                                         else None))
+    log: list = []
+    runner = engine.runner
+    runner.prefill, runner.decode = _timed(log, "prefill", runner.prefill), _timed(log, "decode", runner.decode)
+    sampling = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+
+    async def one(ids):
+        async for _ in engine.generate(ids, sampling):
+            pass
+
+    async def wave():
+        await asyncio.gather(*(one(ids) for ids in prompts))
+
+    walls: list[float] = []
+
+    def drive():
+        try:
+            asyncio.run(wave())  # warm-up
+            for _ in range(args.waves):
+                log.clear()
+                started = time.perf_counter()
+                asyncio.run(wave())
+                walls.append(time.perf_counter() - started)
+        finally:
+            engine.stop()
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    engine.run_forever()
+    driver.join()
+    tokens = args.requests * args.output_len
+    print(f"CPU: {cpu_name()}; {loaded.spec.name} in {loaded.dtype}; {args.requests} requests x "
+          f"{args.output_len} tokens at once, in process")
+    print("waves: " + ", ".join(f"{w:.2f} s ({tokens / w:.1f} tok/s)" for w in walls))
+    prefill = [entry for entry in log if entry[0] == "prefill"]
+    decode = [entry for entry in log if entry[0] == "decode"]
+    print(f"last wave: {len(prefill)} prefill passes {sum(e[2] for e in prefill):.2f} s "
+          f"(prompts per pass: {[e[1] for e in prefill]}), {len(decode)} decode steps "
+          f"{sum(e[2] for e in decode):.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
