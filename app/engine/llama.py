@@ -17,8 +17,9 @@ from app.engine.packed_linear import Linear, PackedLinear, SmallBatchLinear, lin
 
 # attend(layer_index, q [B, H, T, D], k [B, KVH, T, D], v) -> attention output [B, H, T, D]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# attend_joined(layer_index, qkv [B*T, (H + 2 KVH) D] unrotated, cos, sin [B*T, D]) -> [B*T, H*D]: rotary,
-# the cache write and attention in one (the native decode path)
+# attend_joined(layer_index, qkv [N, (H + 2 KVH) D] unrotated, cos, sin [N, D]) -> [N, H*D] for the N tokens
+# that run (B*T, or the packed real ones): rotary, the cache write and attention (the native path, decode
+# and prefill)
 AttendJoined = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
