@@ -17,11 +17,13 @@ Prints a table with ratios, writes JSON, draws a PNG of throughput and latency a
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import json
 import random
 import statistics
+import shutil
 import subprocess
 import tempfile
 import time
@@ -305,6 +307,7 @@ def hf_inputs_embeds_per_request(model, tokenizer, embeddings: torch.Tensor, pro
 def start_server(max_num_seqs: int, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     store = tempfile.mkdtemp(prefix="promptserve-bench-")
+    atexit.register(shutil.rmtree, store, True)  # the run's prompt sets: gone when the benchmark exits
     env = {"PROMPTSERVE_STORE_DIR": store, "PROMPTSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
            "PROMPTSERVE_SEED_DIR": "", "PROMPTSERVE_MAX_NUM_SEQS": str(max_num_seqs),
            "PROMPTSERVE_MAX_QUEUE": "100000", "PROMPTSERVE_MAX_MODEL_LEN": "1024", **(extra_env or {})}
