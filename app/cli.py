@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--lr", type=float)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--class-weight", choices=["balanced"], help="classify: weight each label's loss by the "
+                    "inverse of its frequency in the training data")
     tr.add_argument("--limit", type=int, help="use only the first N rows")
     tr.add_argument("--device")
     tr.add_argument("--dtype")

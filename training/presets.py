@@ -19,6 +19,8 @@ PRESETS = {
     "spam": dict(task_type="classify", labels=["spam", "ham"], data=[DATASETS / "sms_spam/train.jsonl"],
                  dev=DATASETS / "sms_spam/dev.jsonl", epochs=2.0, batch_size=16, num_virtual_tokens=16,
                  lr={"input": 3e-2, "deep": 1e-2, None: 3e-5},
+                 # spam is 13% of the messages: unweighted, the deep set missed 7 of 78 spam on dev
+                 class_weight="balanced",
                  description="SMS spam filter (SMS Spam Collection)"),
     "ner": dict(task_type="extract", labels=WNUT_TYPES, data=[DATASETS / "wnut16/train.jsonl"],
                 dev=DATASETS / "wnut16/dev.jsonl", epochs=8.0, batch_size=16, num_virtual_tokens=16,

@@ -59,7 +59,7 @@ def run_training(checkpoint: Path, name: str, out: Path, kind: str | None, rows:
 def config_for(name: str | None, kind: str | None, *, lr: float | None = None, task_type: str | None = None,
                labels: list[str] | None = None, virtual_tokens: int | None = None, reparam: bool = False,
                epochs: float | None = None, batch_size: int | None = None, seed: int = 0,
-               max_steps: int | None = None) -> TrainConfig:
+               max_steps: int | None = None, class_weight: str | None = None) -> TrainConfig:
     """A demo preset's settings (none for a custom task), each overridden where given. kind: input, deep,
     or None for the full fine-tuning reference."""
     preset = PRESETS.get(name, {}) if name else {}
@@ -71,7 +71,8 @@ def config_for(name: str | None, kind: str | None, *, lr: float | None = None, t
         num_virtual_tokens=virtual_tokens or preset.get("num_virtual_tokens", 16),
         reparam=reparam, epochs=epochs or preset.get("epochs", 1.0),
         batch_size=batch_size or preset.get("batch_size", 16), lr=lr, base_lr=lr, seed=seed,
-        max_steps=max_steps, init_text=preset.get("init_text", "") if kind == "input" else "")
+        max_steps=max_steps, init_text=preset.get("init_text", "") if kind == "input" else "",
+        class_weight=class_weight or preset.get("class_weight"))
 
 
 def main(args) -> int:
@@ -95,7 +96,7 @@ def main(args) -> int:
     cfg = config_for(args.demo, kind, lr=args.lr, task_type=args.task_type,
                      labels=args.labels.split(",") if args.labels else None, virtual_tokens=args.virtual_tokens,
                      reparam=args.reparam, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                     max_steps=args.max_steps)
+                     max_steps=args.max_steps, class_weight=args.class_weight)
     out = Path(args.out or DEMO_PROMPT_SETS / f"{name}.safetensors")
     result = run_training(checkpoint, name, out, kind, rows, cfg, device, dtype, base_name, description)
     print(json.dumps(result["stats"], indent=2))

@@ -35,6 +35,9 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None
     init_text: str = ""  # input kind: initialise virtual tokens from this text's embeddings
+    # classify: "balanced" weights each label's loss by the inverse of its frequency in the training data
+    # (spam is 13% of the SMS messages); None: every example counts the same
+    class_weight: str | None = None
 
 
 @dataclass
@@ -66,14 +69,24 @@ def _collate(batch: list[Example], pad_id: int, device):
             torch.tensor(targets, device=device))
 
 
-def loss_on(module: PromptModule, batch: list[Example], pad_id: int, device) -> tuple[torch.Tensor, int]:
+def loss_on(module: PromptModule, batch: list[Example], pad_id: int, device,
+            class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     ids, rows, cols, targets = _collate(batch, pad_id, device)
     h = module.hidden(ids)[rows, cols]
     if module.head is not None:
         logits = module.head(h.float())
     else:
         logits = module.f.logits(h)
-    return F.cross_entropy(logits, targets), int(ids.numel())
+    return F.cross_entropy(logits, targets, weight=class_weights), int(ids.numel())
+
+
+def balanced_class_weights(examples: list[Example], num_labels: int) -> torch.Tensor:
+    """n / (k * count of each label) over the examples' targets (sklearn's "balanced")."""
+    counts = torch.zeros(num_labels)
+    for e in examples:
+        for t in e.targets:
+            counts[t] += 1
+    return counts.sum() / (num_labels * counts.clamp(min=1))
 
 
 def head_rows_for(task_type: str, labels: list[str]) -> int | None:
@@ -120,6 +133,11 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     pad_id = tokenizer.eos_token_id
+    class_weights = None
+    if cfg.class_weight == "balanced" and cfg.task_type == "classify":
+        class_weights = balanced_class_weights(examples, len(cfg.labels)).to(device)
+    elif cfg.class_weight is not None:
+        raise ValueError(f"class_weight {cfg.class_weight!r}: only 'balanced', for classify tasks")
     losses, tokens, step = [], 0, 0
     start = time.monotonic()
     bar = tqdm(total=total, disable=not progress, desc=f"train {cfg.task_type}/{cfg.kind or 'full'}")
@@ -129,7 +147,7 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
             if step >= total:
                 break
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, n = loss_on(module, batch, pad_id, device)
+                loss, n = loss_on(module, batch, pad_id, device, class_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)

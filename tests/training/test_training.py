@@ -69,3 +69,16 @@ def test_config_for_takes_a_preset_and_explicit_overrides():
     assert config_for("chat", "input").init_text.startswith("You are Aria")
     custom = config_for(None, "input", lr=0.5, labels=["a"], epochs=3, seed=7)
     assert (custom.task_type, custom.lr, custom.labels, custom.epochs, custom.seed) == ("generate", 0.5, ["a"], 3, 7)
+
+
+def test_balanced_class_weights_undo_the_label_frequencies():
+    from training.data import Example
+    from training.run import config_for
+    from training.trainer import balanced_class_weights
+
+    examples = [Example([1, 2], [t], [1]) for t in (0, 1, 1, 1)]  # one "spam", three "ham"
+    weights = balanced_class_weights(examples, 2)
+    assert torch.allclose(weights, torch.tensor([2.0, 2 / 3]))
+    # each label's total weight is then the same: 1 x 2.0 == 3 x 2/3
+    assert config_for("spam", "deep").class_weight == "balanced"  # the preset's
+    assert config_for("ner", "deep").class_weight is None
