@@ -286,12 +286,14 @@ class ModelRunner:
             allowed = (self._positions[:width].unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)  # [n,1,S]
             mask = f.group_mask(allowed, cache.k.dtype)
 
+        def layer_kv(i):  # the rows' keys and values at layer i: a view, or gathered on a partial retry
+            if contiguous:
+                return cache.k[i, :n, :, :width], cache.v[i, :n, :, :width]
+            return cache.k[i][row_index, :, :width], cache.v[i][row_index, :, :width]
+
         def attend(i, q, k, v):
             self._write_decode_kv(i, row_index, lengths, k, v)
-            if contiguous:
-                keys, values = cache.k[i, :n, :, :width], cache.v[i, :n, :, :width]
-            else:
-                keys, values = cache.k[i][row_index, :, :width], cache.v[i][row_index, :, :width]
+            keys, values = layer_kv(i)
             if kernel is None:
                 return f.grouped_attention(q, keys, values, mask)
             # row b sees positions 0..lengths[b] (its new token included): no mask tensor needed
@@ -300,12 +302,8 @@ class ModelRunner:
 
         def attend_joined(i, qkv, cos, sin):
             q = self._rotary_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], row_index, lengths, f.num_heads,
-                                  f.num_kv_heads)
-            if contiguous:
-                keys, values = cache.k[i, :n, :, :width], cache.v[i, :n, :, :width]
-            else:
-                keys, values = cache.k[i][row_index, :, :width], cache.v[i][row_index, :, :width]
-            o = kernel(q.view(n, f.num_kv_heads, f.group, f.head_dim), keys, values, lengths, f.scale)
+                                         f.num_kv_heads)
+            o = kernel(q.view(n, f.num_kv_heads, f.group, f.head_dim), *layer_kv(i), lengths, f.scale)
             return o.view(n, -1)
 
         fused = attend_joined if self._rotary_cache_write is not None else None

@@ -250,11 +250,13 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
     else if (g == 2 && d == 128) attend_bf16 = attend_one_bf16<2, 128>;
   }
 #endif
+  // keys query i attends to: positions 0..lengths[i], at least one, at most the view's width
+  auto length_of = [&](int64_t i) { return std::min<int64_t>(std::max<int64_t>(lp[i] + 1, 1), width); };
   at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(g * d), row(d), acc(g * d), scores(g * ((width + 15) / 16 * 16));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kvh, h = task % kvh, b = rows ? rows[i] : i;
-      const int64_t len = std::min<int64_t>(std::max<int64_t>(lp[i] + 1, 1), width);
+      const int64_t len = length_of(i);
 #ifdef PROMPTSERVE_AVX512_BF16
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (attend_bf16 != nullptr) {
@@ -265,7 +267,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
           const int64_t nb = more ? (rows ? rows[ni] : ni) : 0;
           attend_bf16(qp + task * g * d, kp + b * ks0 + h * ks1, ks2, vp + b * vs0 + h * vs1, vs2, len, sc,
                       scores.data(), op + task * g * d, more ? kp + nb * ks0 + nh * ks1 : nullptr,
-                      more ? std::min<int64_t>(std::max<int64_t>(lp[ni] + 1, 1), width) : 0);
+                      more ? length_of(ni) : 0);
           continue;
         }
       }
