@@ -36,10 +36,13 @@ async def _run(engine, ids, ref, n, start: asyncio.Event | None = None, progress
     return tokens
 
 
-def test_mixed_batch_equals_alone(loaded, tmp_path):
+@pytest.mark.parametrize("native", [True, False], ids=["native-kernels", "torch-ops"])
+def test_mixed_batch_equals_alone(loaded, tmp_path, native):
+    """torch-ops: the engine without the native kernels (an image without a compiler): SDPA with masks,
+    the padded prefill layout for attention."""
     reqs = _requests(loaded, tmp_path)
     n = 16
-    engine = make_engine(loaded)
+    engine = make_engine(loaded) if native else make_engine(loaded, kernel_cache_dir=None)
     try:
         alone = [asyncio.run(_run(engine, ids, ref, n)) for ids, ref in reqs]
 
