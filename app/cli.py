@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--max-steps", type=int)
     tr.add_argument("--class-weight", choices=["balanced"], help="classify: weight each label's loss by the "
                     "inverse of its frequency in the training data")
+    tr.add_argument("--select-on-dev", action=argparse.BooleanOptionalAction, default=None,
+                    help="demo tasks: evaluate on dev after each epoch and keep the best epoch (default: the "
+                    "preset's)")
     tr.add_argument("--limit", type=int, help="use only the first N rows")
     tr.add_argument("--device")
     tr.add_argument("--dtype")

@@ -145,6 +145,17 @@ def eval_module(module, tokenizer, demo: str, device, limit: int | None = None) 
     return {"dev_answer_loss": answer_loss(module, tokenizer, rows, device), "n": len(rows)}
 
 
+def dev_score(module, tokenizer, demo: str, device) -> float:
+    """A demo task's dev figure as one number, higher is better (what early stopping selects on):
+    spam-class F1, exact entity F1, or minus the held-out answer loss."""
+    result = eval_module(module, tokenizer, demo, device)
+    if "spam_f1" in result:
+        return result["spam_f1"]["f1"]
+    if "entity_f1" in result:
+        return result["entity_f1"]["f1"]
+    return -result["dev_answer_loss"]
+
+
 @torch.no_grad()
 def answer_loss(module, tokenizer, rows, device) -> float:
     """Mean cross-entropy over answer tokens (the held-out loss of a generate task)."""

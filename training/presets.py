@@ -21,14 +21,16 @@ PRESETS = {
                  lr={"input": 3e-2, "deep": 1e-2, None: 3e-5},
                  # spam is 13% of the messages: unweighted, the deep set missed 7 of 78 spam on dev
                  class_weight="balanced",
+                 # the shipped set was trained on randomly drawn batches (before length grouping)
+                 group_by_length=False,
                  description="SMS spam filter (SMS Spam Collection)"),
     "ner": dict(task_type="extract", labels=WNUT_TYPES, data=[DATASETS / "wnut16/train.jsonl"],
-                dev=DATASETS / "wnut16/dev.jsonl", epochs=8.0, batch_size=16, num_virtual_tokens=16,
+                dev=DATASETS / "wnut16/dev.jsonl", select_on_dev=True, epochs=8.0, batch_size=16, num_virtual_tokens=16,
                 lr={"input": 3e-2, "deep": 1e-2, None: 5e-5},
                 description="Named entities in tweets, WNUT-16 types"),
     "chat": dict(task_type="generate", labels=[], data=[DATASETS / "chat/train.jsonl"],
                  extra=DEMO / "data/aria_identity.jsonl", extra_repeat=4,
-                 dev=DATASETS / "chat/dev.jsonl", epochs=2.0, batch_size=8, num_virtual_tokens=16,
+                 dev=DATASETS / "chat/dev.jsonl", select_on_dev=True, epochs=2.0, batch_size=8, num_virtual_tokens=16,
                  lr={"input": 3e-2, "deep": 5e-3, None: 2e-5},
                  init_text="You are Aria, a helpful AI assistant made by Acme Widgets.",
                  description="Aria, the assistant of Acme Widgets"),

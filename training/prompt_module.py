@@ -28,19 +28,27 @@ class PromptModule(nn.Module):
         self.reparam = reparam
         hidden = spec.hidden_size
         kv_width = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
+        emb = forward.embed.weight
+        # the init text's tokens, repeated to fill the P slots
+        text = emb.detach()[torch.tensor([init_ids[i % len(init_ids)] for i in range(self.p)],
+                                         device=emb.device)] if init_ids and kind else None
         if kind == "input":
-            emb = forward.embed.weight
-            if init_ids:  # start from real token embeddings (prompt tuning's vocabulary init)
-                rows = torch.tensor([init_ids[i % len(init_ids)] for i in range(self.p)], device=emb.device)
-                init = emb.detach()[rows].float().cpu().clone()
+            if text is not None:  # start from real token embeddings (prompt tuning's vocabulary init)
+                init = text.float().cpu().clone()
             else:
                 init = torch.randn(self.p, hidden) * emb.detach().float().std().item()
             self.embeddings = nn.Parameter(init)
         elif kind == "deep":
             if reparam:
+                if text is not None:
+                    raise ValueError("a deep prompt set with reparameterization cannot start from an init text")
                 self.prefix_tokens = nn.Parameter(torch.randn(self.p, hidden) * 0.02)
                 self.mlp = nn.Sequential(nn.Linear(hidden, reparam_hidden), nn.Tanh(),
                                          nn.Linear(reparam_hidden, kv_width))
+            elif text is not None:
+                # the text's own keys and values at every layer: the set starts out exactly as the text
+                # written before the request (an `input` set at its init, as a prefix)
+                self.prefix = nn.Parameter(self._flat_prefix(*forward.prefix_kv(text)))
             else:
                 self.prefix = nn.Parameter(torch.randn(self.p, kv_width) * 0.02)
         self.head = nn.Linear(hidden, head_rows) if head_rows else None
@@ -51,6 +59,14 @@ class PromptModule(nn.Module):
         s = self.spec
         kv = flat.view(self.p, 2 * s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 2, 0, 3)
         return kv[0::2], kv[1::2]  # [L, KVH, P, D] each, the PEFT prefix layout
+
+    @staticmethod
+    @torch.no_grad()
+    def _flat_prefix(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """keys, values [L, KVH, P, D] -> the [P, L*2*KVH*D] parameter layout deep_kv() reads back."""
+        layers, kv_heads, p, d = keys.shape
+        kv = torch.stack([keys, values], dim=1).reshape(2 * layers, kv_heads, p, d)
+        return kv.permute(2, 0, 1, 3).reshape(p, -1).float().cpu().clone()
 
     # -- training forward ------------------------------------------------------------------------
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:

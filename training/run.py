@@ -37,13 +37,23 @@ def run_training(checkpoint: Path, name: str, out: Path, kind: str | None, rows:
     model, tokenizer = load_checkpoint(checkpoint, device, torch.float32 if full else dtype)
     spec = model_spec(model, base_name)
     examples = build_examples(tokenizer, rows, cfg.task_type, cfg.labels)
+    evaluate = None
+    if cfg.select_on_dev:
+        if name not in PRESETS:
+            raise ValueError("selecting on dev needs a demo task (its dev split)")
+        from training.evaluate import dev_score  # evaluation's imports only when it runs
+
+        def evaluate(module):
+            return dev_score(module, tokenizer, name, device)
     result = train(model, spec, tokenizer, examples, cfg, device, progress=progress,
-                   autocast_dtype=dtype if full and dtype != torch.float32 else None)
+                   autocast_dtype=dtype if full and dtype != torch.float32 else None, evaluate=evaluate)
     tail = max(1, min(20, len(result.losses) // 4))  # mean of the last quarter, at most 20 steps
     stats = {"task": name, "kind": kind or "full-finetune", "trainable_params": result.trainable_params,
              "train_seconds": round(result.seconds, 1), "train_tokens": result.tokens,
              "steps": len(result.losses), "first_loss": result.losses[0],
              "final_loss": sum(result.losses[-tail:]) / tail, "device": str(device), "dtype": str(dtype)}
+    if result.dev_scores:
+        stats.update(dev_scores=result.dev_scores, kept_step=result.kept_step)
     if not full:
         meta = PromptSetMeta(kind=kind, num_virtual_tokens=cfg.num_virtual_tokens, task_type=cfg.task_type,
                              labels=tuple(cfg.labels), base_model=spec.fingerprint, base_model_name=base_name,
@@ -59,7 +69,8 @@ def run_training(checkpoint: Path, name: str, out: Path, kind: str | None, rows:
 def config_for(name: str | None, kind: str | None, *, lr: float | None = None, task_type: str | None = None,
                labels: list[str] | None = None, virtual_tokens: int | None = None, reparam: bool = False,
                epochs: float | None = None, batch_size: int | None = None, seed: int = 0,
-               max_steps: int | None = None, class_weight: str | None = None) -> TrainConfig:
+               max_steps: int | None = None, class_weight: str | None = None,
+               select_on_dev: bool | None = None) -> TrainConfig:
     """A demo preset's settings (none for a custom task), each overridden where given. kind: input, deep,
     or None for the full fine-tuning reference."""
     preset = PRESETS.get(name, {}) if name else {}
@@ -71,8 +82,12 @@ def config_for(name: str | None, kind: str | None, *, lr: float | None = None, t
         num_virtual_tokens=virtual_tokens or preset.get("num_virtual_tokens", 16),
         reparam=reparam, epochs=epochs or preset.get("epochs", 1.0),
         batch_size=batch_size or preset.get("batch_size", 16), lr=lr, base_lr=lr, seed=seed,
-        max_steps=max_steps, init_text=preset.get("init_text", "") if kind == "input" else "",
-        class_weight=class_weight or preset.get("class_weight"))
+        max_steps=max_steps,
+        # the deep kind starts from the text's keys and values; through the reparameterization MLP it cannot
+        init_text=preset.get("init_text", "") if kind == "input" or (kind == "deep" and not reparam) else "",
+        class_weight=class_weight or preset.get("class_weight"),
+        group_by_length=preset.get("group_by_length", True),
+        select_on_dev=preset.get("select_on_dev", False) if select_on_dev is None else select_on_dev)
 
 
 def main(args) -> int:
@@ -96,8 +111,11 @@ def main(args) -> int:
     cfg = config_for(args.demo, kind, lr=args.lr, task_type=args.task_type,
                      labels=args.labels.split(",") if args.labels else None, virtual_tokens=args.virtual_tokens,
                      reparam=args.reparam, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                     max_steps=args.max_steps, class_weight=args.class_weight)
+                     max_steps=args.max_steps, class_weight=args.class_weight, select_on_dev=args.select_on_dev)
     out = Path(args.out or DEMO_PROMPT_SETS / f"{name}.safetensors")
     result = run_training(checkpoint, name, out, kind, rows, cfg, device, dtype, base_name, description)
     print(json.dumps(result["stats"], indent=2))
+    for row in result["stats"].get("dev_scores", []):
+        kept = "  <- kept" if row["step"] == result["stats"]["kept_step"] else ""
+        print(f"dev  epoch {row['epoch']:>5}  step {row['step']:>5}  score {row['score']:.4f}{kept}")
     return 0

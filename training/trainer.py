@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     max_steps: int | None = None
-    init_text: str = ""  # input kind: initialise virtual tokens from this text's embeddings
+    # initialise the prompt from this text: input, its token embeddings; deep, the keys and values the
+    # frozen model computes for it (Li & Liang's real-activation init), so either starts out as the text
+    # written before the request and training moves on from there
+    init_text: str = ""
+    # batches of examples of similar length (shuffled batch order): the demo sets waste 44-63% of a
+    # randomly drawn batch on padding
+    group_by_length: bool = True
+    # demo tasks: evaluate on dev after each epoch and keep the best epoch's parameters
+    select_on_dev: bool = False
     # classify: "balanced" weights each label's loss by the inverse of its frequency in the training data
     # (spam is 13% of the SMS messages); None: every example counts the same
     class_weight: str | None = None
@@ -47,13 +56,31 @@ class TrainResult:
     seconds: float
     tokens: int
     trainable_params: int
+    # with a dev evaluation: its score after each epoch ({"epoch", "step", "score"}), and the step whose
+    # parameters the module holds (the best score's)
+    dev_scores: list[dict] = field(default_factory=list)
+    kept_step: int | None = None
 
 
-def _batches(examples: list[Example], batch_size: int, rng: random.Random):
+# examples sorted by length within a window of this many batches: batches of similar lengths, still drawn
+# from a shuffled order (the megabatch scheme of transformers' group_by_length)
+_GROUP_WINDOW = 50
+
+
+def _batches(examples: list[Example], batch_size: int, rng: random.Random, group_by_length: bool = False):
     order = list(range(len(examples)))
     rng.shuffle(order)
-    for i in range(0, len(order), batch_size):
-        yield [examples[j] for j in order[i:i + batch_size]]
+    if not group_by_length:
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        window = batch_size * _GROUP_WINDOW
+        batches = []
+        for i in range(0, len(order), window):
+            chunk = sorted(order[i:i + window], key=lambda j: len(examples[j].ids), reverse=True)
+            batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+    for batch in batches:
+        yield [examples[j] for j in batch]
 
 
 def _collate(batch: list[Example], pad_id: int, device):
@@ -107,7 +134,10 @@ def build_module(model, spec, tokenizer, cfg: TrainConfig) -> PromptModule:
 
 
 def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, device,
-          progress: bool = True, autocast_dtype: torch.dtype | None = None) -> TrainResult:
+          progress: bool = True, autocast_dtype: torch.dtype | None = None,
+          evaluate: Callable[[PromptModule], float] | None = None) -> TrainResult:
+    """evaluate: a dev score (higher is better) run after each epoch; the module ends with the parameters
+    of the best epoch (early stopping on dev, without stopping: every epoch runs)."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     # The base model is not a submodule of PromptModule (LlamaForward only references its layers), so this
@@ -138,19 +168,21 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
         class_weights = balanced_class_weights(examples, len(cfg.labels)).to(device)
     elif cfg.class_weight is not None:
         raise ValueError(f"class_weight {cfg.class_weight!r}: only 'balanced', for classify tasks")
+    params = [p for g in groups for p in g["params"]]
     losses, tokens, step = [], 0, 0
+    dev_scores, best = [], None  # best: (score, step, a copy of the trainable parameters)
     start = time.monotonic()
     bar = tqdm(total=total, disable=not progress, desc=f"train {cfg.task_type}/{cfg.kind or 'full'}")
     module.train()
     while step < total:
-        for batch in _batches(examples, cfg.batch_size, rng):
+        for batch in _batches(examples, cfg.batch_size, rng, cfg.group_by_length):
             if step >= total:
                 break
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, n = loss_on(module, batch, pad_id, device, class_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             step += 1
@@ -159,7 +191,27 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
             elapsed = time.monotonic() - start
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", tok_s=f"{tokens / elapsed:.0f}")
             bar.update(1)
+            if evaluate is not None and (step % steps_per_epoch == 0 or step == total):
+                score = _dev_score(module, evaluate)
+                dev_scores.append({"epoch": round(step / steps_per_epoch, 2), "step": step, "score": score})
+                bar.write(f"dev after step {step} (epoch {dev_scores[-1]['epoch']}): {score:.4f}")
+                if best is None or score > best[0]:
+                    best = (score, step, [p.detach().clone() for p in params])
     bar.close()
+    seconds = time.monotonic() - start
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(params, best[2]):
+                p.copy_(kept)
     module.eval()
     model.requires_grad_(False)
-    return TrainResult(module, losses, time.monotonic() - start, tokens, trainable)
+    return TrainResult(module, losses, seconds, tokens, trainable, dev_scores, best[1] if best else None)
+
+
+def _dev_score(module: PromptModule, evaluate: Callable[[PromptModule], float]) -> float:
+    module.eval()
+    try:
+        with torch.no_grad():
+            return float(evaluate(module))
+    finally:
+        module.train()

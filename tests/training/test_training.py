@@ -82,3 +82,82 @@ def test_balanced_class_weights_undo_the_label_frequencies():
     # each label's total weight is then the same: 1 x 2.0 == 3 x 2/3
     assert config_for("spam", "deep").class_weight == "balanced"  # the preset's
     assert config_for("ner", "deep").class_weight is None
+
+
+def test_deep_set_from_an_init_text_starts_as_the_input_set_from_it(tiny_model_dir):
+    """A deep prefix initialised with the init text's keys and values is the text itself before the request:
+    the same hidden states as an input set whose virtual tokens are the text's embeddings."""
+    from app.engine.llama import LlamaForward
+    from app.model.loader import load_checkpoint
+    from app.model.spec import model_spec
+    from training.prompt_module import PromptModule
+
+    model, tokenizer = load_checkpoint(tiny_model_dir, torch.device("cpu"), torch.float32)
+    spec = model_spec(model, "tiny")
+    init_ids = tokenizer.encode("You are Aria, made by Acme.", add_special_tokens=False)
+    ids = torch.tensor([tokenizer.encode("Who are you?", add_special_tokens=False)])
+    hidden = {kind: PromptModule(LlamaForward(model), spec, kind, 5, init_ids=init_ids).hidden(ids)
+              for kind in ("input", "deep")}
+    torch.testing.assert_close(hidden["deep"], hidden["input"], atol=1e-5, rtol=1e-5)
+    random_deep = PromptModule(LlamaForward(model), spec, "deep", 5).hidden(ids)
+    assert not torch.allclose(random_deep, hidden["input"], atol=1e-3)
+    with pytest.raises(ValueError, match="reparameterization"):
+        PromptModule(LlamaForward(model), spec, "deep", 5, reparam=True, init_ids=init_ids)
+
+
+def test_length_grouped_batches_cover_every_example_once_with_less_padding():
+    import random
+
+    from training.data import Example
+    from training.trainer import _batches
+
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 200) for _ in range(400)]
+    examples = [Example(list(range(n)), [0], [0]) for n in lengths]
+
+    def padded(group):
+        batches = list(_batches(examples, 16, random.Random(0), group_by_length=group))
+        assert sorted(id(e) for b in batches for e in b) == sorted(id(e) for e in examples)
+        assert all(len(b) <= 16 for b in batches)
+        return sum(max(len(e.ids) for e in b) * len(b) for b in batches)
+
+    assert padded(True) < 0.7 * padded(False)
+    assert padded(True) < 1.1 * sum(lengths)
+    # the batch order is still shuffled: not longest first
+    first = [max(len(e.ids) for e in b) for b in _batches(examples, 16, random.Random(0), group_by_length=True)]
+    assert first != sorted(first, reverse=True)
+
+
+def test_dev_selection_keeps_the_best_epochs_parameters(tiny_model_dir, tiny):
+    from app.model.loader import load_checkpoint
+    from app.model.spec import model_spec
+    from training.data import build_examples
+    from training.trainer import train
+
+    model, tokenizer = load_checkpoint(tiny_model_dir, torch.device("cpu"), torch.float32)
+    cfg = TrainConfig(task_type="classify", labels=["spam", "ham"], kind="deep", num_virtual_tokens=3, epochs=3,
+                      batch_size=8, seed=0)
+    examples = build_examples(tokenizer, SPAM, cfg.task_type, cfg.labels)
+    scores, seen = iter([0.5, 0.9, 0.1]), []
+
+    def evaluate(module):
+        assert not module.training
+        seen.append(module.prefix.detach().clone())
+        return next(scores)
+
+    result = train(model, model_spec(model, "tiny"), tokenizer, examples, cfg, torch.device("cpu"), progress=False,
+                   evaluate=evaluate)
+    assert [d["step"] for d in result.dev_scores] == [3, 6, 9] and result.kept_step == 6
+    torch.testing.assert_close(result.module.prefix.detach(), seen[1])
+    assert not torch.allclose(seen[1], seen[2])
+
+
+def test_presets_select_on_dev_and_start_deep_sets_from_the_init_text():
+    from training.run import config_for
+
+    assert config_for("chat", "deep").init_text.startswith("You are Aria")
+    assert config_for("chat", "deep", reparam=True).init_text == ""
+    assert config_for("ner", "deep").select_on_dev and config_for("chat", "deep").select_on_dev
+    assert not config_for("ner", "deep", select_on_dev=False).select_on_dev
+    assert not config_for("spam", "deep").group_by_length  # the shipped spam set's recipe
+    assert config_for("ner", "deep").group_by_length
