@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import tempfile
+from pathlib import Path
 
 import httpx
 import torch
@@ -89,8 +91,42 @@ async def eval_http(url: str, demo: str, task: str, zero_shot: bool, limit: int 
         outs = await _gather(lambda q: post(name, {"messages": [{"role": "user", "content": q}],
                                                    "max_tokens": 48}), questions, concurrency)
         answers = [o["text"] for o in outs]
-        return {"persona_rate": persona_rate(answers),
+        loss = await answer_loss_http(client, name, await server_tokenizer(client), rows, concurrency)
+        return {"persona_rate": persona_rate(answers), "dev_answer_loss": loss, "n_dev": len(rows),
                 "persona_answers": dict(zip(questions, answers)), "n": len(questions)}
+
+
+async def server_tokenizer(client: httpx.AsyncClient):
+    """The server's own tokenizer, from its files over HTTP (/v1/tokenizer): the answer tokens scored are
+    exactly the tokens the server reads."""
+    from transformers import AutoTokenizer
+
+    listing = await client.get("/v1/tokenizer")
+    listing.raise_for_status()
+    with tempfile.TemporaryDirectory() as folder:
+        for file in listing.json()["files"]:
+            r = await client.get(file["url"])
+            r.raise_for_status()
+            (Path(folder) / file["name"]).write_bytes(r.content)
+        return AutoTokenizer.from_pretrained(folder)
+
+
+async def answer_loss_http(client: httpx.AsyncClient, model: str, tokenizer, rows: list[dict],
+                           concurrency: int) -> float:
+    """The held-out answer loss through the server: each dev conversation, answer included, as token ids
+    to /v1/completions with echo and max_tokens 0, which scores the prompt; the mean of minus the
+    answer tokens' log-probabilities (what answer_loss computes in-process)."""
+    examples = [generate_example(tokenizer, r) for r in rows]
+
+    async def score(e):
+        r = await client.post("/v1/completions", json={"model": model, "prompt": e.ids, "echo": True,
+                                                         "max_tokens": 0, "logprobs": 0})
+        r.raise_for_status()
+        logprobs = r.json()["choices"][0]["logprobs"]["token_logprobs"]  # [i]: of token i given those before
+        return [-logprobs[p + 1] for p in e.positions]
+
+    losses = [x for one in await _gather(score, examples, concurrency) for x in one]
+    return sum(losses) / max(1, len(losses))
 
 
 async def _base_model_id(client) -> str:
