@@ -37,14 +37,7 @@ def run_training(checkpoint: Path, name: str, out: Path, kind: str | None, rows:
     model, tokenizer = load_checkpoint(checkpoint, device, torch.float32 if full else dtype)
     spec = model_spec(model, base_name)
     examples = build_examples(tokenizer, rows, cfg.task_type, cfg.labels)
-    evaluate = None
-    if cfg.select_on_dev:
-        if name not in PRESETS:
-            raise ValueError("selecting on dev needs a demo task (its dev split)")
-        from training.evaluate import dev_score  # evaluation's imports only when it runs
-
-        def evaluate(module):
-            return dev_score(module, tokenizer, name, device)
+    evaluate = _dev_evaluator(name, tokenizer, device) if cfg.select_on_dev else None
     result = train(model, spec, tokenizer, examples, cfg, device, progress=progress,
                    autocast_dtype=dtype if full and dtype != torch.float32 else None, evaluate=evaluate)
     tail = max(1, min(20, len(result.losses) // 4))  # mean of the last quarter, at most 20 steps
@@ -64,6 +57,15 @@ def run_training(checkpoint: Path, name: str, out: Path, kind: str | None, rows:
         ps.save(out, spec)
         stats["out"] = str(out)
     return {"stats": stats, "module": result.module, "model": model, "tokenizer": tokenizer, "spec": spec}
+
+
+def _dev_evaluator(name: str, tokenizer, device: torch.device):
+    """The demo task's dev score of a module (higher is better), for selecting the best epoch."""
+    if name not in PRESETS:
+        raise ValueError("selecting on dev needs a demo task (its dev split)")
+    from training.evaluate import dev_score  # evaluation's imports only when it runs
+
+    return lambda module: dev_score(module, tokenizer, name, device)
 
 
 def config_for(name: str | None, kind: str | None, *, lr: float | None = None, task_type: str | None = None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -16,26 +15,12 @@ from app.api.routes import admin, health, metrics, openai, tasks, tokenizer, web
 from app.engine.engine import Engine, EngineConfig
 from app.model.loader import LoadedModel, load_model
 from app.observability import Metrics
+from app.services.seeding import seed_store
 from app.services.tasks import TaskService
 from app.settings import Settings, get_settings
-from prompt_store import PromptStore, open_store
+from prompt_store import open_store
 
 log = logging.getLogger("promptserve")
-
-
-def seed_store(store: PromptStore, service: TaskService, seed_dir: str | Path | None) -> None:
-    """Import shipped prompt sets (demo tasks) whose task is not in the store yet; never overwrite."""
-    if not seed_dir or not Path(seed_dir).is_dir():
-        return
-    existing = set(store.tasks())
-    for path in sorted(Path(seed_dir).glob("*.safetensors")):
-        if path.stem in existing:
-            continue
-        try:
-            info = service.upload(path.stem, path.read_bytes())
-            log.info("seeded task %s v%d from %s", info.task, info.version, path)
-        except Exception as exc:  # e.g. trained for another base model: skip it, say why
-            log.warning("not seeding %s: %s", path, exc)
 
 
 def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
