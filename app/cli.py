@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--select-on-dev", action=argparse.BooleanOptionalAction, default=None,
                     help="demo tasks: evaluate on dev after each epoch and keep the best epoch (default: the "
                     "preset's)")
+    tr.add_argument("--init-text", help="start the prompt from this text (input: its embeddings; deep: its keys "
+                    "and values); default: the preset's, '' for none")
     tr.add_argument("--limit", type=int, help="use only the first N rows")
     tr.add_argument("--device")
     tr.add_argument("--dtype")

@@ -68,11 +68,24 @@ def _dev_evaluator(name: str, tokenizer, device: torch.device):
     return lambda module: dev_score(module, tokenizer, name, device)
 
 
+def _init_text(preset: dict, kind: str | None, reparam: bool, given: str | None) -> str:
+    """The text a prompt starts from: the one given, else the preset's. Deep sets start from its keys and
+    values, which cannot be put through the reparameterization MLP: the preset's is then dropped, a given
+    one refused."""
+    if kind is None:
+        return ""
+    if kind == "deep" and reparam:
+        if given:
+            raise ValueError("an init text cannot start a deep set trained with reparameterization")
+        return ""
+    return preset.get("init_text", "") if given is None else given
+
+
 def config_for(name: str | None, kind: str | None, *, lr: float | None = None, task_type: str | None = None,
                labels: list[str] | None = None, virtual_tokens: int | None = None, reparam: bool = False,
                epochs: float | None = None, batch_size: int | None = None, seed: int = 0,
                max_steps: int | None = None, class_weight: str | None = None,
-               select_on_dev: bool | None = None) -> TrainConfig:
+               select_on_dev: bool | None = None, init_text: str | None = None) -> TrainConfig:
     """A demo preset's settings (none for a custom task), each overridden where given. kind: input, deep,
     or None for the full fine-tuning reference."""
     preset = PRESETS.get(name, {}) if name else {}
@@ -84,9 +97,7 @@ def config_for(name: str | None, kind: str | None, *, lr: float | None = None, t
         num_virtual_tokens=virtual_tokens or preset.get("num_virtual_tokens", 16),
         reparam=reparam, epochs=epochs or preset.get("epochs", 1.0),
         batch_size=batch_size or preset.get("batch_size", 16), lr=lr, base_lr=lr, seed=seed,
-        max_steps=max_steps,
-        # the deep kind starts from the text's keys and values; through the reparameterization MLP it cannot
-        init_text=preset.get("init_text", "") if kind == "input" or (kind == "deep" and not reparam) else "",
+        max_steps=max_steps, init_text=_init_text(preset, kind, reparam, init_text),
         class_weight=class_weight or preset.get("class_weight"),
         group_by_length=preset.get("group_by_length", True),
         select_on_dev=preset.get("select_on_dev", False) if select_on_dev is None else select_on_dev)
@@ -113,7 +124,8 @@ def main(args) -> int:
     cfg = config_for(args.demo, kind, lr=args.lr, task_type=args.task_type,
                      labels=args.labels.split(",") if args.labels else None, virtual_tokens=args.virtual_tokens,
                      reparam=args.reparam, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                     max_steps=args.max_steps, class_weight=args.class_weight, select_on_dev=args.select_on_dev)
+                     max_steps=args.max_steps, class_weight=args.class_weight, select_on_dev=args.select_on_dev,
+                     init_text=args.init_text)
     out = Path(args.out or DEMO_PROMPT_SETS / f"{name}.safetensors")
     result = run_training(checkpoint, name, out, kind, rows, cfg, device, dtype, base_name, description)
     print(json.dumps(result["stats"], indent=2))

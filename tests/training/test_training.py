@@ -157,6 +157,10 @@ def test_presets_select_on_dev_and_start_deep_sets_from_the_init_text():
 
     assert config_for("chat", "deep").init_text.startswith("You are Aria")
     assert config_for("chat", "deep", reparam=True).init_text == ""
+    assert config_for("ner", "deep", init_text="Find entities.").init_text == "Find entities."
+    assert config_for("chat", "deep", init_text="").init_text == ""
+    with pytest.raises(ValueError, match="reparameterization"):
+        config_for("ner", "deep", reparam=True, init_text="Find entities.")
     assert config_for("ner", "deep").select_on_dev and config_for("chat", "deep").select_on_dev
     assert not config_for("ner", "deep", select_on_dev=False).select_on_dev
     assert not config_for("spam", "deep").group_by_length  # the shipped spam set's recipe
