@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     "preset's)")
     tr.add_argument("--init-text", help="start the prompt from this text (input: its embeddings; deep: its keys "
                     "and values); default: the preset's, '' for none")
+    tr.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                    help="batches of examples of similar length (default: the preset's, else on)")
     tr.add_argument("--limit", type=int, help="use only the first N rows")
     tr.add_argument("--device")
     tr.add_argument("--dtype")

@@ -85,7 +85,8 @@ def config_for(name: str | None, kind: str | None, *, lr: float | None = None, t
                labels: list[str] | None = None, virtual_tokens: int | None = None, reparam: bool = False,
                epochs: float | None = None, batch_size: int | None = None, seed: int = 0,
                max_steps: int | None = None, class_weight: str | None = None,
-               select_on_dev: bool | None = None, init_text: str | None = None) -> TrainConfig:
+               select_on_dev: bool | None = None, init_text: str | None = None,
+               group_by_length: bool | None = None) -> TrainConfig:
     """A demo preset's settings (none for a custom task), each overridden where given. kind: input, deep,
     or None for the full fine-tuning reference."""
     preset = PRESETS.get(name, {}) if name else {}
@@ -99,7 +100,7 @@ def config_for(name: str | None, kind: str | None, *, lr: float | None = None, t
         batch_size=batch_size or preset.get("batch_size", 16), lr=lr, base_lr=lr, seed=seed,
         max_steps=max_steps, init_text=_init_text(preset, kind, reparam, init_text),
         class_weight=class_weight or preset.get("class_weight"),
-        group_by_length=preset.get("group_by_length", True),
+        group_by_length=preset.get("group_by_length", True) if group_by_length is None else group_by_length,
         select_on_dev=preset.get("select_on_dev", False) if select_on_dev is None else select_on_dev)
 
 
@@ -125,7 +126,7 @@ def main(args) -> int:
                      labels=args.labels.split(",") if args.labels else None, virtual_tokens=args.virtual_tokens,
                      reparam=args.reparam, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                      max_steps=args.max_steps, class_weight=args.class_weight, select_on_dev=args.select_on_dev,
-                     init_text=args.init_text)
+                     init_text=args.init_text, group_by_length=args.group_by_length)
     out = Path(args.out or DEMO_PROMPT_SETS / f"{name}.safetensors")
     result = run_training(checkpoint, name, out, kind, rows, cfg, device, dtype, base_name, description)
     print(json.dumps(result["stats"], indent=2))
