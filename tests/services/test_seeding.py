@@ -50,3 +50,19 @@ def test_a_task_the_admin_uploaded_is_never_replaced(tmp_path, tiny):
         assert c.put("/admin/prompt-sets/demo", content=own,
                      headers={**ADMIN, "Content-Type": "application/octet-stream"}).status_code == 201
     assert _versions(tmp_path, tiny, _shipped(tmp_path, "v2", new, earlier=[old])) == [(1, sha256_of(own), True)]
+
+
+def test_the_shipped_releases_file_names_the_shipped_sets_and_ships_with_them():
+    import tomllib
+    from pathlib import Path
+
+    from app.services.seeding import RELEASES_FILE, earlier_releases
+    from app.settings import DEMO_PROMPT_SETS
+
+    earlier = earlier_releases(DEMO_PROMPT_SETS)
+    shipped = {p.stem: sha256_of(p.read_bytes()) for p in DEMO_PROMPT_SETS.glob("*.safetensors")}
+    assert set(earlier) == set(shipped)
+    for task, sha in shipped.items():
+        assert sha not in earlier[task]  # the current release is not one to move away from
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert RELEASES_FILE in pyproject["tool"]["setuptools"]["package-data"]["app.demo_prompt_sets"]
