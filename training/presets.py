@@ -25,8 +25,13 @@ PRESETS = {
                  group_by_length=False,
                  description="SMS spam filter (SMS Spam Collection)"),
     "ner": dict(task_type="extract", labels=WNUT_TYPES, data=[DATASETS / "wnut16/train.jsonl"],
-                dev=DATASETS / "wnut16/dev.jsonl", select_on_dev=True, epochs=8.0, batch_size=16, num_virtual_tokens=16,
+                dev=DATASETS / "wnut16/dev.jsonl", select_on_dev=True, epochs=10.0, batch_size=16,
                 lr={"input": 3e-2, "deep": 1e-2, None: 5e-5},
+                # the prompt starts as this task description (32 tokens, one per virtual token): dev F1
+                # after 2 epochs 0.470, against 0.347 from a random prefix of 64 (README, issue 15)
+                num_virtual_tokens=32,
+                init_text="Tag the named entities in this tweet: person, place, company, facility, product, "
+                          "music artist, movie, sports team, TV show, or other.",
                 description="Named entities in tweets, WNUT-16 types"),
     "chat": dict(task_type="generate", labels=[], data=[DATASETS / "chat/train.jsonl"],
                  extra=DEMO / "data/aria_identity.jsonl", extra_repeat=4,
