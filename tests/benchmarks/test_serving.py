@@ -35,3 +35,14 @@ def test_closed_loop_and_upload_under_load(live_server, tiny, monkeypatch):
     assert [t["new_version"] for t in u["trials"]] == [2, 3]
     assert u["all_served_new_version"] and u["failed_requests"] == 0 and u["load_requests"] > 0
     assert all(t["first_token_s"] > 0 and t["control_first_token_s"] > 0 for t in u["trials"])
+
+
+def test_the_benchmark_mixes_both_kinds_from_files_in_the_project():
+    from prompt_store import format as psf
+
+    sets = {name: psf.parse(data) for name, data in serving.bench_prompt_sets("f" * 16).items()}
+    assert {name: ps.kind for name, ps in sets.items()} == \
+        {"bench-chat": "input", "bench-ner": "deep", "bench-spam": "deep"}
+    assert all(ps.meta.task_type == "generate" and not any(k.startswith("head.") for k in ps.tensors)
+               for ps in sets.values())
+    assert psf.load(serving.BENCH_SETS["chat"]).tensors["embeddings"].ndim == 2  # the inputs_embeds baseline's
