@@ -1,28 +1,35 @@
 """The benchmark's 64-client wave in process, without HTTP: how much of the served figure is the engine.
 
-    python -m benchmarks.engine_wave [--waves 3] [--requests 64]
+    python -m benchmarks.engine_wave [--waves 3] [--requests 64] [--prompt-sets [--ner-set FILE]]
 
 The same real prompts as `promptserve bench` (chat, ner and spam interleaved), all submitted at once, 64
 greedy tokens each with `ignore_eos`; the engine loop runs on the main thread as `promptserve serve` runs
 it (a second thread running torch kernels slows the steps), the requests from an asyncio loop on another.
 Prints each wave's output tokens per second and where the last wave's time went (prefill and decode
-forward passes, from the model runner). No prompt sets: with 16-token `input` and `deep` sets on the
-rows the waves measured the same (583-596 against 581-594 tok/s, AMD EPYC).
+forward passes, from the model runner). Without --prompt-sets the requests run bare: with 16-token
+`input` and `deep` sets on the rows the waves measured the same (583-596 against 581-594 tok/s, AMD EPYC).
+--prompt-sets puts each task's benchmark set on its rows; --ner-set swaps the ner one (to compare two).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from app.engine.engine import Engine, EngineConfig
-from app.engine.types import SamplingParams
+from app.engine.types import PromptSetRef, SamplingParams
 from app.model.loader import load_model
 from app.settings import Settings
 from benchmarks.roofline import cpu_name
-from benchmarks.serving import _encode, load_prompts
+from benchmarks.serving import BENCH_SETS, _encode, bench_prompt_sets, load_prompts
+from prompt_store import format as psf
+from prompt_store.store import sha256_of
 
 
 def _timed(log: list, kind: str, fn):
@@ -35,17 +42,37 @@ def _timed(log: list, kind: str, fn):
     return wrapped
 
 
+def _prompt_set_refs(fingerprint: str, ner_set: str | None) -> dict[str, PromptSetRef]:
+    """task -> a reference to its benchmark prompt set, written to a temporary folder (the engine reads a
+    set's bytes from its path and checks them against the hash)."""
+    sets = dict(BENCH_SETS, **({"ner": Path(ner_set)} if ner_set else {}))
+    folder = Path(tempfile.mkdtemp(prefix="promptserve-wave-"))
+    atexit.register(shutil.rmtree, folder, True)
+    refs = {}
+    for name, data in bench_prompt_sets(fingerprint, sets).items():
+        path = folder / f"{name}.safetensors"
+        path.write_bytes(data)
+        task = name.removeprefix("bench-")
+        refs[task] = PromptSetRef(name, 1, str(path), psf.parse(data).meta.num_virtual_tokens, sha256_of(data))
+    return refs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--waves", type=int, default=3)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--prompt-sets", action="store_true",
+                        help="each request with its task's benchmark prompt set (BENCH_SETS), as `promptserve bench`")
+    parser.add_argument("--ner-set", help="with --prompt-sets: this file as the ner set instead")
     args = parser.parse_args(argv)
     settings = Settings()
     loaded = load_model(settings)
     per_task = load_prompts(args.requests)
-    messages = [per_task[task][i] for i in range(args.requests) for task in ("chat", "ner", "spam")][:args.requests]
+    tasks = [task for _ in range(args.requests) for task in ("chat", "ner", "spam")][:args.requests]
+    messages = [per_task[task][i // 3] for i, task in enumerate(tasks)]
     prompts = [_encode(loaded.tokenizer, m) for m in messages]
+    refs = _prompt_set_refs(loaded.spec.fingerprint, args.ner_set) if args.prompt_sets else {}
     engine = Engine(loaded, EngineConfig(max_num_seqs=args.requests, max_model_len=1024,
                                          kernel_cache_dir=str(settings.cache_dir) if settings.native_kernels
                                          else None))
@@ -54,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     runner.prefill, runner.decode = _timed(log, "prefill", runner.prefill), _timed(log, "decode", runner.decode)
     sampling = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
 
-    async def one(ids):
-        async for _ in engine.generate(ids, sampling):
+    async def one(ids, ref):
+        async for _ in engine.generate(ids, sampling, ref):
             pass
 
     async def wave():
-        await asyncio.gather(*(one(ids) for ids in prompts))
+        await asyncio.gather(*(one(ids, refs.get(task)) for ids, task in zip(prompts, tasks)))
 
     walls: list[float] = []
 

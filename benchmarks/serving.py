@@ -156,13 +156,13 @@ def mixed_jobs(prompts, tasks: dict[str, str], mix: dict[str, float], n: int, se
 
 
 # -- prompt sets for the benchmark --------------------------------------------------------------
-def bench_prompt_sets(spec_fingerprint: str) -> dict[str, bytes]:
-    """Generate-type prompt sets built from BENCH_SETS, so that the benchmark mixes kinds (chat: input;
-    ner and spam: deep) without changing what the demo tasks are."""
+def bench_prompt_sets(spec_fingerprint: str, sets: dict[str, Path] | None = None) -> dict[str, bytes]:
+    """Generate-type prompt sets built from BENCH_SETS (or `sets`), so that the benchmark mixes kinds
+    (chat: input; ner and spam: deep) without changing what the demo tasks are."""
     from prompt_store import format as psf
 
     out = {}
-    for name, path in BENCH_SETS.items():
+    for name, path in (sets or BENCH_SETS).items():
         ps = psf.load(path)
         tensors = {k: v for k, v in ps.tensors.items() if not k.startswith("head.")}
         meta = psf.PromptSetMeta(kind=ps.kind, num_virtual_tokens=ps.meta.num_virtual_tokens, task_type="generate",
