@@ -152,7 +152,8 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
         groups.append({"params": list(module.head.parameters()), "lr": cfg.head_lr})
     if cfg.full_finetune:
         groups.append({"params": list(model.parameters()), "lr": cfg.base_lr})
-    trainable = sum(p.numel() for g in groups for p in g["params"])
+    params = [p for g in groups for p in g["params"]]
+    trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = max(1, int(steps_per_epoch * cfg.epochs))
@@ -168,7 +169,6 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
         class_weights = balanced_class_weights(examples, len(cfg.labels)).to(device)
     elif cfg.class_weight is not None:
         raise ValueError(f"class_weight {cfg.class_weight!r}: only 'balanced', for classify tasks")
-    params = [p for g in groups for p in g["params"]]
     losses, tokens, step = [], 0, 0
     dev_scores, best = [], None  # best: (score, step, a copy of the trainable parameters)
     start = time.monotonic()

@@ -49,7 +49,9 @@ def seed_store(store: PromptStore, service, seed_dir: str | Path | None) -> None
 
 
 def _is_outdated_release(store: PromptStore, task: str, shipped_sha: str, earlier: set[str]) -> bool:
-    versions = store.list_versions(task)
-    if any(v.sha256 == shipped_sha for v in versions):
-        return False  # this release is there already, active or not
-    return any(v.active and v.sha256 in earlier for v in versions)
+    """The active version is an earlier shipped release and no version is this one. The active version
+    alone decides the common case (an object store fetches a version to describe it): only a store still
+    on an earlier release has its versions listed, to find whether an admin went back from this one."""
+    if store.resolve(task).sha256 not in earlier:
+        return False  # this release, or an admin's upload
+    return all(v.sha256 != shipped_sha for v in store.list_versions(task))
