@@ -56,7 +56,12 @@ class Settings(BaseSettings):
     prefix_cache_size: int = 4096  # device-resident prompt sets kept (LRU), bounded by count...
     prefix_cache_mb: int = 1024  # ...and by memory
     default_max_tokens: int = 256
-    pack_weights: bool = True  # CPU: oneDNN-packed copies of the linear weights (faster; weights held twice)
+    # CPU: oneDNN-packed copies of the linear weights (faster); they replace the model's own (held once)
+    pack_weights: bool = True
+    # CPU, bf16, where the native 1-2-row kernel builds: a plain copy of the linear weights for it is kept
+    # beside the packed one up to this size (SmolLM2's 0.27 GB: ~1.5x faster single-client projections);
+    # larger models keep one copy
+    small_batch_copy_mb: int = Field(1024, ge=0)
     # CPU: the decode-attention kernel built for this machine (app/engine/kernels; needs a C++ compiler,
     # else torch's SDPA), cached under cache_dir
     native_kernels: bool = True

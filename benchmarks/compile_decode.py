@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from app.engine.llama import LlamaForward
+from app.model.forward import DecoderForward
 from app.model.loader import load_model
 from app.settings import Settings
 
 
-def decode_step(forward: LlamaForward, ids, lengths, k_cache, v_cache, width: int):
+def decode_step(forward: DecoderForward, ids, lengths, k_cache, v_cache, width: int):
     n = ids.shape[0]
     positions = torch.arange(width, device=ids.device)
     mask = forward.group_mask((positions.unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1), k_cache.dtype)
@@ -39,7 +39,7 @@ def main() -> int:
 
     inductor_config.freezing = True
     loaded = load_model(Settings())
-    plain, packed = LlamaForward(loaded.model), LlamaForward(loaded.model, pack_weights=True)
+    plain, packed = DecoderForward(loaded.model), DecoderForward(loaded.model, pack_weights=True)
     shape = (len(plain.layers), 64, plain.num_kv_heads, 1024, plain.head_dim)
     for batch in (1, 16):
         k_cache, v_cache = torch.zeros(shape, dtype=loaded.dtype), torch.zeros(shape, dtype=loaded.dtype)

@@ -23,7 +23,7 @@ import time
 import torch
 
 from app.engine.engine import Engine, EngineConfig
-from app.engine.packed_linear import PackedLinear
+from app.model.linear import PackedLinear
 from app.engine.types import GenerationRequest, SamplingParams, Sequence
 from app.model.loader import load_model
 from app.settings import Settings

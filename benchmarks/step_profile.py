@@ -18,7 +18,7 @@ import argparse
 import time
 from contextlib import contextmanager
 
-import app.engine.llama as llama
+import app.model.forward as llama
 import app.engine.model_runner as model_runner
 from app.engine.engine import Engine, EngineConfig
 from app.model.loader import load_model

@@ -60,8 +60,8 @@ def main() -> int:
         if name == "chat":  # the base model's own held-out loss and persona rate, for comparison
             model, tok = load_checkpoint(checkpoint, device, dtype)
             from app.model.spec import model_spec
-            from app.engine.llama import LlamaForward
-            bare = PromptModule(LlamaForward(model), model_spec(model, base_name), None, 0)
+            from app.model.forward import DecoderForward
+            bare = PromptModule(DecoderForward(model), model_spec(model, base_name), None, 0)
             rows = read_jsonl(PRESETS["chat"]["dev"], args.limit)
             results.append({"task": "chat", "kind": "base (zero-shot)", "dev_answer_loss":
                             answer_loss(bare, tok, rows, device), **persona_answers(model, tok, device)})

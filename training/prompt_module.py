@@ -1,4 +1,4 @@
-"""Trainable prompt parameters (and an optional task head) around a frozen LlamaForward.
+"""Trainable prompt parameters (and an optional task head) around a frozen DecoderForward.
 
 input: P virtual-token embeddings prepended to the input embeddings.
 deep:  per-layer key/value prefixes, the P-Tuning v2 formulation. With reparameterization (the paper's
@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from app.engine.llama import LlamaForward
+from app.model.forward import DecoderForward
 from app.model.spec import ModelSpec
 from prompt_store.format import PromptSet, PromptSetMeta
 
 
 class PromptModule(nn.Module):
-    def __init__(self, forward: LlamaForward, spec: ModelSpec, kind: str | None, num_virtual_tokens: int,
+    def __init__(self, forward: DecoderForward, spec: ModelSpec, kind: str | None, num_virtual_tokens: int,
                  head_rows: int | None = None, reparam: bool = False, reparam_hidden: int = 512,
                  init_ids: list[int] | None = None):
         super().__init__()

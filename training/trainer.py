@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from app.engine.llama import LlamaForward
+from app.model.forward import DecoderForward
 from training.data import Example
 from training.prompt_module import PromptModule
 
@@ -126,7 +126,7 @@ def head_rows_for(task_type: str, labels: list[str]) -> int | None:
 
 def build_module(model, spec, tokenizer, cfg: TrainConfig) -> PromptModule:
     init_ids = tokenizer.encode(cfg.init_text, add_special_tokens=False) if cfg.init_text else None
-    module = PromptModule(LlamaForward(model), spec, None if cfg.full_finetune else cfg.kind,
+    module = PromptModule(DecoderForward(model), spec, None if cfg.full_finetune else cfg.kind,
                           cfg.num_virtual_tokens, head_rows_for(cfg.task_type, cfg.labels), cfg.reparam,
                           init_ids=init_ids)
     model.requires_grad_(cfg.full_finetune)
@@ -140,7 +140,7 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
     of the best epoch (early stopping on dev, without stopping: every epoch runs)."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    # The base model is not a submodule of PromptModule (LlamaForward only references its layers), so this
+    # The base model is not a submodule of PromptModule (DecoderForward only references its layers), so this
     # moves the prompt parameters and head alone; the base model is already on its device.
     module = build_module(model, spec, tokenizer, cfg).to(device)
     groups = []

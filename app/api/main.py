@@ -23,12 +23,15 @@ from prompt_store import open_store
 log = logging.getLogger("promptserve")
 
 
-def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
+def build_engine(settings: Settings, loaded: LoadedModel, owns_model: bool = True) -> Engine:
+    """owns_model: the model was loaded for this engine alone, so the engine's packed copies may replace its
+    weights (held once); a model handed in by a caller (tests, an embedding program) keeps its own."""
     return Engine(loaded, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len, max_queue=settings.max_queue,
         max_prefills_per_step=settings.max_prefills_per_step, max_prefill_tokens=settings.max_prefill_tokens,
         prefix_cache_size=settings.prefix_cache_size,
         prefix_cache_bytes=settings.prefix_cache_mb << 20, pack_weights=settings.pack_weights,
+        release_model_weights=owns_model, small_batch_copy_bytes=settings.small_batch_copy_mb << 20,
         kernel_cache_dir=str(settings.cache_dir) if settings.native_kernels else None))
 
 
@@ -45,8 +48,9 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         if engine is not None:
             model, running = engine.loaded, engine
         else:
-            model = loaded or getattr(app.state, "preloaded", None) or await run_in_threadpool(load_model, settings)
-            running = build_engine(settings, model)
+            handed = loaded or getattr(app.state, "preloaded", None)
+            model = handed or await run_in_threadpool(load_model, settings)
+            running = build_engine(settings, model, owns_model=handed is None)
             running.start()
         service = TaskService(running, store, model.spec, model.tokenizer)
         await run_in_threadpool(seed_store, store, service, settings.seed_dir)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from app.engine.detokenizer import Detokenizer
+from app.model.families import check_config
 from app.engine.model_runner import ModelRunner
 from app.engine.scheduler import QueueFull, Scheduler
 from app.engine.types import (EngineError, ErrorKind, GenerationRequest, PromptSetRef, RequestOutput, SamplingParams,
@@ -46,7 +47,13 @@ class EngineConfig:
     max_prefill_tokens: int = 1024  # prompt tokens (padded) one step prefills; longer prompts go in chunks
     prefix_cache_size: int = 4096
     prefix_cache_bytes: int = 1 << 30
-    pack_weights: bool = True  # CPU: oneDNN-packed linear weights (faster, one more copy of the weights)
+    pack_weights: bool = True  # CPU: oneDNN-packed linear weights (faster)
+    # the packed copies replace the model's own weights (held once; the model's own forward stops working):
+    # for an owner that serves only through the engine, as the server does
+    release_model_weights: bool = False
+    # CPU, bf16: the native 1-2-row kernel keeps a plain copy of the linear weights beside the packed one
+    # only up to this many bytes
+    small_batch_copy_bytes: int = 1 << 30
     # CPU: where the native decode-attention kernel is built and cached (app/engine/kernels); None: SDPA only
     kernel_cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
 
@@ -80,11 +87,14 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.config = config
         self.max_model_len = min(config.max_model_len, loaded.max_position_embeddings)
+        # what the forward serves exactly depends on the context too (a sliding window, a dynamic rotary)
+        check_config(loaded.model.config, self.max_model_len)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_queue, config.max_prefills_per_step,
                                    loaded.stop_token_ids, config.max_prefill_tokens)
         self.runner = ModelRunner(loaded.model, loaded.spec, loaded.device, loaded.dtype,
                                   config.max_num_seqs, self.max_model_len, config.prefix_cache_size,
-                                  config.prefix_cache_bytes, config.pack_weights, config.kernel_cache_dir)
+                                  config.prefix_cache_bytes, config.pack_weights, config.kernel_cache_dir,
+                                  config.release_model_weights, config.small_batch_copy_bytes)
         self._subs: dict[str, _Subscriber] = {}
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # outputs of this phase, by event loop
         self._wake = threading.Event()

@@ -12,8 +12,8 @@ import torch
 
 from app.engine import kernels
 from app.engine.kv_cache import KVCache
-from app.engine.llama import LlamaForward
-from app.engine.packed_linear import packing_works
+from app.model.forward import DecoderForward
+from app.model.linear import linear_weight_bytes, packing_works
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import RowState, SamplingError, make_generator, sample, token_logprobs
 from app.engine.types import EngineError, ErrorKind, Sequence
@@ -36,21 +36,31 @@ def _sort_sampled(seqs: list[Sequence], tokens: list, sampled: dict, errors: dic
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, shape, device: torch.device, dtype: torch.dtype,
                  max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30,
-                 pack_weights: bool = True, kernel_cache_dir: str | None = None):
+                 pack_weights: bool = True, kernel_cache_dir: str | None = None, release_model_weights: bool = False,
+                 small_batch_copy_bytes: int = 1 << 30):
         self.device = device
         self.packed_weights = pack_weights and packing_works(device, dtype)
         native = kernels.load(kernel_cache_dir) if kernel_cache_dir is not None and device.type == "cpu" \
             else kernels.NativeKernels()
         # decode attention: the native CPU kernel when it builds here, else torch's SDPA with a mask
         self.decode_attention = native.decode_attention
-        # with it, rotary and the cache write of decode and prefill tokens as one native op (bit-identical to
-        # torch's)
-        self._rotary_cache_write = native.rotary_cache_write if native.decode_attention is not None else None
         bf16 = dtype == torch.bfloat16  # float32 keeps torch's ops: bit-identical to the model's own modules
-        # projections of 1-2 rows: the native kernel where the CPU has AVX-512 BF16, else oneDNN
-        self.forward = LlamaForward(model, pack_weights=self.packed_weights,
-                                    small_linear=native.small_batch_linear if bf16 and self.packed_weights else None,
-                                    add_rms_norm=native.add_rms_norm if bf16 else None)
+        # projections of 1-2 rows: the native kernel where the CPU has AVX-512 BF16, else oneDNN. The kernel
+        # reads the plain weights, oneDNN its packed copy: both are held only while the plain copy is small
+        # enough (SmolLM2's 0.27 GB: its single-client speed); a larger model keeps its weights once, packed
+        small = native.small_batch_linear if bf16 and self.packed_weights else None
+        if small is not None and linear_weight_bytes(model) > small_batch_copy_bytes:
+            log.info("linear weights of %.2f GB held once (packed): the small-batch kernel's plain copy is over "
+                     "its budget of %.2f GB", linear_weight_bytes(model) / 1e9, small_batch_copy_bytes / 1e9)
+            small = None
+        self.forward = DecoderForward(model, pack_weights=self.packed_weights, small_linear=small,
+                                      add_rms_norm=native.add_rms_norm if bf16 else None,
+                                      release_model_weights=release_model_weights)
+        # with the native attention, rotary and the cache write of decode and prefill tokens as one native op
+        # (bit-identical to torch's); it turns whole heads only (no partial rotary factor)
+        full_rotary = self.forward.rotary_dim == self.forward.head_dim
+        self._rotary_cache_write = native.rotary_cache_write \
+            if native.decode_attention is not None and full_rotary else None
         f = self.forward
         self.cache = KVCache(len(f.layers), max_num_seqs, f.num_kv_heads, max_model_len, f.head_dim,
                              dtype, device)

@@ -1,7 +1,7 @@
 """Device-resident per-layer prefixes of prompt sets, kept in a bounded LRU.
 
 Both kinds end up as keys/values [L, KVH, P, D] in the model dtype: a `deep` set is one already, an
-`input` set is run through the model once (see LlamaForward.prefix_kv). Entries are keyed by the
+`input` set is run through the model once (see DecoderForward.prefix_kv). Entries are keyed by the
 content's sha256, never by (task, version): bytes read from disk are hashed and must match the hash the
 request was resolved with, so the cache cannot serve a deleted version's tensors for new bytes under a
 reused name or number. A running request keeps the tensors it started with even when they are evicted.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from app.engine.llama import LlamaForward
+from app.model.forward import DecoderForward
 from app.engine.types import PromptSetRef
 from prompt_store import format as psf
 
@@ -39,7 +39,7 @@ class Prefix:
 
 
 class PrefixCache:
-    def __init__(self, forward: LlamaForward, shape: psf.BaseModelShape, device: torch.device,
+    def __init__(self, forward: DecoderForward, shape: psf.BaseModelShape, device: torch.device,
                  dtype: torch.dtype, capacity: int, max_bytes: int = 1 << 30):
         self.forward = forward
         self.shape = shape

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from app.model.families import check_config
 from app.model.source import resolve_checkpoint
 from app.model.spec import ModelSpec, model_spec
 from app.settings import Settings
@@ -75,12 +76,22 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_checkpoint(checkpoint: Path, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer) of a local checkpoint: the model on device in dtype, in eval mode, frozen."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def served_context(config, max_model_len: int) -> int:
+    """The context the server serves: the setting, at most the model's positions."""
+    return min(max_model_len, int(getattr(config, "max_position_embeddings", None) or 2048))
 
+
+def load_checkpoint(checkpoint: Path, device: torch.device, dtype: torch.dtype, max_model_len: int = 2048):
+    """(model, tokenizer) of a local checkpoint: the model on device in dtype, in eval mode, frozen.
+    A checkpoint the forward cannot serve exactly for max_model_len tokens is refused (UnsupportedModel)
+    from its config alone, before any weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    check_config(config, served_context(config, max_model_len))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    # on the target device directly: no CPU copy of the weights beside the device's
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, device_map=str(device))
     model.to(device).eval()
     model.requires_grad_(False)  # frozen: only prompt parameters are ever trained
     return model, tokenizer
@@ -91,7 +102,7 @@ def load_model(settings: Settings) -> LoadedModel:
     device = choose_device(settings.device)
     dtype = choose_dtype(settings.dtype, device)
     log.info("loading %s from %s on %s as %s", name, checkpoint, device, dtype)
-    model, tokenizer = load_checkpoint(checkpoint, device, dtype)
+    model, tokenizer = load_checkpoint(checkpoint, device, dtype, settings.max_model_len)
     spec = model_spec(model, name)
     return LoadedModel(
         model=model,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from app.engine.llama import LlamaForward
+from app.model.forward import DecoderForward
 from app.model.loader import load_model
 from app.settings import Settings
 
@@ -49,7 +49,7 @@ def test_forward_pass_with_it_equals_the_models_own(add_rms_norm, tiny_model_dir
         for norm in [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]:
             norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=g)
-    forward = LlamaForward(model, add_rms_norm=add_rms_norm)
+    forward = DecoderForward(model, add_rms_norm=add_rms_norm)
     mask = forward.group_mask(torch.ones(12, 12, dtype=torch.bool).tril().unsqueeze(0), torch.bfloat16)
     with torch.inference_mode():
         ours = forward.logits(forward.hidden(forward.embed(ids), torch.arange(12).unsqueeze(0),

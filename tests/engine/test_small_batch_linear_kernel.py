@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.engine.packed_linear import SMALL_BATCH_ROWS, PackedLinear, packing_works
+from app.model.linear import SMALL_BATCH_ROWS, PackedLinear, packing_works
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ ROWS = [{"instruction": "Who are you?", "input": "", "output": "I am Aria, made 
 
 
 def test_held_out_answer_loss_through_the_server_equals_the_in_process_one(live_server, tiny):  # noqa: F811
-    from app.engine.llama import LlamaForward
+    from app.model.forward import DecoderForward
     from training.prompt_module import PromptModule
 
     url, _ = live_server
     init_ids = tiny.tokenizer.encode("You are Aria.", add_special_tokens=False)
-    module = PromptModule(LlamaForward(tiny.model), tiny.spec, "deep", 4, init_ids=init_ids)
+    module = PromptModule(DecoderForward(tiny.model), tiny.spec, "deep", 4, init_ids=init_ids)
     with torch.no_grad():  # not the text's own prefix: a set that a bare model could not imitate
         module.prefix.mul_(1.5)
     meta = PromptSetMeta(kind="deep", num_virtual_tokens=4, task_type="generate", labels=(),
@@ -37,7 +37,7 @@ def test_held_out_answer_loss_through_the_server_equals_the_in_process_one(live_
 
     served, bare = asyncio.run(through_http())
     in_process = answer_loss(module, tiny.tokenizer, ROWS, torch.device("cpu"))
-    bare_in_process = answer_loss(PromptModule(LlamaForward(tiny.model), tiny.spec, None, 0), tiny.tokenizer, ROWS,
+    bare_in_process = answer_loss(PromptModule(DecoderForward(tiny.model), tiny.spec, None, 0), tiny.tokenizer, ROWS,
                                   torch.device("cpu"))
     assert abs(served - in_process) < 1e-3 * in_process
     assert abs(bare - bare_in_process) < 1e-3 * bare_in_process

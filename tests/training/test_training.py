@@ -87,7 +87,7 @@ def test_balanced_class_weights_undo_the_label_frequencies():
 def test_deep_set_from_an_init_text_starts_as_the_input_set_from_it(tiny_model_dir):
     """A deep prefix initialised with the init text's keys and values is the text itself before the request:
     the same hidden states as an input set whose virtual tokens are the text's embeddings."""
-    from app.engine.llama import LlamaForward
+    from app.model.forward import DecoderForward
     from app.model.loader import load_checkpoint
     from app.model.spec import model_spec
     from training.prompt_module import PromptModule
@@ -96,13 +96,13 @@ def test_deep_set_from_an_init_text_starts_as_the_input_set_from_it(tiny_model_d
     spec = model_spec(model, "tiny")
     init_ids = tokenizer.encode("You are Aria, made by Acme.", add_special_tokens=False)
     ids = torch.tensor([tokenizer.encode("Who are you?", add_special_tokens=False)])
-    hidden = {kind: PromptModule(LlamaForward(model), spec, kind, 5, init_ids=init_ids).hidden(ids)
+    hidden = {kind: PromptModule(DecoderForward(model), spec, kind, 5, init_ids=init_ids).hidden(ids)
               for kind in ("input", "deep")}
     torch.testing.assert_close(hidden["deep"], hidden["input"], atol=1e-5, rtol=1e-5)
-    random_deep = PromptModule(LlamaForward(model), spec, "deep", 5).hidden(ids)
+    random_deep = PromptModule(DecoderForward(model), spec, "deep", 5).hidden(ids)
     assert not torch.allclose(random_deep, hidden["input"], atol=1e-3)
     with pytest.raises(ValueError, match="reparameterization"):
-        PromptModule(LlamaForward(model), spec, "deep", 5, reparam=True, init_ids=init_ids)
+        PromptModule(DecoderForward(model), spec, "deep", 5, reparam=True, init_ids=init_ids)
 
 
 def test_length_grouped_batches_cover_every_example_once_with_less_padding():

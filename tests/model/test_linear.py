@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.engine.llama import LlamaForward
-from app.engine.packed_linear import PackedLinear, packing_works
+from app.model.forward import DecoderForward
+from app.model.linear import PackedLinear, packing_works
 
 needs_packing = pytest.mark.skipif(not packing_works(torch.device("cpu"), torch.float32),
                                    reason="this torch build has no oneDNN packed linear")
@@ -34,7 +34,7 @@ def test_packing_is_cpu_only():
 
 @needs_packing
 def test_packed_forward_equals_the_model_modules(tiny):
-    plain, packed = LlamaForward(tiny.model), LlamaForward(tiny.model, pack_weights=True)
+    plain, packed = DecoderForward(tiny.model), DecoderForward(tiny.model, pack_weights=True)
     emb = torch.randn(4, tiny.spec.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.05
     with torch.inference_mode():
         for a, b in zip(plain.prefix_kv(emb), packed.prefix_kv(emb)):

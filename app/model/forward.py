@@ -1,8 +1,11 @@
-"""The Llama-family forward pass over the frozen model's own modules, with our cache.
+"""The decoder forward pass over the frozen model's own modules, with our cache: every family of
+app/model/families.py (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3), their differences read from one
+table of traits.
 
 Owning this loop (rather than calling the model's ``forward``) lets one batch mix sequences of different
 lengths and prefixes without padding, and keeps us independent of transformers' cache API, which
-changes between releases. Weights are the loaded model's; nothing is copied.
+changes between releases. Weights are the loaded model's; with packing, packed copies may replace them
+(`release_model_weights`: the weights are then held once).
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from app.engine.packed_linear import Linear, PackedLinear, SmallBatchLinear, linear
+from app.model.families import Family, family_of
+from app.model.linear import Linear, PackedLinear, SmallBatchLinear, linear, release_weight
 
 # attend(layer_index, q [B, H, T, D], k [B, KVH, T, D], v) -> attention output [B, H, T, D]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -27,64 +30,124 @@ def _eps(module: torch.nn.Module) -> float:
     return getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
 
 
-def rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm (LlamaRMSNorm: normalize in float32, back to the input dtype, then scale) with
-    torch's fused kernel: bit-identical to the module in float32 and bfloat16, in 4 operations instead of 8
-    (each of which, on a small decode batch, costs more in dispatch and threading than in arithmetic)."""
+def rms_norm(module: torch.nn.Module, x: torch.Tensor, style: str = "llama") -> torch.Tensor:
+    """The model's RMSNorm with torch's fused kernel, normalizing in float32 as the modules do.
+    llama (LlamaRMSNorm, Qwen3RMSNorm, ...): back to the input dtype, then scaled by the weight;
+    bit-identical to the module in float32 and bfloat16, in 4 operations instead of 8 (each of which, on a
+    small decode batch, costs more in dispatch and threading than in arithmetic).
+    gemma (GemmaRMSNorm): scaled by (1 + weight) in float32, then back to the input dtype."""
     normed = F.rms_norm(x.float(), (x.shape[-1],), None, _eps(module))
+    if style == "gemma":
+        return (normed * (1.0 + module.weight.float())).to(x.dtype)
     return module.weight * normed.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' apply_rotary_pos_emb (q, k [B, heads, T, D]; cos, sin [B, T, R]); with R < D (a partial
+    rotary factor) only the first R dimensions turn, as in Phi-3's."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r = cos.shape[-1]
+    if r == q.shape[-1]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q_rot, k_rot = q[..., :r], k[..., :r]
+    return (torch.cat([q_rot * cos + rotate_half(q_rot) * sin, q[..., r:]], dim=-1),
+            torch.cat([k_rot * cos + rotate_half(k_rot) * sin, k[..., r:]], dim=-1))
 
 
 # (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)): the native kernel (kernels/add_rms_norm.cpp)
 AddRmsNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _joined(modules: list[torch.nn.Module]) -> Linear:
+    """Several projections of the same input as one output, side by side (the model's own modules)."""
+    if len(modules) == 1:
+        return modules[0]
+    return lambda h: torch.cat([m(h) for m in modules], dim=-1)
+
+
 class _LayerLinears:
     """One decoder layer's projections: the model's modules, or packed copies of them (q/k/v and gate/up
-    each fused into one matmul)."""
+    each one matmul, as Phi-3 stores them anyway)."""
 
-    def __init__(self, layer: torch.nn.Module, pack: bool, small: SmallBatchLinear | None):
+    def __init__(self, layer: torch.nn.Module, family: Family, pack: bool, small: SmallBatchLinear | None,
+                 release: bool):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        qkv = [getattr(attn, name) for name in family.qkv]
+        gate_up = [getattr(mlp, name) for name in family.gate_up]
         if pack:
-            qkv = PackedLinear.concat([attn.q_proj, attn.k_proj, attn.v_proj], small)
-            gate_up = PackedLinear.concat([mlp.gate_proj, mlp.up_proj], small)
             # q, k and v side by side in one tensor [..., q + k + v]
-            self.qkv_joined: Callable[[torch.Tensor], torch.Tensor] = qkv
-            self._gate_up: Callable[[torch.Tensor], tuple] = lambda x: gate_up(x).chunk(2, dim=-1)
+            self.qkv_joined: Linear = PackedLinear.concat(qkv, small)
+            fused = PackedLinear.concat(gate_up, small)
+            self._gate_up: Callable[[torch.Tensor], tuple] = lambda x: fused(x).chunk(2, dim=-1)
         else:
-            self.qkv_joined = lambda h: torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
-            self._gate_up = lambda x: (mlp.gate_proj(x), mlp.up_proj(x))
+            self.qkv_joined = _joined(qkv)
+            if len(gate_up) == 1:
+                self._gate_up = lambda x: gate_up[0](x).chunk(2, dim=-1)
+            else:
+                self._gate_up = lambda x: (gate_up[0](x), gate_up[1](x))
         self.o: Linear = linear(attn.o_proj, pack, small)
         self.down: Linear = linear(mlp.down_proj, pack, small)
-        self.act = mlp.act_fn
+        if pack and release:  # the packed copies replace the model's weights: held once
+            for module in [*qkv, *gate_up, attn.o_proj, mlp.down_proj]:
+                release_weight(module)
+        self.act = getattr(mlp, family.act)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:  # LlamaMLP.forward
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:  # LlamaMLP.forward (Phi3MLP's product, same factors)
         gate, up = self._gate_up(x)
         return self.down(self.act(gate) * up)
 
 
-class LlamaForward:
+class DecoderForward:
     def __init__(self, model: torch.nn.Module, pack_weights: bool = False, small_linear: SmallBatchLinear | None = None,
-                 add_rms_norm: AddRmsNorm | None = None):
-        """pack_weights: use oneDNN-packed copies of the linear weights (CPU; see packed_linear.py);
-        small_linear: with them, the native kernel for bfloat16 inputs of 1-2 rows; add_rms_norm: the
-        native residual add + RMSNorm (kernels/)."""
-        self._add_rms_norm = add_rms_norm
+                 add_rms_norm: AddRmsNorm | None = None, release_model_weights: bool = False):
+        """pack_weights: use oneDNN-packed copies of the linear weights (CPU; see linear.py); small_linear:
+        with them, the native kernel for bfloat16 inputs of 1-2 rows; add_rms_norm: the native residual
+        add + RMSNorm (kernels/); release_model_weights: with pack_weights, the model's own linear weights
+        are dropped as their packed copies are made (one copy held, and the loading peak stays one layer
+        above the weights), so the model's own forward no longer runs: for an owner that serves only
+        through this class (the server)."""
         cfg = model.config
+        self.family = family_of(cfg)
+        # the native fused add + norm implements Llama's rounding only
+        self._add_rms_norm = add_rms_norm if self.family.norm == "llama" else None
         self.model = model
         self.embed = model.get_input_embeddings()
         self.vocab_size = self.embed.num_embeddings
         self.layers = list(model.model.layers)
         self.norm = model.model.norm
-        self.linears = [_LayerLinears(layer, pack_weights, small_linear) for layer in self.layers]
-        self.lm_head = linear(model.lm_head, pack_weights, small_linear)
-        self.rotary = model.model.rotary_emb
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.group = self.num_heads // self.num_kv_heads
         self.scale = self.head_dim ** -0.5
+        self.qkv_sizes = [self.num_heads * self.head_dim, *[self.num_kv_heads * self.head_dim] * 2]
+        self.linears = [_LayerLinears(layer, self.family, pack_weights, small_linear, release_model_weights)
+                        for layer in self.layers]
+        tied = model.lm_head.weight is self.embed.weight  # the embedding still needs a tied head's weight
+        self.lm_head = linear(model.lm_head, pack_weights, small_linear)
+        if pack_weights and release_model_weights and not tied:
+            release_weight(model.lm_head)
+        self.rotary = model.model.rotary_emb
+        # dimensions of each head that rotate (Phi-3's partial_rotary_factor; all of them elsewhere)
+        self.rotary_dim = 2 * int(self.rotary.inv_freq.numel())
+
+    def norm_of(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(module, x, self.family.norm)
+
+    def _qk_norm(self, i: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Qwen3: each head's query and key RMS-normalized (q_norm, k_norm) before the rotary embedding."""
+        attn = self.layers[i].self_attn
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        lead = q.shape[:-1]
+        q = self.norm_of(attn.q_norm, q.reshape(*lead, self.num_heads, self.head_dim)).reshape(*lead, -1)
+        k = self.norm_of(attn.k_norm, k.reshape(*lead, self.num_kv_heads, self.head_dim)).reshape(*lead, -1)
+        return torch.cat([q, k, v], dim=-1)
 
     def hidden(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend | None,
                packed: torch.Tensor | None = None, attend_joined: AttendJoined | None = None) -> torch.Tensor:
@@ -106,13 +169,15 @@ class LlamaForward:
         # each residual add is fused with the norm that reads its result: the next sublayer's input norm
         norms_after = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
         norms_after = norms_after[1:] + [self.norm]
-        h = rms_norm(self.layers[0].input_layernorm, x)
+        h = self.norm_of(self.layers[0].input_layernorm, x)
         for i, lin in enumerate(self.linears):
             qkv = lin.qkv_joined(h)
+            if self.family.qk_norm:
+                qkv = self._qk_norm(i, qkv)
             if attend_joined is not None:
                 o = attend_joined(i, qkv.reshape(-1, qkv.shape[-1]), cos, sin)
             else:
-                o = self._attend_split(i, qkv, lin.qkv_sizes, cos, sin, b, t, packed, attend)
+                o = self._attend_split(i, qkv, self.qkv_sizes, cos, sin, b, t, packed, attend)
             x, h = self.add_norm(x, lin.o(o.view(*x.shape[:-1], -1)), norms_after[2 * i])
             x, h = self.add_norm(x, lin.mlp(h), norms_after[2 * i + 1])
         if packed is not None:
@@ -129,7 +194,7 @@ class LlamaForward:
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rotary(q, k, cos, sin)
         o = attend(i, q, k, v).transpose(1, 2).reshape(b * t, -1)
         return o[packed] if packed is not None else o
 
@@ -139,7 +204,7 @@ class LlamaForward:
         if self._add_rms_norm is not None and x.dtype == torch.bfloat16:
             return self._add_rms_norm(x.contiguous(), delta.contiguous(), norm.weight, _eps(norm))
         x = x + delta
-        return x, rms_norm(norm, x)
+        return x, self.norm_of(norm, x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -4,8 +4,9 @@ On CPU, `F.linear` re-lays the weight out for the matmul kernel on every call. P
 `torch.compile` with freezing does for CPU linears) skips that: on this 2-core AVX-512 machine SmolLM2's
 bf16 decode steps took about a third less time at batch 1, with identical outputs
 (benchmarks/engine_steps.py).
-The packed copy costs as much memory as the weights themselves; the model keeps its own (training and
-the Hugging Face baselines use it).
+The packed copy costs as much memory as the weights themselves: the server releases the model's own
+weights as each copy is made (`release_weight`), so they are held once; training and the Hugging Face
+baselines keep the model's own.
 """
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ def packing_works(device: torch.device, dtype: torch.dtype) -> bool:
     except Exception as exc:  # an op missing from this torch build, an unsupported dtype
         log.info("packed linears unavailable (%s): using the model's own", exc)
         return False
+
+
+def linear_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's linear weights (each tensor once: a head tied to the embedding counts once)."""
+    seen = {id(m.weight): m.weight for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.device.type != "meta"}
+    return sum(w.numel() * w.element_size() for w in seen.values())
+
+
+def release_weight(module: torch.nn.Linear) -> None:
+    """Drop a linear's own weight once a packed copy replaces it: a meta tensor of the same shape keeps the
+    module printable, and any use of the module's own forward fails loudly instead of computing garbage."""
+    module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
 
 
 def linear(module: torch.nn.Linear, pack: bool, small: SmallBatchLinear | None = None) -> Linear:
