@@ -39,3 +39,25 @@ def seaweed(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory, embedded_checkpoint):
+    """family_model(name, dtype="float32") -> a tiny random checkpoint of that family (benchmarks/tiny_model.py
+    FAMILIES), built once and loaded once per dtype; family_model.dir(name) is its directory."""
+    from benchmarks.tiny_model import build_tiny_family
+
+    dirs, loaded = {}, {}
+
+    def directory(name):
+        if name not in dirs:
+            dirs[name] = build_tiny_family(tmp_path_factory.mktemp(f"tiny-{name}"), embedded_checkpoint, name)
+        return dirs[name]
+
+    def get(name, dtype="float32"):
+        if (name, dtype) not in loaded:
+            loaded[name, dtype] = load_model(Settings(model=str(directory(name)), dtype=dtype, device="cpu"))
+        return loaded[name, dtype]
+
+    get.dir = directory
+    return get

@@ -28,15 +28,18 @@ class PromptModule(nn.Module):
         self.reparam = reparam
         hidden = spec.hidden_size
         kv_width = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
-        emb = forward.embed.weight
-        # the init text's tokens, repeated to fill the P slots
-        text = emb.detach()[torch.tensor([init_ids[i % len(init_ids)] for i in range(self.p)],
-                                         device=emb.device)] if init_ids and kind else None
+        device = forward.embed.weight.device
+        # the init text's tokens, repeated to fill the P slots, as the embedding module gives them (Gemma's
+        # scales its rows by sqrt(hidden): virtual tokens live where the module's outputs do)
+        with torch.no_grad():
+            text = forward.embed(torch.tensor([init_ids[i % len(init_ids)] for i in range(self.p)], device=device)) \
+                if init_ids and kind else None
         if kind == "input":
             if text is not None:  # start from real token embeddings (prompt tuning's vocabulary init)
                 init = text.float().cpu().clone()
             else:
-                init = torch.randn(self.p, hidden) * emb.detach().float().std().item()
+                scale = float(getattr(forward.embed, "scalar_embed_scale", 1.0))  # Gemma's sqrt(hidden)
+                init = torch.randn(self.p, hidden) * forward.embed.weight.detach().float().std().item() * scale
             self.embeddings = nn.Parameter(init)
         elif kind == "deep":
             if reparam:
