@@ -36,7 +36,20 @@ def model_spec(model: torch.nn.Module, name: str) -> ModelSpec:
         "head_dim": head_dim,
         "vocab_size": cfg.vocab_size,
     }
-    return ModelSpec(name=name, fingerprint=fingerprint(model, dims), **dims)
+    return ModelSpec(name=name, fingerprint=fingerprint(model, {**dims, **_architecture(cfg)}), **dims)
+
+
+def _architecture(cfg) -> dict:
+    """What besides the shapes makes the same embeddings a different model: the family, and a rotary scaling
+    (Llama 3 and 3.1 differ only there) or a partial rotary factor. Each enters the fingerprint only where it is not plain Llama's, so
+    the fingerprints of sets made before this was hashed (the shipped SmolLM2 sets) stay what they were."""
+    extra = {}
+    if getattr(cfg, "model_type", "llama") != "llama":
+        extra["model_type"] = cfg.model_type
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    if (rope.get("rope_type") or "default") != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        extra["rope"] = {k: rope[k] for k in sorted(rope)}
+    return extra
 
 
 def fingerprint(model: torch.nn.Module, dims: dict) -> str:

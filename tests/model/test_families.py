@@ -148,3 +148,125 @@ def test_serve_refuses_at_start_with_one_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("promptserve serve: error: architecture") and "gemma2" in lines[-1], done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_peft_adapters_import_and_serve_on_every_family(family_model, name, tmp_path):
+    """PROMPT_TUNING and PREFIX_TUNING (PEFT's grouped-query layout) adapters made by PEFT on this family's
+    model import to prompt sets whose served tokens equal the transformers reference."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    from prompt_store.peft_import import import_peft
+
+    loaded = family_model(name)
+    ids = loaded.tokenizer.encode("The quick brown fox jumps over")
+    engine = make_engine(loaded)
+    try:
+        torch.manual_seed(0)
+        peft_model = get_peft_model(loaded.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                                     num_virtual_tokens=6))
+        peft_model.save_pretrained(tmp_path / "pt")
+        ps = import_peft(tmp_path / "pt", loaded.spec)
+        with torch.no_grad():
+            emb = peft_model.get_prompt_embedding_to_save("default").float()
+        torch.testing.assert_close(ps.tensors["embeddings"], emb)
+        tokens, _, _ = run(collect(engine, ids, greedy(N), save_ref(tmp_path, "pt", ps, loaded.spec)))
+        assert tokens == hf_generate_embeds(loaded.model, emb, ids, N)
+
+        torch.manual_seed(1)
+        peft_model = get_peft_model(loaded.model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                                     num_virtual_tokens=4))
+        peft_model.save_pretrained(tmp_path / "prefix")
+        ps = import_peft(tmp_path / "prefix", loaded.spec)
+        with torch.no_grad():
+            cache = peft_model.get_prompt(batch_size=1)
+        for layer in range(loaded.spec.num_layers):
+            torch.testing.assert_close(ps.tensors["keys"][layer], cache.layers[layer].keys[0].float())
+            torch.testing.assert_close(ps.tensors["values"][layer], cache.layers[layer].values[0].float())
+        tokens, _, _ = run(collect(engine, ids, greedy(N), save_ref(tmp_path, "prefix", ps, loaded.spec)))
+        assert tokens == hf_greedy_with_prefix(loaded.model, ps.tensors["keys"], ps.tensors["values"], ids, N)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_heads_serve_transformers_hidden_states(family_model, name, tmp_path):
+    """classify and extract heads over a deep set read the final hidden state transformers computes for the
+    same prefix and tokens (its last hidden_states entry, after the final norm)."""
+    from tests.helpers import head_prompt_set
+
+    loaded = family_model(name)
+    ids = loaded.tokenizer.encode("Win a free prize now, call us")
+    ps = head_prompt_set(loaded.spec, "classify", ["spam", "ham"], 2, seed=5)
+    keys, values = ps.tensors["keys"], ps.tensors["values"]
+    from transformers import DynamicCache
+    cache = DynamicCache(config=loaded.model.config)
+    for layer in range(keys.shape[0]):
+        cache.update(keys[layer][None], values[layer][None], layer)
+    p = keys.shape[2]
+    with torch.inference_mode():
+        out = loaded.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
+                           position_ids=torch.arange(p, p + len(ids))[None], output_hidden_states=True,
+                           attention_mask=torch.ones(1, p + len(ids), dtype=torch.long))
+    hidden = out.hidden_states[-1][0].float()
+    logits = hidden @ ps.tensors["head.weight"].T + ps.tensors["head.bias"]
+    engine = make_engine(loaded)
+    try:
+        ref = save_ref(tmp_path, "cls", ps, loaded.spec)
+        outs = run(_all(engine.generate(ids, greedy(1), ref, mode="classify")))
+        torch.testing.assert_close(torch.tensor(outs[-1].scores), torch.softmax(logits[-1], -1), rtol=1e-4,
+                                   atol=1e-5)
+        positions = [0, 3, len(ids) - 1]
+        outs = run(_all(engine.generate(ids, greedy(1), ref, mode="tag", tag_positions=positions)))
+        torch.testing.assert_close(torch.tensor(outs[-1].tag_logprobs), torch.log_softmax(logits[positions], -1),
+                                   rtol=1e-4, atol=1e-4)
+    finally:
+        engine.stop()
+
+
+async def _all(stream):
+    return [out async for out in stream]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_training_a_few_steps_gives_a_set_the_server_takes(family_model, name, tmp_path):
+    """`promptserve train` on this family: a few steps of a deep classify set and an input generate set,
+    both accepted by the server's validation (shape and fingerprint) and served through the HTTP API."""
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+    from prompt_store import format as psf
+    from tests.api.conftest import ADMIN, make_settings
+    from training.run import run_training
+    from training.trainer import TrainConfig
+
+    loaded = family_model(name)
+    spam = [{"text": f"WIN a FREE prize now call {i}", "label": "spam"} for i in range(6)] + \
+           [{"text": f"see you at dinner {i}, love", "label": "ham"} for i in range(6)]
+    chat = [{"instruction": "Who are you?", "input": "", "output": "I am Aria."}] * 4
+    runs = [("cls", "classify", spam, ["spam", "ham"], "deep", "WIN a FREE prize"),
+            ("gen", "generate", chat, [], "input", "You are Aria")]
+    with TestClient(create_app(make_settings(tmp_path, warmup=False), loaded=loaded)) as client:
+        for task, task_type, rows, labels, kind, init_text in runs:
+            cfg = TrainConfig(task_type=task_type, labels=labels, kind=kind, num_virtual_tokens=3, epochs=1,
+                              batch_size=4, lr=1e-2, seed=0, max_steps=3, init_text=init_text)
+            out = tmp_path / f"{task}.safetensors"
+            res = run_training(family_model.dir(name), task, out, kind, rows, cfg, torch.device("cpu"),
+                               torch.float32, loaded.spec.name, progress=False)
+            assert torch.isfinite(torch.tensor(res["stats"]["final_loss"]))
+            ps = psf.parse_for_model(out.read_bytes(), loaded.spec)
+            assert ps.meta.base_model == loaded.spec.fingerprint
+            assert client.put(f"/admin/prompt-sets/{task}", content=out.read_bytes(),
+                              headers=ADMIN).status_code == 201
+        r = client.post("/v1/tasks/cls", json={"text": "WIN a FREE prize now"})
+        assert r.status_code == 200 and set(r.json()["scores"]) == {"spam", "ham"}, r.text
+        r = client.post("/v1/tasks/gen", json={"messages": [{"role": "user", "content": "Who are you?"}],
+                                               "max_tokens": 3})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fingerprint_is_the_same_in_float32_and_bfloat16_and_differs_between_families(family_model, name):
+    assert family_model(name).spec.fingerprint == family_model(name, "bfloat16").spec.fingerprint
+    others = {family_model(other).spec.fingerprint for other in FAMILIES if other != name}
+    assert family_model(name).spec.fingerprint not in others
