@@ -80,3 +80,38 @@ def build_tiny_family(out: Path, tokenizer_dir: Path, name: str) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# Real-size shapes of random checkpoints for memory and speed measurements (never shipped: made on the
+# machine that measures). Llama-3.2-1B's and Llama-3-8B's layer shapes; the embedded model's tokenizer.
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, rope_theta=500000.0),
+}
+
+
+def build_random_checkpoint(out: Path, tokenizer_dir: Path, shape: str, dtype: torch.dtype = torch.bfloat16,
+                            device: str = "cpu") -> Path:
+    """A random Llama checkpoint of a real model's shape, saved in `dtype` (weights std 0.02, as trained
+    models are scaled) with the embedded model's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dims = dict(SHAPES[shape])
+    theta = dims.pop("rope_theta")
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": theta}, **dims)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its own dtype: an 8B model in float32 would need 32 GB
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

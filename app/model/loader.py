@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from app.model.families import check_config
+from app.model.families import UnsupportedModel, check_config
 from app.model.source import resolve_checkpoint
 from app.model.spec import ModelSpec, model_spec
 from app.settings import Settings
@@ -90,11 +92,58 @@ def load_checkpoint(checkpoint: Path, device: torch.device, dtype: torch.dtype, 
     config = AutoConfig.from_pretrained(checkpoint)
     check_config(config, served_context(config, max_model_len))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    # on the target device directly: no CPU copy of the weights beside the device's
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, device_map=str(device))
+    state = read_safetensors(checkpoint, dtype)
+    if state is None:  # no safetensors files (a .bin checkpoint): transformers reads it
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    else:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+            None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+        del state
+        tied = {"lm_head.weight"} if model.lm_head.weight is model.get_input_embeddings().weight else set()
+        missing = set(info["missing_keys"]) - tied
+        if missing:  # transformers would have left them random: never serve that
+            raise UnsupportedModel(f"{checkpoint}: weights missing from the checkpoint: {sorted(missing)[:5]}")
     model.to(device).eval()
     model.requires_grad_(False)  # frozen: only prompt parameters are ever trained
     return model, tokenizer
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_safetensors(checkpoint: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """Every tensor of the checkpoint's safetensors files, read with plain file reads into process memory
+    (floating tensors converted to dtype one at a time); None when it has none.
+
+    Not through a memory map, as transformers loads them: pages of a mapped file count in the process's
+    memory while the mapping lives, and a tied embedding kept it alive, so a server that replaces the
+    weights by packed copies still held every page it had read (two copies of an 8B model in 24 GB).
+    Read this way, a weight replaced is a weight freed."""
+    files = sorted(Path(checkpoint).glob("*.safetensors"))
+    if not files:
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        with path.open("rb", buffering=0) as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+            start = 8 + size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                stored = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if stored is None:
+                    raise UnsupportedModel(f"{path.name}: tensor {name} is stored as {info['dtype']}, "
+                                           f"not a floating-point type the forward computes in")
+                tensor = torch.empty(info["shape"], dtype=stored)
+                begin, end = info["data_offsets"]
+                f.seek(start + begin)
+                if tensor.numel() and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+                    raise OSError(f"{path}: truncated at tensor {name}")
+                state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return state
 
 
 def load_model(settings: Settings) -> LoadedModel:
