@@ -85,6 +85,10 @@ def _eval(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.model:
+        from benchmarks.model_size import run as model_size
+
+        return model_size(args)
     from benchmarks.serving import main as bench_main
 
     return bench_main(args)
@@ -164,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--many", type=int, default=1000, help="prompt sets registered for the many-sets phase")
     be.add_argument("--baseline-requests", type=int, default=4, help="requests for the batch-1 baselines")
     be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--model", help="a checkpoint directory: measure its server's memory and single-client decode "
+                    "against HF generate batch 1 and the read-bandwidth ceiling (benchmarks/model_size.py) "
+                    "instead of the serving benchmark")
+    be.add_argument("--rows", type=int, default=8, help="--model: KV-cache rows (PROMPTSERVE_MAX_NUM_SEQS)")
+    be.add_argument("--context", type=int, default=1024, help="--model: tokens a row holds "
+                    "(PROMPTSERVE_MAX_MODEL_LEN), each filled by one client")
     be.add_argument("--json", default="benchmarks/results.json")
     be.add_argument("--plot", default="benchmarks/results.png")
     be.set_defaults(func=_bench)

@@ -71,7 +71,7 @@ def instrumented(runner):
     patch(forward, "grouped_attention", "attention")
     if runner.decode_attention is not None:  # the native kernel, when it built here
         patch(runner, "decode_attention", "attention")
-    patch(llama, "apply_rotary_pos_emb", "rotary")
+    patch(llama, "apply_rotary", "rotary")
     if runner._rotary_cache_write is not None:  # the native rotary, which writes the cache too
         patch(runner, "_rotary_cache_write", "rotary+cache writes")
     patch(model_runner, "sample", "sampling")
@@ -121,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--model", default="", help="a checkpoint directory (default: the embedded model)")
     args = parser.parse_args(argv)
-    loaded = load_model(Settings())
+    loaded = load_model(Settings(model=args.model))
     batches = [int(b) for b in args.batches.split(",")]
-    runner = Engine(loaded, EngineConfig(max_num_seqs=max(batches), max_model_len=512)).runner
+    # as the server builds it: the engine owns the model, so its packed copies replace the weights
+    runner = Engine(loaded, EngineConfig(max_num_seqs=max(batches), max_model_len=512,
+                                         release_model_weights=True)).runner
     machine = measure_machine()
     print(f"CPU: {cpu_name()}; model {loaded.spec.name} in {loaded.dtype}; read {machine['read_gb_s']:.1f} GB/s, "
           f"bf16 matmul {machine['bf16_gflop_s']:.0f} GFLOP/s")
