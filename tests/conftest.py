@@ -1,9 +1,15 @@
+import os
+
 import pytest
 
 from app.model.loader import load_model
 from benchmarks.tiny_model import build_tiny_model
 from app.model.source import resolve_checkpoint
 from app.settings import Settings
+
+
+# The device the model tests run on: cpu here and in CI; `make gpu-check` runs them on cuda
+TEST_DEVICE = os.environ.get("PROMPTSERVE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +27,7 @@ def tiny_model_dir(tmp_path_factory, embedded_checkpoint):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
-    return load_model(Settings(model=str(tiny_model_dir), dtype="float32", device="cpu"))
+    return load_model(Settings(model=str(tiny_model_dir), dtype="float32", device=TEST_DEVICE))
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +62,7 @@ def family_model(tmp_path_factory, embedded_checkpoint):
 
     def get(name, dtype="float32"):
         if (name, dtype) not in loaded:
-            loaded[name, dtype] = load_model(Settings(model=str(directory(name)), dtype=dtype, device="cpu"))
+            loaded[name, dtype] = load_model(Settings(model=str(directory(name)), dtype=dtype, device=TEST_DEVICE))
         return loaded[name, dtype]
 
     get.dir = directory

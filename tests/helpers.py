@@ -20,17 +20,18 @@ def greedy(n: int, **kw) -> SamplingParams:
 
 @torch.no_grad()
 def hf_generate_ids(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=n, do_sample=False,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device))
     return out[0, len(ids):].tolist()
 
 
 @torch.no_grad()
 def hf_generate_embeds(model, embeddings: torch.Tensor, ids: list[int], n: int) -> list[int]:
     """The reference for an `input` prompt set: generate from inputs_embeds = [prompts; token embeddings]."""
-    tok = model.get_input_embeddings()(torch.tensor([ids]))
-    embeds = torch.cat([embeddings.unsqueeze(0).to(tok.dtype), tok], dim=1)
-    out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+    tok = model.get_input_embeddings()(torch.tensor([ids], device=model.device))
+    embeds = torch.cat([embeddings.unsqueeze(0).to(tok.device, tok.dtype), tok], dim=1)
+    out = model.generate(inputs_embeds=embeds,
+                         attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=model.device),
                          max_new_tokens=n, do_sample=False)
     return out[0].tolist()  # with inputs_embeds, generate returns only the new tokens
 
@@ -40,13 +41,14 @@ def hf_greedy_with_prefix(model, keys: torch.Tensor, values: torch.Tensor, ids: 
     """The reference for a `deep` prompt set: a transformers cache pre-filled with the prefix, greedy loop."""
     cache = DynamicCache(config=model.config)
     for layer in range(keys.shape[0]):
-        cache.update(keys[layer].unsqueeze(0).to(model.dtype), values[layer].unsqueeze(0).to(model.dtype), layer)
+        cache.update(keys[layer].unsqueeze(0).to(model.device, model.dtype),
+                     values[layer].unsqueeze(0).to(model.device, model.dtype), layer)
     p = keys.shape[2]
-    x = torch.tensor([ids])
-    pos = torch.arange(p, p + len(ids)).unsqueeze(0)
+    x = torch.tensor([ids], device=model.device)
+    pos = torch.arange(p, p + len(ids), device=model.device).unsqueeze(0)
     out = []
     for _ in range(n):
-        mask = torch.ones(1, pos[0, -1].item() + 1, dtype=torch.long)
+        mask = torch.ones(1, pos[0, -1].item() + 1, dtype=torch.long, device=model.device)
         logits = model(input_ids=x, past_key_values=cache, position_ids=pos, attention_mask=mask,
                        use_cache=True).logits
         nxt = int(logits[0, -1].argmax())
@@ -54,7 +56,7 @@ def hf_greedy_with_prefix(model, keys: torch.Tensor, values: torch.Tensor, ids: 
         if nxt in model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) \
                 else nxt == model.generation_config.eos_token_id:
             break
-        x = torch.tensor([[nxt]])
+        x = torch.tensor([[nxt]], device=model.device)
         pos = pos[:, -1:] + 1
     return out
 
@@ -62,11 +64,11 @@ def hf_greedy_with_prefix(model, keys: torch.Tensor, values: torch.Tensor, ids: 
 @torch.no_grad()
 def text_prefix_kv(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The key/value cache of a real text, as [L, KVH, P, D] tensors."""
-    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
     cache = out.past_key_values
     keys = torch.stack([cache.layers[i].keys[0] for i in range(len(cache.layers))])
     values = torch.stack([cache.layers[i].values[0] for i in range(len(cache.layers))])
-    return keys.float(), values.float()
+    return keys.float().cpu(), values.float().cpu()
 
 
 def input_prompt_set(spec, p: int, seed: int = 0, scale: float = 0.05, **meta) -> PromptSet:

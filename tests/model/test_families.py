@@ -65,7 +65,7 @@ def test_served_tokens_bfloat16_agree_with_transformers_up_to_near_ties(family_m
                 assert len(ours) == len(theirs)
                 continue
             with torch.inference_mode():
-                logits = loaded.model(torch.tensor([ids + theirs[:at]])).logits[0, -1].float()
+                logits = loaded.model(torch.tensor([ids + theirs[:at]], device=loaded.device)).logits[0, -1].float()
             gap = abs(float(logits[ours[at]] - logits[theirs[at]]))
             # a bfloat16 logit of magnitude m is exact to m/128: a gap within two of those is a tie
             assert gap <= 2 * float(logits.abs().max()) / 128, (name, at, gap)
@@ -77,14 +77,14 @@ def test_served_tokens_bfloat16_agree_with_transformers_up_to_near_ties(family_m
 def test_family_traits_change_the_output(family_model, name, trait):
     """Served as plain Llama, these checkpoints give other logits: the traits are exercised above."""
     loaded = family_model(name)
-    ids = torch.tensor([_chat(loaded, "Hello")])
-    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    ids = torch.tensor([_chat(loaded, "Hello")], device=loaded.device)
+    positions = torch.arange(ids.shape[1], device=loaded.device).unsqueeze(0)
     forward = DecoderForward(loaded.model)
 
     def logits():
         def attend(i, q, k, v):
-            mask = forward.group_mask(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None],
-                                      q.dtype)
+            mask = forward.group_mask(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool,
+                                                 device=q.device).tril()[None], q.dtype)
             return forward.grouped_attention(q, k, v, mask)
         with torch.inference_mode():
             return forward.logits(forward.hidden(forward.embed(ids), positions, attend))
@@ -168,7 +168,7 @@ def test_peft_adapters_import_and_serve_on_every_family(family_model, name, tmp_
         peft_model.save_pretrained(tmp_path / "pt")
         ps = import_peft(tmp_path / "pt", loaded.spec)
         with torch.no_grad():
-            emb = peft_model.get_prompt_embedding_to_save("default").float()
+            emb = peft_model.get_prompt_embedding_to_save("default").float().cpu()
         torch.testing.assert_close(ps.tensors["embeddings"], emb)
         tokens, _, _ = run(collect(engine, ids, greedy(N), save_ref(tmp_path, "pt", ps, loaded.spec)))
         assert tokens == hf_generate_embeds(loaded.model, emb, ids, N)
@@ -181,8 +181,8 @@ def test_peft_adapters_import_and_serve_on_every_family(family_model, name, tmp_
         with torch.no_grad():
             cache = peft_model.get_prompt(batch_size=1)
         for layer in range(loaded.spec.num_layers):
-            torch.testing.assert_close(ps.tensors["keys"][layer], cache.layers[layer].keys[0].float())
-            torch.testing.assert_close(ps.tensors["values"][layer], cache.layers[layer].values[0].float())
+            torch.testing.assert_close(ps.tensors["keys"][layer], cache.layers[layer].keys[0].float().cpu())
+            torch.testing.assert_close(ps.tensors["values"][layer], cache.layers[layer].values[0].float().cpu())
         tokens, _, _ = run(collect(engine, ids, greedy(N), save_ref(tmp_path, "prefix", ps, loaded.spec)))
         assert tokens == hf_greedy_with_prefix(loaded.model, ps.tensors["keys"], ps.tensors["values"], ids, N)
     finally:
@@ -202,13 +202,14 @@ def test_heads_serve_transformers_hidden_states(family_model, name, tmp_path):
     from transformers import DynamicCache
     cache = DynamicCache(config=loaded.model.config)
     for layer in range(keys.shape[0]):
-        cache.update(keys[layer][None], values[layer][None], layer)
+        cache.update(keys[layer][None].to(loaded.device), values[layer][None].to(loaded.device), layer)
     p = keys.shape[2]
+    dev = loaded.device
     with torch.inference_mode():
-        out = loaded.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
-                           position_ids=torch.arange(p, p + len(ids))[None], output_hidden_states=True,
-                           attention_mask=torch.ones(1, p + len(ids), dtype=torch.long))
-    hidden = out.hidden_states[-1][0].float()
+        out = loaded.model(input_ids=torch.tensor([ids], device=dev), past_key_values=cache, use_cache=True,
+                           position_ids=torch.arange(p, p + len(ids), device=dev)[None], output_hidden_states=True,
+                           attention_mask=torch.ones(1, p + len(ids), dtype=torch.long, device=dev))
+    hidden = out.hidden_states[-1][0].float().cpu()
     logits = hidden @ ps.tensors["head.weight"].T + ps.tensors["head.bias"]
     engine = make_engine(loaded)
     try:
@@ -251,7 +252,7 @@ def test_training_a_few_steps_gives_a_set_the_server_takes(family_model, name, t
             cfg = TrainConfig(task_type=task_type, labels=labels, kind=kind, num_virtual_tokens=3, epochs=1,
                               batch_size=4, lr=1e-2, seed=0, max_steps=3, init_text=init_text)
             out = tmp_path / f"{task}.safetensors"
-            res = run_training(family_model.dir(name), task, out, kind, rows, cfg, torch.device("cpu"),
+            res = run_training(family_model.dir(name), task, out, kind, rows, cfg, loaded.device,
                                torch.float32, loaded.spec.name, progress=False)
             assert torch.isfinite(torch.tensor(res["stats"]["final_loss"]))
             ps = psf.parse_for_model(out.read_bytes(), loaded.spec)
