@@ -5,7 +5,7 @@ PORT ?= 8000
 
 export PROMPTSERVE_STORE_DIR ?= var/prompt-store
 
-.PHONY: install serve test bench docker-smoke constraints
+.PHONY: install serve test bench docker-smoke constraints gpu-check
 install:
 	VENV=$(VENV) bash scripts/install.sh
 	$(VENV)/bin/promptserve prepare-model
@@ -18,6 +18,13 @@ test: install
 
 bench: install
 	$(VENV)/bin/promptserve bench
+
+# On a CUDA machine: the model tests on the GPU, then a Llama-3-8B-shaped random model's decode bandwidth share,
+# 64 clients against HF generate, latencies and peak memory (benchmarks/gpu_check.py). GPU_PYTHON: a Python
+# with CUDA torch and this project's packages (the lent GPU machines: python3, packages carried as wheels)
+GPU_PYTHON ?= $(PY)
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.gpu_check --json benchmarks/gpu_check.json
 
 # Build the image and run it as a user would (needs a Docker engine; see scripts/docker_smoke.sh)
 docker-smoke:

@@ -85,6 +85,9 @@ def build_tiny_family(out: Path, tokenizer_dir: Path, name: str) -> Path:
 # Real-size shapes of random checkpoints for memory and speed measurements (never shipped: made on the
 # machine that measures). Llama-3.2-1B's and Llama-3-8B's layer shapes; the embedded model's tokenizer.
 SHAPES = {
+    # the measurement path in seconds (benchmarks/gpu_check.py on CPU, in the suite)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, rope_theta=10000.0),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0),
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
