@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.tiny_model import real_shape_model
+
 MODEL_TESTS = ["tests/model/test_families.py", "tests/engine/test_parity.py", "tests/engine/test_batch_invariance.py",
                "tests/prompt_store/test_peft_import.py"]
 
@@ -47,29 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="build the shape on the meta device, print sizes")
     parser.add_argument("--json", help="write the report here")
     return parser.parse_args(argv)
-
-
-def build_model(shape: str, device: str, dtype: torch.dtype, vocab_size: int) -> torch.nn.Module:
-    """A random Llama of this shape, made directly on the device in dtype (meta: no memory at all)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from benchmarks.tiny_model import SHAPES
-
-    dims = dict(SHAPES[shape])
-    theta = dims.pop("rope_theta")
-    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": theta}, **dims)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 2
-    return model.eval().requires_grad_(False)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -191,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = torch.bfloat16
     if args.dry_run:
-        model = build_model(args.shape, "meta", dtype, 128256)
+        model = real_shape_model(args.shape, 128256, dtype, "meta")
         print(f"{args.shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
               f"{weight_bytes(model) / 1e9:.2f} GB in bfloat16 (built on meta, nothing allocated)")
         return 0
@@ -212,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint("", Settings().cache_dir)[0])
-    model = build_model(args.shape, args.device, dtype, len(tokenizer))
+    model = real_shape_model(args.shape, len(tokenizer), dtype, args.device)
     report["weights_gb"] = weight_bytes(model) / 1e9
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

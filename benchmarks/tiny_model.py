@@ -95,16 +95,15 @@ SHAPES = {
 }
 
 
-def build_random_checkpoint(out: Path, tokenizer_dir: Path, shape: str, dtype: torch.dtype = torch.bfloat16,
-                            device: str = "cpu") -> Path:
-    """A random Llama checkpoint of a real model's shape, saved in `dtype` (weights std 0.02, as trained
-    models are scaled) with the embedded model's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def real_shape_model(shape: str, vocab_size: int, dtype: torch.dtype = torch.bfloat16,
+                     device: str = "cpu") -> torch.nn.Module:
+    """A random Llama of a real model's shape (SHAPES), made directly on `device` in `dtype` (weights std
+    0.02, as trained models are scaled; on "meta" nothing is allocated), in eval mode and frozen."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     dims = dict(SHAPES[shape])
     theta = dims.pop("rope_theta")
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
                          pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": theta}, **dims)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -115,6 +114,16 @@ def build_random_checkpoint(out: Path, tokenizer_dir: Path, shape: str, dtype: t
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = 2
-    model.save_pretrained(out)
+    model.generation_config.pad_token_id = 2
+    return model.eval().requires_grad_(False)
+
+
+def build_random_checkpoint(out: Path, tokenizer_dir: Path, shape: str, dtype: torch.dtype = torch.bfloat16,
+                            device: str = "cpu") -> Path:
+    """real_shape_model saved as a checkpoint with the embedded model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    real_shape_model(shape, len(tokenizer), dtype, device).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -12,7 +12,9 @@ def test_arguments_default_to_the_product_shape_on_cuda():
 
 
 def test_the_8b_shape_builds_on_meta_with_llama_3_8b_size(capsys):
-    model = gpu_check.build_model("llama-3-8b", "meta", __import__("torch").bfloat16, 128256)
+    from benchmarks.tiny_model import real_shape_model
+
+    model = real_shape_model("llama-3-8b", 128256, __import__("torch").bfloat16, "meta")
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Llama-3-8B's parameter count
     assert gpu_check.main(["--dry-run"]) == 0
     assert "8.03 B parameters, 16.06 GB" in capsys.readouterr().out

@@ -162,22 +162,21 @@ def test_peft_adapters_import_and_serve_on_every_family(family_model, name, tmp_
     ids = loaded.tokenizer.encode("The quick brown fox jumps over")
     engine = make_engine(loaded)
     try:
-        torch.manual_seed(0)
-        peft_model = get_peft_model(loaded.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                                                     num_virtual_tokens=6))
-        peft_model.save_pretrained(tmp_path / "pt")
-        ps = import_peft(tmp_path / "pt", loaded.spec)
+        def imported(config, seed: int, path: str):
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(loaded.model, config)
+            peft_model.save_pretrained(tmp_path / path)
+            return peft_model, import_peft(tmp_path / path, loaded.spec)
+
+        peft_model, ps = imported(PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6), 0, "pt")
         with torch.no_grad():
             emb = peft_model.get_prompt_embedding_to_save("default").float().cpu()
         torch.testing.assert_close(ps.tensors["embeddings"], emb)
         tokens, _, _ = run(collect(engine, ids, greedy(N), save_ref(tmp_path, "pt", ps, loaded.spec)))
         assert tokens == hf_generate_embeds(loaded.model, emb, ids, N)
 
-        torch.manual_seed(1)
-        peft_model = get_peft_model(loaded.model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                                                     num_virtual_tokens=4))
-        peft_model.save_pretrained(tmp_path / "prefix")
-        ps = import_peft(tmp_path / "prefix", loaded.spec)
+        peft_model, ps = imported(PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4), 1,
+                                  "prefix")
         with torch.no_grad():
             cache = peft_model.get_prompt(batch_size=1)
         for layer in range(loaded.spec.num_layers):
