@@ -28,6 +28,14 @@ RUN VENV=/opt/venv EXTRAS="" EDITABLE=0 TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_U
 # Bake the embedded model in: convert the GGUF to the safetensors cache once, at build time.
 ENV PROMPTSERVE_CACHE_DIR=/opt/promptserve/cache
 RUN /opt/venv/bin/promptserve prepare-model
+# The native kernels, built here for each x86 level (AVX-512 BF16, AVX-512, AVX2) against this torch: the
+# runtime image has no compiler, and loads the best level its CPU allows (app/engine/kernels). On a CUDA
+# image they are built too (the CPU fallback), and unused on the GPU.
+# hadolint ignore=DL3008
+RUN if ! command -v g++ >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \
+    fi && \
+    /opt/venv/bin/python -m app.engine.kernels.prebuild /opt/promptserve/kernels
 
 FROM ${BASE_IMAGE} AS runtime
 # hadolint ignore=DL3008
@@ -40,6 +48,7 @@ RUN if ! command -v python3 >/dev/null; then \
     mkdir -p /data/prompt-store && chown 10001:10001 /data/prompt-store
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/promptserve/cache /opt/promptserve/cache
+COPY --from=build /opt/promptserve/kernels /opt/promptserve/kernels
 # the demo data, so `promptserve train --demo NAME` and `eval` work in the container too
 COPY demo/datasets /opt/promptserve/demo/datasets
 COPY demo/data /opt/promptserve/demo/data
@@ -48,6 +57,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/promptserve \
     PYTHONUNBUFFERED=1 \
     PROMPTSERVE_CACHE_DIR=/opt/promptserve/cache \
+    PROMPTSERVE_KERNELS_PREBUILT=/opt/promptserve/kernels \
     PROMPTSERVE_STORE_DIR=/data/prompt-store \
     PROMPTSERVE_DEMO_DIR=/opt/promptserve/demo \
     PROMPTSERVE_HOST=0.0.0.0 \

@@ -6,6 +6,7 @@
 #   - an upload survives the container being removed and re-created on the same named volume
 #   - `docker stop` during a stream lets the stream finish (stop timeout above the drain grace)
 #   - the CLI's other commands are in the image (train, eval, bench --help)
+#   - the native kernels run in the image without a compiler: prebuilt for this CPU's x86 level
 # Needs a Docker engine. Where base images cannot be pulled, set DOCKER_BUILD_ARGS to what the stand-in
 # scaffolding prints (e.g. "--network host --build-arg TORCH_INDEX_URL=http://127.0.0.1:18080/simple").
 #   - compose's `scale` profile: exactly two replicas and the balancer; an upload through the balancer is
@@ -76,6 +77,11 @@ until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do
 done
 say "ready after $(( $(date +%s) - t0 )) s"
 wait_healthy
+# the image has no compiler: the kernels it runs are the ones prebuilt for this CPU's level at build time
+kernels=$(docker logs "$NAME" 2>&1 | grep -o 'native kernels: the prebuilt [^ ]*' | head -1)
+[ -n "$kernels" ] || fail "the container did not load prebuilt native kernels"
+docker exec "$NAME" sh -c 'command -v g++ c++ cc' >/dev/null 2>&1 && fail "a compiler is in the runtime image"
+say "$kernels (no compiler in the image)"
 
 # the server is PID 1 (the entrypoint exec-ed it after dropping root)
 uid=$(docker exec "$NAME" awk '/^Uid:/ {print $2 "/" $3}' /proc/1/status)

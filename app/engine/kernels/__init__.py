@@ -11,16 +11,20 @@
 - `rotary_cache_write` (rotary_cache_write.cpp): rotary embedding and KV-cache write of a decode step's or
   a prefill's tokens in one pass, bit-identical to transformers' rotary (float32 and bfloat16).
 
-Both are one library, built for this CPU (-march=native) into the cache directory, keyed by the sources,
-torch's version, the compiler and the CPU's feature flags, so a changed CPU or torch builds afresh and a
-restart reuses the build (about 20 s once). Without a compiler (a slim image) or when the build fails,
-the engine keeps torch's SDPA and oneDNN and says so in the log: the results are the same to float
-rounding, only slower.
+They are one library. An image or an installation without a compiler carries it prebuilt for the x86
+levels it may meet (`python -m app.engine.kernels.prebuild DIR`, run when the image is built): at start the
+best level this CPU's flags allow is loaded, when it was built for this torch and these sources
+(PREBUILT_LEVELS; the directory is PROMPTSERVE_KERNELS_PREBUILT, default `prebuilt/` beside this file).
+Otherwise the library is built for this CPU (-march=native) into the cache directory, keyed by the
+sources, torch's version, the compiler and the CPU's feature flags, so a changed CPU or torch builds afresh
+and a restart reuses the build (about 20 s once). With neither, or when the build fails, the engine keeps
+torch's SDPA and oneDNN and says so in the log: the results are the same to float rounding, only slower.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -41,6 +45,14 @@ HEADERS = [Path(__file__).with_name("avx512_bf16.h")]  # included by the sources
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so elementwise kernels round as
 # torch's own operations do (rotary_cache_write is bit-identical to transformers' rotary, float32 and bf16)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
+# Prebuilt levels, best first: (name, the -march flags that replace -march=native, the /proc/cpuinfo flags a
+# CPU needs for it). AMX needs no level of its own: the kernels do not use it (oneDNN's projections do).
+PREBUILT_LEVELS = [
+    ("avx512-bf16", ["-march=x86-64-v4", "-mavx512bf16"],
+     {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16", "avx2", "fma", "bmi2"}),
+    ("avx512", ["-march=x86-64-v4"], {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"}),
+    ("avx2", ["-march=x86-64-v3"], {"avx2", "fma", "bmi2", "f16c", "movbe"}),
+]
 _UNTRIED = object()
 _loaded: bool | object = _UNTRIED  # this process's outcome: the library loaded, or not (SDPA, oneDNN)
 
@@ -55,7 +67,7 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, target: Path, march: list[str] | None = None) -> None:
     from torch.utils.cpp_extension import include_paths
 
     lib = Path(torch.__file__).parent / "lib"
@@ -63,7 +75,8 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in include_paths()],
+        flags = [f for f in FLAGS if f != "-march=native"] + march if march else FLAGS
+        cmd = [compiler, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in include_paths()],
                *[str(source) for source in SOURCES], "-o", str(out), f"-L{lib}", "-lc10", "-ltorch_cpu",
                f"-Wl,-rpath,{lib}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -105,10 +118,45 @@ def _library(cache_dir: Path) -> bool:
     return bool(_loaded)
 
 
+def sources_key() -> str:
+    """What a build depends on besides the compiler and the target: the sources and torch's version."""
+    return hashlib.sha256("\n".join([*(source.read_text() for source in SOURCES + HEADERS),
+                                     torch.__version__]).encode()).hexdigest()[:16]
+
+
+def prebuilt_dir() -> Path:
+    return Path(os.environ.get("PROMPTSERVE_KERNELS_PREBUILT") or Path(__file__).with_name("prebuilt"))
+
+
+def choose_prebuilt(directory: Path, cpu_flags: set[str]) -> Path | None:
+    """The best prebuilt library this CPU can run, built from these sources for this torch; None if none."""
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        return None
+    built = json.loads(manifest.read_text())
+    if built.get("key") != sources_key():
+        log.warning("prebuilt kernels in %s are for other sources or another torch: not used", directory)
+        return None
+    for name, _, needs in PREBUILT_LEVELS:
+        if name in built.get("levels", {}) and needs <= cpu_flags:
+            return directory / built["levels"][name]
+    return None
+
+
 def _load(cache_dir: Path) -> bool:
+    prebuilt = choose_prebuilt(prebuilt_dir(), set(_cpu_flags().split()))
+    if prebuilt is not None:
+        try:
+            torch.ops.load_library(str(prebuilt))
+            log.info("native kernels: the prebuilt %s", prebuilt.name)
+            return True
+        except Exception as exc:
+            log.warning("prebuilt kernels %s did not load (%s): building them here if a compiler is", prebuilt,
+                        str(exc)[:300])
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        log.warning("no C++ compiler: decode attention uses torch's SDPA and projections oneDNN (slower)")
+        log.warning("no C++ compiler and no prebuilt kernels for this CPU: decode attention uses torch's SDPA "
+                    "and projections oneDNN (slower)")
         return False
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     key = hashlib.sha256("\n".join([*(source.read_text() for source in SOURCES + HEADERS), torch.__version__, version,
