@@ -19,8 +19,11 @@ def _serve(args) -> int:
     from app.model.loader import load_model
     from app.settings import get_settings
 
+    from app.engine.threads import size_threads
+
     settings = get_settings()
     grace = args.grace if args.grace is not None else settings.drain_grace
+    size_threads(settings.threads)  # before the first torch op: the main thread's team is made at that size
     # The model is loaded, its KV cache allocated and its loop run on the main thread, HTTP on a thread.
     # The thread that first runs torch kernels gets an OpenMP team; a second live team (the HTTP thread's,
     # had it allocated the cache) made every SmolLM2 decode step ~1.5x slower here (60-68 vs 36-48 ms).

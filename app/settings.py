@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # CPU: the decode-attention kernel built for this machine (app/engine/kernels; needs a C++ compiler,
     # else torch's SDPA), cached under cache_dir
     native_kernels: bool = True
+    # CPU: torch's threads; 0 = the CPUs this process may use (its affinity mask, capped by the cgroup's CPU
+    # quota: a pod's limit, not the node's cores)
+    threads: int = Field(0, ge=0)
 
     host: str = "127.0.0.1"
     port: int = 8000
