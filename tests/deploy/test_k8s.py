@@ -108,3 +108,15 @@ def test_the_object_store_component(overlay, tmp_path):
         {"name": "promptserve-s3", "optional": False}]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert (container["resources"]["limits"].get("nvidia.com/gpu") == "1") == (overlay == "gpu")
+
+
+def test_torch_threads_follow_the_cpu_request():
+    """Without a CPU limit the pod sees the node's cores: its threads come from its CPU request instead."""
+    import yaml
+
+    from pathlib import Path
+    doc = yaml.safe_load(Path("deploy/k8s/base/deployment.yaml").read_text())
+    container = doc["spec"]["template"]["spec"]["containers"][0]
+    threads = [e for e in container["env"] if e["name"] == "PROMPTSERVE_THREADS"][0]
+    assert threads["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
+    assert "cpu" in container["resources"]["requests"] and "cpu" not in container["resources"].get("limits", {})
