@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--requests", type=int, help="requests per phase (default: the top concurrency)")
     be.add_argument("--output-len", type=int, default=64)
     be.add_argument("--many", type=int, default=1000, help="prompt sets registered for the many-sets phase")
+    be.add_argument("--neighbours", type=int, default=0, help="a phase at the top concurrency beside N processes "
+                    "that keep a core busy each (shared cores), against the same phase alone")
     be.add_argument("--baseline-requests", type=int, default=4, help="requests for the batch-1 baselines")
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--model", help="a checkpoint directory: measure its server's memory and single-client decode "

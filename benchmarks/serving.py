@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import itertools
 import logging
 import json
@@ -25,6 +26,7 @@ import random
 import statistics
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -323,6 +325,21 @@ def start_server(max_num_seqs: int, extra_env: dict[str, str] | None = None) -> 
     return proc, url
 
 
+@contextlib.contextmanager
+def busy_neighbours(n: int, seconds: float):
+    """n processes that each keep a core busy (a loop that ends by itself after `seconds`): a neighbour's load
+    on shared cores. Stopped when the block ends."""
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
+    try:
+        time.sleep(0.5)  # running before the phase starts
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 # -- the whole run ------------------------------------------------------------------------------
 def plot(sweep: list[dict], path: Path) -> None:
     import matplotlib
@@ -402,6 +419,11 @@ def main(args) -> int:
         single = [Job(tasks[first], prompts[first][i]) for i in range(n)]
         report["single_task"] = asyncio.run(closed_loop(url, single, top, args.output_len))
         print(f"single task ({first}): {report['single_task']['output_tok_s']:.1f} tok/s", flush=True)
+        if args.neighbours:  # the same mixed closed loop with busy processes on the same cores
+            with busy_neighbours(args.neighbours, seconds=1800):
+                report["neighbours"] = asyncio.run(closed_loop(url, jobs, top, args.output_len))
+            print(f"{top} clients beside {args.neighbours} busy processes: "
+                  f"{report['neighbours']['output_tok_s']:.1f} tok/s", flush=True)
 
         if args.many:
             async def register_many():
@@ -452,6 +474,9 @@ def main(args) -> int:
     }
     if one:
         ratios["one client decode / HF generate batch 1"] = one["decode_tok_s_per_request"] / report["hf_batch1"]["output_tok_s"]
+    if args.neighbours:
+        ratios[f"{top} clients beside {args.neighbours} busy processes / alone"] = (
+            report["neighbours"]["output_tok_s"] / top_stats["output_tok_s"])
     if args.many:
         ratios[f"{args.many} prompt sets / one prompt set"] = (report["many_prompt_sets"]["output_tok_s"]
                                                                / report["one_prompt_set"]["output_tok_s"])
@@ -470,6 +495,8 @@ def main(args) -> int:
     for s in closed:
         print(phase_line(f"{s['concurrency']} clients", s))
     print(phase_line(f"{top} clients, one task", report["single_task"]))
+    if args.neighbours:
+        print(phase_line(f"{top} clients beside {args.neighbours} busy processes", report["neighbours"]))
     if args.many:
         print(phase_line(f"{top} clients, one prompt set", report["one_prompt_set"]))
         print(phase_line(f"{top} clients, {args.many} prompt sets", report["many_prompt_sets"]))

@@ -46,3 +46,29 @@ def test_the_benchmark_mixes_both_kinds_from_files_in_the_project():
     assert all(ps.meta.task_type == "generate" and not any(k.startswith("head.") for k in ps.tensors)
                for ps in sets.values())
     assert psf.load(serving.BENCH_SETS["chat"]).tensors["embeddings"].ndim == 2  # the inputs_embeds baseline's
+
+
+def test_busy_neighbours_keep_cores_busy_and_stop_with_the_block():
+    """N processes spinning on the CPU while the block runs, gone after it (each also ends by itself)."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from benchmarks import serving
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def spy(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        return proc
+    serving.subprocess.Popen = spy
+    try:
+        with serving.busy_neighbours(2, seconds=30):
+            time.sleep(0.5)
+            ticks = [int(Path(f"/proc/{p.pid}/stat").read_text().split()[13]) for p in started]
+    finally:
+        serving.subprocess.Popen = real_popen
+    assert len(started) == 2 and all(t > 0 for t in ticks)  # they ran on the CPU (user time in clock ticks)
+    assert all(p.poll() is not None for p in started)
