@@ -251,9 +251,8 @@ class Engine:
 
     def step(self) -> None:
         step = self.scheduler.schedule()
-        for seq in step.aborted:
-            self.runner.release(seq.request_id)
-            self._emit_final(seq)
+        for seq in step.aborted:  # the scheduler finished them already
+            self._retire(seq)
         if step.empty:
             return
         # Prefill first, and its first tokens go out before the decode runs: a new request's time to first
@@ -293,10 +292,9 @@ class Engine:
         for seq in seqs:
             if seq.request_id in errors:
                 self._fail(seq, errors[seq.request_id])
-            elif seq.request_id in results:
+            elif seq.request_id in results:  # a head request or prompt scoring: done after its prefill
                 seq.result = results[seq.request_id]
-                self.scheduler.finish(seq, seq.result.get("finish_reason", "stop"))
-                self._emit_final(seq)
+                self._retire(seq, seq.result.get("finish_reason", "stop"))
         self._advance(seqs, sampled)
 
     def _decode(self, seqs: list[Sequence]) -> None:
@@ -327,9 +325,7 @@ class Engine:
 
     def _fail(self, seq: Sequence, error: EngineError) -> None:
         seq.error_kind = error.kind
-        self.scheduler.finish(seq, "error", error.message)
-        self.runner.release(seq.request_id)
-        self._emit_final(seq)
+        self._retire(seq, "error", error.message)
 
     def _advance(self, seqs: list[Sequence], sampled: dict[str, int]) -> None:
         """Append the sampled tokens, stream them, and retire the sequences that finished."""
@@ -341,9 +337,8 @@ class Engine:
                     self._emit_progress(seq)
                 except Exception as exc:  # e.g. detokenizing its text: that request alone fails
                     self._blame(seq, exc)
-        for seq in finished:
-            self.runner.release(seq.request_id)
-            self._emit_final(seq)
+        for seq in finished:  # the scheduler finished them (a stop token, max_tokens)
+            self._retire(seq)
 
     def cancel_all(self, message: str) -> Future:
         """Fail every request, running or waiting, as unavailable (the drain's end): between two steps."""
@@ -373,13 +368,20 @@ class Engine:
             text += sub.detok.step([], final=True)
         if sub.detok.stopped or grammar_done:
             # a stop string completed, or the output's grammar is complete: the sequence ends here
-            self.scheduler.finish(seq, "stop")
-            self.runner.release(seq.request_id)
             self._put(sub, RequestOutput(seq.request_id, text, [token], logprobs=logprobs))
-            self._emit_final(seq, already_detokenized=True)
+            self._retire(seq, "stop", already_detokenized=True)
             return
         self._put(sub, RequestOutput(seq.request_id, text, [token], prompt_tokens=len(seq.request.prompt_token_ids),
                                      completion_tokens=len(seq.output_ids), logprobs=logprobs))
+
+    def _retire(self, seq: Sequence, reason: str | None = None, error: str | None = None,
+                already_detokenized: bool = False) -> None:
+        """The one place a request ends: finished in the scheduler (unless it finished it itself: reason
+        None), its cache row and sampling state freed, its final output sent."""
+        if reason is not None:
+            self.scheduler.finish(seq, reason, error)
+        self.runner.release(seq.request_id)
+        self._emit_final(seq, already_detokenized)
 
     def _emit_final(self, seq: Sequence, already_detokenized: bool = False) -> None:
         sub = self._subs.pop(seq.request_id, None)
