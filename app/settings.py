@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # CPU: torch's threads; 0 = the CPUs this process may use (its affinity mask, capped by the cgroup's CPU
     # quota: a pod's limit, not the node's cores)
     threads: int = Field(0, ge=0)
+    # CPU: fewer threads while other processes keep the cores busy, all of them again after (a neighbour on
+    # shared cores stalls every parallel region on its preempted thread)
+    adaptive_threads: bool = True
 
     host: str = "127.0.0.1"
     port: int = 8000

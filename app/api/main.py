@@ -32,6 +32,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, owns_model: bool = Tru
         prefix_cache_size=settings.prefix_cache_size,
         prefix_cache_bytes=settings.prefix_cache_mb << 20, pack_weights=settings.pack_weights,
         release_model_weights=owns_model, small_batch_copy_bytes=settings.small_batch_copy_mb << 20,
+        adaptive_threads=settings.adaptive_threads,
         kernel_cache_dir=str(settings.cache_dir) if settings.native_kernels else None))
 
 

@@ -16,7 +16,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
+import torch
+
 from app.engine.detokenizer import Detokenizer
+from app.engine.threads import ThreadGovernor
 from app.model.families import check_config
 from app.engine.model_runner import ModelRunner
 from app.engine.scheduler import QueueFull, Scheduler
@@ -54,6 +57,8 @@ class EngineConfig:
     # CPU, bf16: the native 1-2-row kernel keeps a plain copy of the linear weights beside the packed one
     # only up to this many bytes
     small_batch_copy_bytes: int = 1 << 30
+    # CPU: run fewer threads while other processes compete for the cores (ThreadGovernor)
+    adaptive_threads: bool = False
     # CPU: where the native decode-attention kernel is built and cached (app/engine/kernels); None: SDPA only
     kernel_cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
 
@@ -103,6 +108,9 @@ class Engine:
         self._loop_thread: threading.Thread | None = None
         # work that must run on the model's thread between steps (e.g. preloading a prompt set)
         self._calls: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        # CPU: fewer threads while other processes compete for the cores (app/engine/threads.py)
+        self.threads = ThreadGovernor(torch.get_num_threads()) \
+            if config.adaptive_threads and loaded.device.type == "cpu" and torch.get_num_threads() > 1 else None
         self.steps = 0
         self.step_seconds = 0.0  # time spent running the model, for the metrics and benchmarks
         self.ready = False
@@ -239,6 +247,8 @@ class Engine:
                     self._wake.wait(0.1)
                     self._wake.clear()
                     continue
+                if self.threads is not None:
+                    self.threads.between_steps()
                 try:
                     self.step()
                 except Exception:  # never let one bad step kill the server or leave a caller waiting

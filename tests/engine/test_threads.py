@@ -51,3 +51,44 @@ def test_size_threads_sets_torch(monkeypatch):
         assert threads.size_threads(0) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _governor(samples, usable=2):
+    clock, set_to = _Clock(), []
+    it = iter(samples)
+    gov = threads.ThreadGovernor(usable, interval=0.2, smoothing=0.5, calm_seconds=1.0, sample=lambda: next(it),
+                                 set_threads=set_to.append, clock=clock)
+    return gov, clock, set_to
+
+
+def test_governor_gives_up_threads_to_busy_neighbours_and_takes_them_back_once_calm():
+    gov, clock, set_to = _governor([2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    for _ in range(3):
+        gov.between_steps()
+        clock.now += 0.2
+    assert gov.threads == 1 and set_to == [1]  # two busy processes on two cores: one thread
+    for _ in range(9):
+        gov.between_steps()
+        clock.now += 0.2
+    assert gov.threads == 2 and set_to == [1, 2]  # calm for a second: both again
+
+
+def test_governor_ignores_a_light_or_brief_neighbour_and_samples_at_its_interval():
+    gov, clock, set_to = _governor([0, 1, 0, 0, 0, 0])
+    for _ in range(6):
+        gov.between_steps()
+        gov.between_steps()  # a second call within the interval samples nothing
+        clock.now += 0.2
+    assert set_to == [] and gov.threads == 2
+
+
+def test_runnable_elsewhere_reads_proc():
+    assert threads.runnable_elsewhere() is not None  # Linux: /proc tells
