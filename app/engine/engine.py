@@ -244,6 +244,8 @@ class Engine:
                 self._run_calls()
                 self._flush()
                 if not self.scheduler.has_work():
+                    if self.threads is not None:
+                        self.threads.idle()
                     self._wake.wait(0.1)
                     self._wake.clear()
                     continue

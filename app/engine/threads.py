@@ -59,77 +59,64 @@ def size_threads(requested: int = 0) -> int:
     return count
 
 
-def runnable_elsewhere(proc: Path = Path("/proc")) -> int | None:
-    """Threads of other processes that are running or waiting for a CPU now: the system's runnable count
-    (/proc/stat procs_running) less this process's running threads. None where /proc cannot tell."""
-    try:
-        running = next(int(line.split()[1]) for line in (proc / "stat").read_text().splitlines()
-                       if line.startswith("procs_running"))
-        mine = 0
-        for task in (proc / "self" / "task").iterdir():
-            try:
-                # the state follows the parenthesised name, which may itself hold spaces
-                if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R":
-                    mine += 1
-            except (OSError, IndexError):
-                continue
-        return max(0, running - mine)
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
 class ThreadGovernor:
     """Fewer threads while other processes compete for the same cores, all of them again once they stop.
 
     Each decode step is a series of parallel regions that wait for their slowest thread: when a neighbour
     holds one of two cores, the thread that shares it is preempted for whole time slices and the other
     waits on it. Beside two busy processes on this 2-core machine, 64 clients kept 17% of their solo
-    throughput with 2 threads and 46% with 1 (`promptserve bench --neighbours 2`, Intel Xeon). So the
-    engine samples, between steps and a few times a second, how many threads of other processes are
-    runnable (an average over the last samples), and runs max(1, usable - that) threads; it takes a
-    thread back only after the neighbours have been gone for a while, so a burst does not flap it."""
+    throughput with 2 threads and 46% with 1 (`promptserve bench --neighbours 2`, Intel Xeon).
 
-    def __init__(self, usable: int, interval: float = 0.2, smoothing: float = 0.3, calm_seconds: float = 2.0,
-                 sample=runnable_elsewhere, set_threads=None, clock=None):
+    The signal is the share of the CPU the process gets while the engine is busy: CPU seconds over wall
+    seconds and threads, measured across steps run back to back (an idle engine's threads sleep, which says
+    nothing). Alone, the threads get nearly all of it (a client on the same machine takes a little); beside
+    a neighbour per core they get half, and 2/3 with one thread fewer. Below `low` the engine gives up a
+    thread; with fewer threads than usable, above `high` for `calm_seconds` it takes one back."""
+
+    def __init__(self, usable: int, window: float = 0.5, low: float = 0.65, high: float = 0.9,
+                 calm_seconds: float = 2.0, cpu_clock=None, wall_clock=None, set_threads=None):
         import time
 
         import torch
 
         self.usable = usable
-        self.interval, self.smoothing, self.calm_seconds = interval, smoothing, calm_seconds
-        self._sample, self._clock = sample, clock or time.monotonic
+        self.window, self.low, self.high, self.calm_seconds = window, low, high, calm_seconds
+        self._cpu, self._wall = cpu_clock or time.process_time, wall_clock or time.monotonic
         self._set = set_threads or torch.set_num_threads
         self.threads = usable
-        self.others = 0.0  # the runnable threads of other processes, averaged
-        self._next = 0.0
+        self.share = 1.0  # the last window's CPU share per thread
+        self._start: tuple[float, float] | None = None  # (wall, cpu) where the busy window began
         self._calm_since: float | None = None
 
+    def idle(self) -> None:
+        """The engine waited for work: the busy window ends without a measurement."""
+        self._start = None
+
     def between_steps(self) -> int:
-        """Called by the engine between steps: adjust the thread count if it is time; returns it."""
-        now = self._clock()
-        if now < self._next:
+        """Called by the engine before each step it runs; adjusts the threads when a window is complete."""
+        wall, cpu = self._wall(), self._cpu()
+        if self._start is None:
+            self._start = (wall, cpu)
             return self.threads
-        self._next = now + self.interval
-        seen = self._sample()
-        if seen is None:
+        elapsed = wall - self._start[0]
+        if elapsed < self.window:
             return self.threads
-        self.others += self.smoothing * (seen - self.others)
-        # a neighbour counts once it is runnable most of the time (0.7 on average): a client parsing its
-        # stream now and then does not take a thread away
-        want = max(1, min(self.usable, self.usable - int(self.others + 0.3)))
-        if want < self.threads:
-            self._change(want, "other processes compete for the cores")
+        self.share = (cpu - self._start[1]) / (elapsed * self.threads)
+        self._start = (wall, cpu)
+        if self.share < self.low and self.threads > 1:
+            self._change(self.threads - 1, "other processes hold the cores")
             self._calm_since = None
-        elif want > self.threads:
-            self._calm_since = self._calm_since if self._calm_since is not None else now
-            if now - self._calm_since >= self.calm_seconds:
-                self._change(want, "the cores are free again")
+        elif self.share > self.high and self.threads < self.usable:
+            self._calm_since = self._calm_since if self._calm_since is not None else wall
+            if wall - self._calm_since >= self.calm_seconds:
+                self._change(self.threads + 1, "the cores are free again")
                 self._calm_since = None
         else:
             self._calm_since = None
         return self.threads
 
     def _change(self, threads: int, why: str) -> None:
-        log.info("engine threads %d -> %d: %s (%.1f runnable elsewhere)", self.threads, threads, why, self.others)
+        log.info("engine threads %d -> %d: %s (CPU share per thread %.2f)", self.threads, threads, why, self.share)
         self._set(threads)
         self.threads = threads
+        self._start = None  # the next window measures the new count

@@ -53,42 +53,37 @@ def test_size_threads_sets_torch(monkeypatch):
         torch.set_num_threads(before)
 
 
-class _Clock:
-    def __init__(self):
-        self.now = 0.0
+def _governor(cpu_per_second, usable=2):
+    """A governor whose process gets cpu_per_second(t) CPU seconds per wall second at time t."""
+    state = {"wall": 0.0, "cpu": 0.0}
+    set_to = []
+    gov = threads.ThreadGovernor(usable, window=0.5, calm_seconds=1.0, cpu_clock=lambda: state["cpu"],
+                                 wall_clock=lambda: state["wall"], set_threads=set_to.append)
 
-    def __call__(self):
-        return self.now
-
-
-def _governor(samples, usable=2):
-    clock, set_to = _Clock(), []
-    it = iter(samples)
-    gov = threads.ThreadGovernor(usable, interval=0.2, smoothing=0.5, calm_seconds=1.0, sample=lambda: next(it),
-                                 set_threads=set_to.append, clock=clock)
-    return gov, clock, set_to
-
-
-def test_governor_gives_up_threads_to_busy_neighbours_and_takes_them_back_once_calm():
-    gov, clock, set_to = _governor([2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0])
-    for _ in range(3):
-        gov.between_steps()
-        clock.now += 0.2
-    assert gov.threads == 1 and set_to == [1]  # two busy processes on two cores: one thread
-    for _ in range(9):
-        gov.between_steps()
-        clock.now += 0.2
-    assert gov.threads == 2 and set_to == [1, 2]  # calm for a second: both again
+    def run(seconds, step=0.1):
+        for _ in range(int(round(seconds / step))):
+            gov.between_steps()
+            state["cpu"] += cpu_per_second(state["wall"], gov.threads) * step
+            state["wall"] += step
+    return gov, run, set_to
 
 
-def test_governor_ignores_a_light_or_brief_neighbour_and_samples_at_its_interval():
-    gov, clock, set_to = _governor([0, 1, 0, 0, 0, 0])
-    for _ in range(6):
-        gov.between_steps()
-        gov.between_steps()  # a second call within the interval samples nothing
-        clock.now += 0.2
+def test_governor_gives_up_a_thread_to_busy_neighbours_and_takes_it_back_once_they_stop():
+    # two busy neighbours on two cores until t=3: 2 threads get 1 CPU, 1 thread 2/3 of one; then all
+    def cpu(t, n):
+        return (1.0 if n == 2 else 0.67) if t < 3 else n
+    gov, run, set_to = _governor(cpu)
+    run(1.5)
+    assert gov.threads == 1 and set_to == [1]
+    run(1.5)
+    assert gov.threads == 1  # 0.67 per thread: still contended
+    run(3.0)
+    assert gov.threads == 2 and set_to == [1, 2]
+
+
+def test_governor_keeps_its_threads_beside_a_light_client_and_when_idle():
+    gov, run, set_to = _governor(lambda t, n: 0.85 * n)  # a client on the same machine takes 15%
+    run(5.0)
+    gov.idle()
+    run(0.3)
     assert set_to == [] and gov.threads == 2
-
-
-def test_runnable_elsewhere_reads_proc():
-    assert threads.runnable_elsewhere() is not None  # Linux: /proc tells
