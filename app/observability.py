@@ -6,7 +6,7 @@ import contextvars
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -29,20 +29,20 @@ class _EngineCollector:
 
     def collect(self):
         engine = self.engine_ref()
+        stats = engine.stats() if engine is not None else None
         steps = CounterMetricFamily("promptserve_engine_steps", "model steps run")
         busy = CounterMetricFamily("promptserve_engine_busy_seconds", "seconds spent running the model")
-        if engine is not None:
-            steps.add_metric([], engine.steps)
-            busy.add_metric([], engine.step_seconds)
-        yield steps
-        yield busy
         hits = CounterMetricFamily("promptserve_prompt_set_cache_hits", "device prompt-set cache hits")
         misses = CounterMetricFamily("promptserve_prompt_set_cache_misses", "device prompt-set cache misses")
-        if engine is not None:
-            hits.add_metric([], engine.runner.prefixes.hits)
-            misses.add_metric([], engine.runner.prefixes.misses)
-        yield hits
-        yield misses
+        threads = GaugeMetricFamily("promptserve_engine_threads", "CPU threads the model runs on now (fewer while "
+                                    "other processes hold the cores)")
+        if stats is not None:
+            steps.add_metric([], stats.steps)
+            busy.add_metric([], stats.busy_seconds)
+            hits.add_metric([], stats.prefix_hits)
+            misses.add_metric([], stats.prefix_misses)
+            threads.add_metric([], stats.threads)
+        yield from (steps, busy, hits, misses, threads)
 
 
 class Metrics:
@@ -61,9 +61,9 @@ class Metrics:
         queue = Gauge("promptserve_queue_depth", "requests waiting for a batch row", registry=r)
         running = Gauge("promptserve_running_batch_size", "sequences in the running batch", registry=r)
         resident = Gauge("promptserve_prompt_sets_resident", "prompt sets resident on the device", registry=r)
-        queue.set_function(lambda: engine_ref().num_waiting if engine_ref() else 0)
-        running.set_function(lambda: engine_ref().num_running if engine_ref() else 0)
-        resident.set_function(lambda: len(engine_ref().runner.prefixes) if engine_ref() else 0)
+        queue.set_function(lambda: engine_ref().stats().waiting if engine_ref() else 0)
+        running.set_function(lambda: engine_ref().stats().running if engine_ref() else 0)
+        resident.set_function(lambda: engine_ref().stats().prefixes_resident if engine_ref() else 0)
         r.register(_EngineCollector(engine_ref))
 
     def observe(self, task: str, status: str, latency: float | None = None, ttft: float | None = None,

@@ -63,6 +63,18 @@ class EngineConfig:
     kernel_cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    steps: int  # model steps run
+    busy_seconds: float  # spent running the model
+    waiting: int  # requests queued for a batch row
+    running: int  # sequences in the running batch
+    prefix_hits: int  # device prompt-set cache
+    prefix_misses: int
+    prefixes_resident: int
+    threads: int  # CPU threads the model runs on now
+
+
 def _failure_message(exc: Exception) -> str:
     return f"the engine could not run this request: {type(exc).__name__}: {exc}"
 
@@ -436,6 +448,23 @@ class Engine:
     @property
     def num_running(self) -> int:
         return self.scheduler.num_running
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes and emits: 0..vocab_size-1."""
+        return self.runner.forward.vocab_size
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self.loaded.stop_token_ids
+
+    def stats(self) -> EngineStats:
+        """What the metrics read, without reaching into the runner (safe from any thread: plain reads)."""
+        prefixes = self.runner.prefixes
+        return EngineStats(steps=self.steps, busy_seconds=self.step_seconds, waiting=self.num_waiting,
+                           running=self.num_running, prefix_hits=prefixes.hits, prefix_misses=prefixes.misses,
+                           prefixes_resident=len(prefixes),
+                           threads=self.threads.threads if self.threads is not None else torch.get_num_threads())
 
     @property
     def num_waiting(self) -> int:

@@ -169,7 +169,7 @@ class TaskService:
         return self.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
 
     def detokenize(self, ids: list[int]) -> str:
-        vocab = self.engine.runner.forward.vocab_size
+        vocab = self.engine.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"token ids must be in 0..{vocab - 1} (got {bad[0]})", param="tokens")
@@ -183,8 +183,7 @@ class TaskService:
         """A fresh matcher for a request's grammar (compiled grammars are cached). CPU work of the grammar
         engine, not torch: callers run it off the event loop."""
         if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.engine.runner.forward.vocab_size,
-                                      self.engine.loaded.stop_token_ids)
+            self._grammars = Grammars(self.tokenizer, self.engine.vocab_size, self.engine.stop_token_ids)
         try:
             return self._grammars.constraint(spec)
         except InvalidConstraint as exc:

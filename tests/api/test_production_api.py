@@ -122,7 +122,8 @@ def test_metrics_and_request_ids(client, tiny):
                  f'promptserve_time_to_first_token_seconds_count{{task="{name}"}}',
                  f'promptserve_request_latency_seconds_bucket{{le="+Inf",task="{name}"}}',
                  'promptserve_prompt_set_uploads_total{task="t"} 1.0', "promptserve_queue_depth",
-                 "promptserve_running_batch_size", "promptserve_prompt_set_cache_misses_total 1.0"]:
+                 "promptserve_running_batch_size", "promptserve_prompt_set_cache_misses_total 1.0",
+                 "promptserve_prompt_sets_resident 1.0", "promptserve_engine_threads "]:
         assert line in text, line
 
 
