@@ -24,7 +24,7 @@ import torch
 
 from app.engine.engine import Engine, EngineConfig
 from app.model.linear import PackedLinear
-from app.engine.types import GenerationRequest, SamplingParams, Sequence
+from app.engine.types import EngineRequest, GenerationRequest, SamplingParams, Sequence
 from app.model.loader import load_model
 from app.settings import Settings
 from training.data import read_jsonl
@@ -134,8 +134,8 @@ def packed_generations(loaded, tokenizer) -> None:
         async def run(prompt, engine=engine):
             chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  tokenize=False)
-            parts = [out.text async for out in engine.generate(tokenizer.encode(chat, add_special_tokens=False),
-                                                               SamplingParams(max_tokens=40))]
+            request = EngineRequest(tokenizer.encode(chat, add_special_tokens=False), SamplingParams(max_tokens=40))
+            parts = [out.text async for out in engine.generate(request)]
             return "".join(parts)
 
         async def all_prompts():
@@ -185,7 +185,7 @@ def chunked_prefill(loaded, tokenizer) -> None:
 
         async def stream():
             last = None
-            async for _ in engine.generate(story, SamplingParams(max_tokens=60, ignore_eos=True)):
+            async for _ in engine.generate(EngineRequest(story, SamplingParams(max_tokens=60, ignore_eos=True))):
                 now = time.perf_counter()
                 if last is not None:
                     gaps.append(now - last)
@@ -194,7 +194,7 @@ def chunked_prefill(loaded, tokenizer) -> None:
         async def long_request():
             await asyncio.sleep(0.5)
             start, first, text = time.perf_counter(), None, []
-            async for out in engine.generate(long_ids, SamplingParams(max_tokens=20)):
+            async for out in engine.generate(EngineRequest(long_ids, SamplingParams(max_tokens=20))):
                 first = first or time.perf_counter() - start
                 text.append(out.text)
             answers.append("".join(text))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from app.engine.engine import Engine, EngineConfig
-from app.engine.types import PromptSetRef, SamplingParams
+from app.engine.types import EngineRequest, PromptSetRef, SamplingParams
 from app.model.loader import load_model
 from app.settings import Settings
 from benchmarks.roofline import cpu_name
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
 
     async def one(ids, ref):
-        async for _ in engine.generate(ids, sampling, ref):
+        async for _ in engine.generate(EngineRequest(ids, sampling, ref)):
             pass
 
     async def wave():

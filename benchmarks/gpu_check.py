@@ -93,11 +93,12 @@ def _percentiles(xs: list[float]) -> dict:
 
 
 async def _timed(engine, ids: list[int], output_len: int) -> dict:
-    from app.engine.types import SamplingParams
+    from app.engine.types import EngineRequest, SamplingParams
 
     start = time.perf_counter()
     stamps = []
-    async for out in engine.generate(ids, SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)):
+    async for out in engine.generate(EngineRequest(ids, SamplingParams(max_tokens=output_len, ignore_eos=True,
+                                                                            temperature=0.0))):
         stamps.extend([time.perf_counter()] * len(out.token_ids))
     return {"ttft": stamps[0] - start, "e2e": stamps[-1] - start, "tokens": len(stamps),
             "tpot": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)}

@@ -18,7 +18,7 @@ import asyncio
 import torch
 
 from app.engine.engine import Engine, EngineConfig
-from app.engine.types import SamplingParams
+from app.engine.types import EngineRequest, SamplingParams
 from app.model.loader import load_model
 from app.settings import Settings
 from benchmarks.roofline import cpu_name
@@ -34,7 +34,7 @@ def generate(loaded, prompts: list[list[int]], kernel_cache_dir: str | None, max
 
     async def one(ids):
         tokens = []
-        async for out in engine.generate(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True)):
+        async for out in engine.generate(EngineRequest(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))):
             tokens += out.token_ids
         return tokens
 

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from app.engine.engine import Engine, EngineConfig
-from app.engine.types import PromptSetRef, SamplingParams
+from app.engine.types import EngineRequest, PromptSetRef, SamplingParams
 from prompt_store.format import PromptSet, PromptSetMeta
 
 
@@ -116,7 +116,7 @@ def make_engine(loaded, **kw) -> Engine:
 
 async def collect(engine: Engine, ids, sampling, ref=None):
     tokens, text, final = [], [], None
-    async for out in engine.generate(ids, sampling, ref):
+    async for out in engine.generate(EngineRequest(ids, sampling, ref)):
         tokens.extend(out.token_ids)
         text.append(out.text)
         final = out

@@ -23,8 +23,8 @@ from app.engine.threads import ThreadGovernor
 from app.model.families import check_config
 from app.engine.model_runner import ModelRunner
 from app.engine.scheduler import QueueFull, Scheduler
-from app.engine.types import (EngineError, ErrorKind, GenerationRequest, PromptSetRef, RequestOutput, SamplingParams,
-                              Sequence, SeqStatus)
+from app.engine.types import (EngineError, EngineRequest, ErrorKind, FinishReason, GenerationRequest, Mode,
+                              PromptSetRef, RequestOutput, SamplingParams, Sequence, SeqStatus)
 from app.model.loader import LoadedModel
 from app.settings import default_cache_dir
 
@@ -150,7 +150,7 @@ class Engine:
     async def warmup(self) -> None:
         """One short generation so the first real request does not pay for lazy initialisation."""
         ids = self.tokenizer.encode("Hello")
-        async for _ in self.generate(ids, SamplingParams(max_tokens=2, ignore_eos=True)):
+        async for _ in self.generate(EngineRequest(ids, SamplingParams(max_tokens=2, ignore_eos=True))):
             pass
         self.ready = True
 
@@ -168,18 +168,17 @@ class Engine:
                 f"{max_tokens} for the completion): the request exceeds the context. Please reduce the length "
                 f"of the prompt or max_tokens.")
 
-    def submit(self, prompt_token_ids: list[int], sampling: SamplingParams,
-               prompt_set: PromptSetRef | None = None, request_id: str | None = None,
-               mode: str = "generate", tag_positions: list[int] | None = None,
-               constraint=None) -> tuple[str, asyncio.Queue]:
+    def submit(self, request: EngineRequest, request_id: str | None = None) -> tuple[str, asyncio.Queue]:
         """Queue a request from an event loop; its outputs arrive on the returned asyncio queue."""
-        self.check_length(len(prompt_token_ids), prompt_set, sampling.max_tokens if mode == "generate" else 0)
-        vocab = self.runner.forward.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
+        sampling = request.sampling
+        self.check_length(len(request.prompt_token_ids), request.prompt_set,
+                          sampling.max_tokens if request.mode == Mode.GENERATE else 0)
+        vocab = self.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise InvalidEngineRequest(f"prompt token ids must be in 0..{vocab - 1}")
         request_id = request_id or uuid.uuid4().hex
-        req = GenerationRequest(request_id, list(prompt_token_ids), sampling, prompt_set, mode, tag_positions,
-                                constraint)
+        req = GenerationRequest(request_id, list(request.prompt_token_ids), sampling, request.prompt_set,
+                                Mode(request.mode), request.tag_positions, request.constraint)
         sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(),
                           Detokenizer(self.tokenizer, sampling.stop))
         self._subs[request_id] = sub
@@ -231,13 +230,9 @@ class Engine:
         self.scheduler.abort(request_id)
         self._wake.set()
 
-    async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams,
-                       prompt_set: PromptSetRef | None = None, request_id: str | None = None,
-                       mode: str = "generate", tag_positions: list[int] | None = None, constraint=None
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: EngineRequest, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early (disconnect, timeout) aborts it."""
-        request_id, queue = self.submit(prompt_token_ids, sampling, prompt_set, request_id, mode, tag_positions,
-                                        constraint)
+        request_id, queue = self.submit(request, request_id)
         finished = False
         try:
             while not finished:
@@ -318,7 +313,7 @@ class Engine:
                 self._fail(seq, errors[seq.request_id])
             elif seq.request_id in results:  # a head request or prompt scoring: done after its prefill
                 seq.result = results[seq.request_id]
-                self._retire(seq, seq.result.get("finish_reason", "stop"))
+                self._retire(seq, seq.result.get("finish_reason", FinishReason.STOP))
         self._advance(seqs, sampled)
 
     def _decode(self, seqs: list[Sequence]) -> None:
@@ -349,7 +344,7 @@ class Engine:
 
     def _fail(self, seq: Sequence, error: EngineError) -> None:
         seq.error_kind = error.kind
-        self._retire(seq, "error", error.message)
+        self._retire(seq, FinishReason.ERROR, error.message)
 
     def _advance(self, seqs: list[Sequence], sampled: dict[str, int]) -> None:
         """Append the sampled tokens, stream them, and retire the sequences that finished."""
@@ -371,12 +366,12 @@ class Engine:
     def _fail_in_flight(self, message: str, kind: str = ErrorKind.INTERNAL) -> None:
         partial = [self.scheduler.partial] if self.scheduler.partial is not None else []
         for seq in list(self.scheduler.running) + partial:
-            self.scheduler.finish(seq, "error", message)
+            self.scheduler.finish(seq, FinishReason.ERROR, message)
             self.runner.release(seq.request_id)
         for request_id in list(self._subs):
             sub = self._subs.pop(request_id)
             self.scheduler.abort(request_id)  # drops it from the waiting queue, if it is there
-            self._put(sub, RequestOutput(request_id, finished=True, finish_reason="error", error=message,
+            self._put(sub, RequestOutput(request_id, finished=True, finish_reason=FinishReason.ERROR, error=message,
                                          error_kind=kind))
 
     def _emit_progress(self, seq: Sequence) -> None:
@@ -393,7 +388,7 @@ class Engine:
         if sub.detok.stopped or grammar_done:
             # a stop string completed, or the output's grammar is complete: the sequence ends here
             self._put(sub, RequestOutput(seq.request_id, text, [token], logprobs=logprobs))
-            self._retire(seq, "stop", already_detokenized=True)
+            self._retire(seq, FinishReason.STOP, already_detokenized=True)
             return
         self._put(sub, RequestOutput(seq.request_id, text, [token], prompt_tokens=len(seq.request.prompt_token_ids),
                                      completion_tokens=len(seq.output_ids), logprobs=logprobs))
@@ -412,7 +407,7 @@ class Engine:
         if sub is None:
             return
         text, new, logprobs = "", [], None
-        if not already_detokenized and seq.finish_reason in ("stop", "length") and seq.output_ids:
+        if not already_detokenized and seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and seq.output_ids:
             new = [seq.output_ids[-1]]
             logprobs = [seq.last_logprob] if seq.last_logprob is not None else None
             try:
@@ -420,10 +415,10 @@ class Engine:
             except Exception as exc:  # the subscriber is already taken off: answer it with the error
                 log.exception("detokenizing the end of %s failed", seq.request_id)
                 text, new, logprobs = "", [], None
-                seq.finish_reason, seq.error_kind = "error", ErrorKind.INTERNAL
+                seq.finish_reason, seq.error_kind = FinishReason.ERROR, ErrorKind.INTERNAL
                 seq.error = _failure_message(exc)
             if sub.detok.stopped:  # the last token completed a stop string
-                seq.finish_reason = "stop"
+                seq.finish_reason = FinishReason.STOP
         self._put(sub, RequestOutput(seq.request_id, text, new, finished=True, finish_reason=seq.finish_reason,
                                      prompt_tokens=len(seq.request.prompt_token_ids),
                                      completion_tokens=len(seq.output_ids), error=seq.error,

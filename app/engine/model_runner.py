@@ -16,7 +16,7 @@ from app.model.forward import DecoderForward
 from app.model.linear import linear_weight_bytes, packing_works
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import RowState, SamplingError, make_generator, sample, token_logprobs
-from app.engine.types import EngineError, ErrorKind, Sequence
+from app.engine.types import EngineError, ErrorKind, FinishReason, Mode, Sequence
 from prompt_store import format as psf
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,10 @@ class ModelRunner:
                 continue  # more chunks to come: nothing to sample yet
             if row == cache.staging_row:
                 cache.commit_staging()
-            if req.mode == "generate" and req.sampling.max_tokens == 0:  # scoring the prompt only
-                results[req.request_id] = {"finish_reason": "length"}
+            if req.mode == Mode.GENERATE and req.sampling.max_tokens == 0:  # scoring the prompt only
+                results[req.request_id] = {"finish_reason": FinishReason.LENGTH}
                 continue
-            if req.mode == "generate":
+            if req.mode == Mode.GENERATE:
                 generate.append((seq, k))
                 continue
             try:
@@ -261,11 +261,11 @@ class ModelRunner:
     def _apply_head(req, prefix, hidden: torch.Tensor) -> dict:
         if prefix is None or prefix.head_weight is None:
             raise ValueError(f"a {req.mode} request needs a prompt set with a head")
-        rows = hidden[-1:] if req.mode == "classify" else hidden[req.tag_positions or []]
+        rows = hidden[-1:] if req.mode == Mode.CLASSIFY else hidden[req.tag_positions or []]
         logits = rows.float() @ prefix.head_weight.T
         if prefix.head_bias is not None:
             logits = logits + prefix.head_bias
-        if req.mode == "classify":
+        if req.mode == Mode.CLASSIFY:
             return {"scores": torch.softmax(logits[0], -1).tolist()}
         # every tag's log-probability per word: the caller picks the best valid tag sequence (BIO rules)
         return {"tag_logprobs": torch.log_softmax(logits, -1).tolist()}

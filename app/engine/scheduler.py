@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from app.engine.types import SchedulerOutput, Sequence, SeqStatus
+from app.engine.types import FinishReason, Mode, SchedulerOutput, Sequence, SeqStatus
 
 
 class QueueFull(Exception):
@@ -75,7 +75,7 @@ class Scheduler:
                 (out.aborted if seq.request_id in aborts else still).append(seq)
             self.running = still
         for seq in out.aborted:
-            self._finish(seq, "abort")
+            self._finish(seq, FinishReason.ABORT)
         out.decodes = list(self.running)
         if self.partial is not None:  # a long prompt goes on, one chunk a step; the queue waits behind it
             start = self.partial.chunk[1] if self.partial.chunk else 0  # where the last chunk ended
@@ -99,7 +99,7 @@ class Scheduler:
         while self.waiting and free > 0 and len(admitted) < self.max_prefills_per_step:
             nxt = self.waiting[0]
             size = nxt.request.prefix_len + nxt.prompt_len
-            if not admitted and nxt.prompt_len > self.max_prefill_tokens and nxt.request.mode == "generate":
+            if not admitted and nxt.prompt_len > self.max_prefill_tokens and nxt.request.mode == Mode.GENERATE:
                 self.partial = self.waiting.popleft()
                 self.partial.status = SeqStatus.RUNNING
                 return []
@@ -129,9 +129,9 @@ class Scheduler:
             seq.output_ids.append(token)
             params = seq.request.sampling
             if not params.ignore_eos and token in self.stop_token_ids:
-                self._finish(seq, "stop")
+                self._finish(seq, FinishReason.STOP)
             elif len(seq.output_ids) >= params.max_tokens:
-                self._finish(seq, "length")
+                self._finish(seq, FinishReason.LENGTH)
             if seq.status is SeqStatus.FINISHED:
                 finished.append(seq)
         self.running = [s for s in self.running if s.status is not SeqStatus.FINISHED]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the grammar engine's matcher; types.py stays importable without it
+    from app.engine.constraints import Constraint
 
 
 # Below this temperature, scaling can only change the result by rounding: the request is greedy (vLLM draws
@@ -72,25 +76,52 @@ class PromptSetRef:
         return self.sha256
 
 
+class Mode(enum.StrEnum):
+    """What a request asks of the model. generate: sample tokens. classify: the prompt set's head scores the
+    final position. tag: the head tags tag_positions. The last two are one forward pass and finish at once."""
+
+    GENERATE = "generate"
+    CLASSIFY = "classify"
+    TAG = "tag"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # a stop token or string, a complete grammar, or a head request's answer
+    LENGTH = "length"  # max_tokens
+    ABORT = "abort"  # the caller left
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What a caller asks of the engine, as one typed object from the service down (the engine gives it an
+    id and tracks it as a GenerationRequest)."""
+
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    prompt_set: PromptSetRef | None = None
+    mode: Mode = Mode.GENERATE
+    tag_positions: list[int] | None = None
+    # a grammar the output must follow (app/engine/constraints.py): one matcher per request, its own state
+    constraint: Constraint | None = None
+
+
 @dataclass
 class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
     prompt_set: PromptSetRef | None = None
-    # generate: sample tokens. classify: the head scores the final position. tag: the head tags
-    # tag_positions. The last two are one forward pass and finish at once.
-    mode: str = "generate"
+    mode: Mode = Mode.GENERATE  # see Mode
     tag_positions: list[int] | None = None
-    # a grammar the output must follow (app/engine/constraints.py): one matcher per request, its own state
-    constraint: object | None = None
+    constraint: Constraint | None = None  # see EngineRequest
 
     @property
     def prefix_len(self) -> int:
         return self.prompt_set.num_virtual_tokens if self.prompt_set else 0
 
 
-class ErrorKind:
+class ErrorKind(enum.StrEnum):
     """Why a request failed in the engine; the caller maps it to its own status codes."""
 
     INVALID = "invalid"  # the request itself cannot be run (its numbers, its prompt set's contents)
@@ -117,9 +148,9 @@ class Sequence:
     request: GenerationRequest
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     error: str | None = None
-    error_kind: str | None = None
+    error_kind: ErrorKind | None = None
     result: dict | None = None  # classify/tag output
     # The slice [start, end) of the prompt this step prefills (None: all of it). A prompt longer than a
     # step's token budget is prefilled in chunks over several steps, each starting where the last ended.
@@ -170,11 +201,11 @@ class RequestOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # stop | length | abort | error
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-    error_kind: str | None = None  # invalid | unavailable | internal (see ErrorKind)
+    error_kind: ErrorKind | None = None
     scores: list[float] | None = None  # classify: probability per label
     tag_logprobs: list[list[float]] | None = None  # tag: log-probability of each tag, per position
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked for them

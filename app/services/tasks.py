@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable, TypeVar
 from app.engine.engine import Engine, InvalidEngineRequest, QueueFull, RequestTooLong
 from app.task_types.encoding import best_bio_path, bio_tags, classify_ids, decode_entities, extract_encoding
 from app.engine.constraints import Constraint, ConstraintSpec, Grammars, InvalidConstraint
-from app.engine.types import ErrorKind, PromptSetRef, RequestOutput, SamplingParams, TokenLogprob
+from app.engine.types import EngineRequest, ErrorKind, Mode, PromptSetRef, RequestOutput, SamplingParams, TokenLogprob
 from app.model.spec import ModelSpec
 from app.services.errors import (Conflict, GenerationFailed, IdempotencyKeyReused, InvalidPromptSet,
                                  InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable)
@@ -198,17 +198,16 @@ class TaskService:
         return max(1, min(default, room))
 
     # -- generation ------------------------------------------------------------------------------
-    def stream(self, task: ResolvedTask, ids: list[int], sampling: SamplingParams,
-               request_id: str | None = None, mode: str = "generate",
-               tag_positions: list[int] | None = None, constraint: Constraint | None = None
-               ) -> AsyncIterator[RequestOutput]:
+    def stream(self, task: ResolvedTask, ids: list[int], sampling: SamplingParams, *, request_id: str | None = None,
+               mode: Mode = Mode.GENERATE, tag_positions: list[int] | None = None,
+               constraint: Constraint | None = None) -> AsyncIterator[RequestOutput]:
         """The engine refuses a request (too long, queue full) when its first output is awaited, so callers
         that must answer with a status (streaming) await that first output before responding."""
-        return self._stream(task, ids, sampling, request_id, mode, tag_positions, constraint)
+        return self._stream(EngineRequest(ids, sampling, task.ref, mode, tag_positions, constraint), request_id)
 
-    async def _stream(self, task, ids, sampling, request_id, mode, tag_positions, constraint):
+    async def _stream(self, request: EngineRequest, request_id: str | None):
         try:
-            gen = self.engine.generate(ids, sampling, task.ref, request_id, mode, tag_positions, constraint)
+            gen = self.engine.generate(request, request_id)
             first = await gen.__anext__()
         except RequestTooLong as exc:
             raise InvalidRequest(str(exc), code="context_length_exceeded") from None
@@ -234,7 +233,7 @@ class TaskService:
         parts, tokens, first = [], [], None
         logprobs = [] if sampling.logprobs is not None else None
         final = None
-        async for out in self.stream(task, ids, sampling, request_id, constraint=constraint):
+        async for out in self.stream(task, ids, sampling, request_id=request_id, constraint=constraint):
             if first is None and out.token_ids:
                 first = time.monotonic() - start
             parts.append(out.text)
@@ -246,7 +245,7 @@ class TaskService:
                           tokens, first, logprobs, final.prompt_logprobs)
 
     # -- classify / extract: one forward pass each -------------------------------------------------
-    async def _run_head(self, task: ResolvedTask, ids: list[int], mode: str, positions=None):
+    async def _run_head(self, task: ResolvedTask, ids: list[int], mode: Mode, positions=None):
         if task.meta is None or task.task_type not in ("classify", "extract"):
             raise InvalidRequest(f"task {task.name!r} is a {task.task_type} task: send 'prompt' or 'messages'")
         final = None
@@ -256,7 +255,7 @@ class TaskService:
 
     async def classify(self, task: ResolvedTask, text: str) -> dict:
         ids = await asyncio.to_thread(classify_ids, self.tokenizer, text)  # off the caller's event loop
-        out = await self._run_head(task, ids, "classify")
+        out = await self._run_head(task, ids, Mode.CLASSIFY)
         scores = dict(zip(task.meta.labels, out.scores))
         return {"label": max(scores, key=scores.get), "scores": scores,
                 "usage": {"prompt_tokens": out.prompt_tokens}}
@@ -265,7 +264,7 @@ class TaskService:
         enc = await asyncio.to_thread(extract_encoding, self.tokenizer, text)
         if not enc.positions:  # nothing to tag (blank text): no model call needed
             return {"entities": [], "usage": {"prompt_tokens": 0}}
-        out = await self._run_head(task, enc.ids, "tag", enc.positions)
+        out = await self._run_head(task, enc.ids, Mode.TAG, enc.positions)
         tags = bio_tags(task.meta.labels)
         entities = decode_entities(text, enc, best_bio_path(out.tag_logprobs, tags), tags)
         return {"entities": entities, "usage": {"prompt_tokens": out.prompt_tokens}}

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from app.engine.types import EngineRequest
 from tests.helpers import greedy, input_prompt_set, make_engine, random_deep_prompt_set, save_ref
 
 
@@ -28,7 +29,7 @@ async def _run(engine, ids, ref, n, start: asyncio.Event | None = None, progress
     if start is not None:
         await start.wait()
     tokens = []
-    async for out in engine.generate(ids, greedy(n, ignore_eos=True), ref):
+    async for out in engine.generate(EngineRequest(ids, greedy(n, ignore_eos=True), ref)):
         tokens.extend(out.token_ids)
         for k, event in progress or []:  # let the next request join once this one is k tokens in
             if len(tokens) >= k:
@@ -119,7 +120,7 @@ def test_identical_prompts_share_one_prefill_and_decode_as_if_alone(tiny, tmp_pa
     engine.runner.forward.hidden = counting
 
     async def together():
-        queues = [engine.submit(ids, greedy(12, ignore_eos=True), ref)[1] for _ in range(4)]
+        queues = [engine.submit(EngineRequest(ids, greedy(12, ignore_eos=True), ref))[1] for _ in range(4)]
         while engine.scheduler.has_work():
             engine.step()
         await asyncio.sleep(0)

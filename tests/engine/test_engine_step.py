@@ -8,6 +8,7 @@ import pytest
 from prompt_store.format import PromptSetError
 
 from app.engine.engine import Engine, EngineConfig
+from app.engine.types import EngineRequest
 from tests.helpers import greedy, input_prompt_set, make_engine, save_ref
 
 
@@ -29,9 +30,9 @@ def test_first_token_of_a_new_request_goes_out_before_the_batch_decodes(tiny):
     ids = tiny.tokenizer.encode("Hello there")
 
     async def scenario():
-        _, first = engine.submit(ids, greedy(5, ignore_eos=True), request_id="running")
+        _, first = engine.submit(EngineRequest(ids, greedy(5, ignore_eos=True)), request_id="running")
         engine.step()  # prefill of "running"
-        engine.submit(ids, greedy(5, ignore_eos=True), request_id="new")
+        engine.submit(EngineRequest(ids, greedy(5, ignore_eos=True)), request_id="new")
         events.clear()
         engine.step()  # prefill of "new" and decode of "running" in one step
         await asyncio.sleep(0)
@@ -50,7 +51,7 @@ def test_later_steps_decode_both_rows_and_match_separate_runs(tiny):
         if wait is not None:
             await wait.wait()
         tokens = []
-        async for out in engine.generate(ids, greedy(8, ignore_eos=True)):
+        async for out in engine.generate(EngineRequest(ids, greedy(8, ignore_eos=True))):
             tokens.extend(out.token_ids)
         return tokens
 
@@ -62,7 +63,7 @@ def test_later_steps_decode_both_rows_and_match_separate_runs(tiny):
 
             async def first():
                 tokens = []
-                async for out in engine.generate(ids_a, greedy(8, ignore_eos=True)):
+                async for out in engine.generate(EngineRequest(ids_a, greedy(8, ignore_eos=True))):
                     tokens.extend(out.token_ids)
                     if len(tokens) == 3:
                         go.set()
@@ -104,7 +105,7 @@ def test_preload_makes_a_prompt_set_resident_on_the_engine_thread(tiny, tmp_path
             engine.preload(missing).result(timeout=30)
 
         async def one():
-            async for out in engine.generate(tiny.tokenizer.encode("Hi"), greedy(2), ref):
+            async for out in engine.generate(EngineRequest(tiny.tokenizer.encode("Hi"), greedy(2), ref)):
                 pass
             return out
         assert asyncio.run(one()).finish_reason == "length" and engine.runner.prefixes.hits == 1

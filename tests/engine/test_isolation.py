@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.engine.types import SamplingParams
+from app.engine.types import EngineRequest, SamplingParams
 from tests.helpers import collect, greedy, make_engine
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,", "Once upon a time"]
@@ -51,7 +51,7 @@ def test_a_failing_step_fails_only_the_request_it_blames(engine, tiny, solo, mon
 
     async def victim():
         outs = []
-        async for out in engine.generate(tiny.tokenizer.encode("poison"), greedy(12, ignore_eos=True),
+        async for out in engine.generate(EngineRequest(tiny.tokenizer.encode("poison"), greedy(12, ignore_eos=True)),
                                          request_id="victim"):
             outs.append(out)
         return outs
@@ -89,7 +89,7 @@ def test_out_of_vocabulary_token_ids_are_refused_before_a_step(engine, tiny):
     from app.engine.engine import InvalidEngineRequest
 
     async def submit(ids):
-        async for _ in engine.generate(ids, greedy(2)):
+        async for _ in engine.generate(EngineRequest(ids, greedy(2))):
             pass
     for ids in ([engine.runner.forward.vocab_size], [-1], [5, 10**9]):
         with pytest.raises(InvalidEngineRequest):

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from app.engine.types import EngineRequest, Mode
 from app.model.families import Family, UnsupportedModel, check_config
 from app.model.forward import DecoderForward
 from benchmarks.tiny_model import FAMILIES
@@ -213,11 +214,11 @@ def test_heads_serve_transformers_hidden_states(family_model, name, tmp_path):
     engine = make_engine(loaded)
     try:
         ref = save_ref(tmp_path, "cls", ps, loaded.spec)
-        outs = run(_all(engine.generate(ids, greedy(1), ref, mode="classify")))
+        outs = run(_all(engine.generate(EngineRequest(ids, greedy(1), ref, Mode.CLASSIFY))))
         torch.testing.assert_close(torch.tensor(outs[-1].scores), torch.softmax(logits[-1], -1), rtol=1e-4,
                                    atol=1e-5)
         positions = [0, 3, len(ids) - 1]
-        outs = run(_all(engine.generate(ids, greedy(1), ref, mode="tag", tag_positions=positions)))
+        outs = run(_all(engine.generate(EngineRequest(ids, greedy(1), ref, Mode.TAG, positions))))
         torch.testing.assert_close(torch.tensor(outs[-1].tag_logprobs), torch.log_softmax(logits[positions], -1),
                                    rtol=1e-4, atol=1e-4)
     finally:
