@@ -49,9 +49,10 @@ class ModelRunner:
         # reads the plain weights, oneDNN its packed copy: both are held only while the plain copy is small
         # enough (SmolLM2's 0.27 GB: its single-client speed); a larger model keeps its weights once, packed
         small = native.small_batch_linear if bf16 and self.packed_weights else None
-        if small is not None and linear_weight_bytes(model) > small_batch_copy_bytes:
+        plain_bytes = linear_weight_bytes(model) if small is not None else 0
+        if plain_bytes > small_batch_copy_bytes:
             log.info("linear weights of %.2f GB held once (packed): the small-batch kernel's plain copy is over "
-                     "its budget of %.2f GB", linear_weight_bytes(model) / 1e9, small_batch_copy_bytes / 1e9)
+                     "its budget of %.2f GB", plain_bytes / 1e9, small_batch_copy_bytes / 1e9)
             small = None
         self.forward = DecoderForward(model, pack_weights=self.packed_weights, small_linear=small,
                                       add_rms_norm=native.add_rms_norm if bf16 else None,

@@ -97,9 +97,9 @@ def check_config(config, max_model_len: int) -> Family:
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type in DYNAMIC_ROPE:
-        original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
-        if rope_type == "dynamic":  # transformers rescales once a sequence passes max_position_embeddings
-            original = config.max_position_embeddings
+        # dynamic: transformers rescales once a sequence passes max_position_embeddings
+        original = config.max_position_embeddings if rope_type == "dynamic" else \
+            rope.get("original_max_position_embeddings") or config.max_position_embeddings
         if max_model_len > original:
             refuse(f"{rope_type} rotary scaling changes its frequencies past {original} tokens, and keys "
                    f"cached before would disagree with it; set PROMPTSERVE_MAX_MODEL_LEN={original} or less")

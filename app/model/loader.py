@@ -78,9 +78,14 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def max_positions(config) -> int:
+    """The positions the model was made for (2048 where its config does not say)."""
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
 def served_context(config, max_model_len: int) -> int:
     """The context the server serves: the setting, at most the model's positions."""
-    return min(max_model_len, int(getattr(config, "max_position_embeddings", None) or 2048))
+    return min(max_model_len, max_positions(config))
 
 
 def load_checkpoint(checkpoint: Path, device: torch.device, dtype: torch.dtype, max_model_len: int = 2048):
@@ -160,5 +165,5 @@ def load_model(settings: Settings) -> LoadedModel:
         device=device,
         dtype=dtype,
         stop_token_ids=stop_token_ids(model, tokenizer),
-        max_position_embeddings=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
+        max_position_embeddings=max_positions(model.config),
     )

@@ -159,8 +159,7 @@ def _load(cache_dir: Path) -> bool:
                     "and projections oneDNN (slower)")
         return False
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256("\n".join([*(source.read_text() for source in SOURCES + HEADERS), torch.__version__, version,
-                                    " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([sources_key(), version, " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
     target = cache_dir / "kernels" / f"promptserve-kernels-{key}.so"
     try:
         if not target.is_file():
