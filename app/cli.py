@@ -32,7 +32,7 @@ def _serve(args) -> int:
     config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
                             log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_TIMEOUT, log_config=None,
                             http=guarded_protocol(settings.http_max_header_bytes, settings.http_header_timeout,
-                                                  settings.http_body_timeout),
+                                                  settings.http_body_timeout, settings.http_body_min_rate),
                             limit_concurrency=settings.http_max_connections,
                             timeout_keep_alive=settings.http_keep_alive_timeout)
     server = DrainingServer(config, app.state, grace)

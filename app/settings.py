@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     prefix_cache_size: int = 4096  # device-resident prompt sets kept (LRU), bounded by count...
     prefix_cache_mb: int = 1024  # ...and by memory
     default_max_tokens: int = 256
+    # Structured outputs: compiled grammars kept (by their measured memory), and what one grammar may cost
+    # to compile and take its first tokens; beyond that a request is refused (400 invalid_grammar)
+    grammar_cache_mb: int = Field(256, ge=1)
+    grammar_max_mb: int = Field(64, ge=1)
+    grammar_max_seconds: float = Field(2.0, gt=0)
     # CPU: oneDNN-packed copies of the linear weights (faster); they replace the model's own (held once)
     pack_weights: bool = True
     # CPU, bf16, where the native 1-2-row kernel builds: a plain copy of the linear weights for it is kept
@@ -79,6 +84,7 @@ class Settings(BaseSettings):
     http_max_header_bytes: int = 64 * 1024
     http_header_timeout: float = 10.0
     http_body_timeout: float = 30.0
+    http_body_min_rate: int = Field(1024, ge=0)  # bytes a second a body must average after 5 s; 0 = off
     http_keep_alive_timeout: float = 5.0
     http_max_connections: int = 2048
     warmup: bool = True

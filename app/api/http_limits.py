@@ -1,5 +1,5 @@
 """Limits at the HTTP connection level, which uvicorn does not set: the size of a request's headers, how
-long a client may take to send them, and how long a request body may stall.
+long a client may take to send them, how long a request body may stall, and how slowly it may come.
 
 Without them a 16 MiB header was accepted, and connections that never finished their headers (or their
 body) were held open forever: 300 slowloris connections, each with its buffers, never closed. uvicorn's
@@ -31,6 +31,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes = 64 * 1024
     header_timeout = 10.0  # seconds from a request's first byte (or the connection) to its last header
     body_timeout = 30.0  # seconds a request body may go without a new byte
+    # a body trickled a few bytes at a time never stalls: after a grace it must average this many bytes a
+    # second (20 uploads at 10 bytes/s were held open past a minute without it); 0 turns it off
+    body_min_rate = 1024
+    body_rate_grace = 5.0
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -114,10 +118,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
+        self._body_started, self._body_bytes = self.loop.time(), 0
         super().on_headers_complete()
         self._arm(self.body_timeout, "408 Request Timeout", "request body stalled")
 
     def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        elapsed = self.loop.time() - self._body_started
+        if self.body_min_rate and elapsed > self.body_rate_grace and \
+                self._body_bytes < self.body_min_rate * elapsed:
+            self._disarm()
+            self._expire("408 Request Timeout", f"request body sent too slowly: {self._body_bytes} bytes in "
+                         f"{elapsed:.0f} s, under the minimum of {self.body_min_rate} bytes a second")
+            raise _LimitExceeded  # stops the parser; caught in data_received
         self._arm(self.body_timeout, "408 Request Timeout", "request body stalled")
         super().on_body(body)
 
@@ -127,7 +140,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
 
-def guarded_protocol(max_header_bytes: int, header_timeout: float, body_timeout: float) -> type:
+def guarded_protocol(max_header_bytes: int, header_timeout: float, body_timeout: float,
+                     body_min_rate: int = GuardedHttpToolsProtocol.body_min_rate) -> type:
     """The protocol class for uvicorn.Config(http=...), with these limits."""
     return type("GuardedHttpProtocol", (GuardedHttpToolsProtocol,), {
-        "max_header_bytes": max_header_bytes, "header_timeout": header_timeout, "body_timeout": body_timeout})
+        "max_header_bytes": max_header_bytes, "header_timeout": header_timeout, "body_timeout": body_timeout,
+        "body_min_rate": body_min_rate})

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.errors import install_error_handlers
 from app.api.middleware import ServingMiddleware
 from app.api.routes import admin, health, metrics, openai, tasks, tokenizer, web
+from app.engine.constraints import GrammarLimits
 from app.engine.engine import Engine, EngineConfig
 from app.model.loader import LoadedModel, load_model
 from app.observability import Metrics
@@ -53,7 +54,9 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
             model = handed or await run_in_threadpool(load_model, settings)
             running = build_engine(settings, model, owns_model=handed is None)
             running.start()
-        service = TaskService(running, store, model.spec, model.tokenizer)
+        service = TaskService(running, store, model.spec, model.tokenizer, GrammarLimits(
+            cache_bytes=settings.grammar_cache_mb << 20, max_bytes=settings.grammar_max_mb << 20,
+            max_seconds=settings.grammar_max_seconds))
         await run_in_threadpool(seed_store, store, service, settings.seed_dir)
         app.state.engine, app.state.store, app.state.tasks = running, store, service
         if settings.warmup:

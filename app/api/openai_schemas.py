@@ -10,8 +10,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from app.api.errors import ApiError
-from app.api.output_format import ResponseFormat, StructuredOutputs, output_format
-from app.api.schemas import MAX_MESSAGES, ClosedModel, Name, StopString, Text
+from app.api.fields import MAX_MESSAGES, ClosedModel, Name, Stops, Text, sampling_params
+from app.api.structured_outputs import ResponseFormat, StructuredOutputs, output_format
 from app.engine.constraints import ConstraintSpec
 from app.engine.types import MAX_LOGPROBS, SamplingParams
 
@@ -35,7 +35,7 @@ class SamplingExtras(OpenAIModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(None, max_length=1024)
     n: int | None = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: list[StopString] | StopString | None = None
+    stop: Stops = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="OpenAI's default is 1.0; 0 = greedy")
@@ -44,7 +44,7 @@ class SamplingExtras(OpenAIModel):
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=2.0)  # below, logits / penalty overflow
     ignore_eos: bool | None = False
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -57,14 +57,6 @@ class SamplingExtras(OpenAIModel):
     def token_text(self, text_of):
         """How log-probabilities name a token: its text, or its id when asked (vLLM's option)."""
         return (lambda t: f"token_id:{t}") if self.return_tokens_as_token_ids else text_of
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        stops = [] if v is None else [v] if isinstance(v, str) else v
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
-        return stops
 
     @field_validator("logit_bias")
     @classmethod
@@ -93,16 +85,7 @@ class SamplingExtras(OpenAIModel):
 
     def sampling(self, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None,
                  choice: int = 0) -> SamplingParams:
-        temperature = 1.0 if self.temperature is None else self.temperature
-        seed = None if self.seed is None else (self.seed + choice) % 2**63  # n choices: n seeded streams
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, seed=seed, stop=tuple(self.stop or ()),
-            ignore_eos=bool(self.ignore_eos), presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        return sampling_params(self, max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, choice=choice)
 
 
 # -- completions -----------------------------------------------------------------------------------------

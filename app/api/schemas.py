@@ -4,44 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from app.api.fields import MAX_MESSAGES, StrictModel, Stops, Text, _valid_unicode, sampling_params
+from app.api.openai_schemas import ChatMessage
+from app.api.structured_outputs import ResponseFormat, StructuredOutputs
 from app.engine.types import SamplingParams
-
-# Every text a request carries is bounded: the context holds a few thousand tokens, so 100,000 characters
-# is far more than any prompt that could run, and a 50 MB prompt is refused before it is tokenized.
-MAX_TEXT_CHARS = 100_000
-MAX_MESSAGES = 512
-MAX_NAME_CHARS = 256
-
-
-def _valid_unicode(text: str) -> str:
-    """JSON can carry a lone surrogate ("\ud800"); no tokenizer can encode it: refuse it by name."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"not valid Unicode: a lone surrogate at character {exc.start}") from None
-    return text
-
-
-Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_valid_unicode)]
-Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_valid_unicode)]
-StopString = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_valid_unicode)]
-
-
-class StrictModel(BaseModel):
-    # JSON as Python reads it allows NaN and Infinity: no number field of the API means either
-    model_config = ConfigDict(allow_inf_nan=False)
-
-
-class ClosedModel(StrictModel):
-    """A request body that refuses a field it does not define (400 naming it): never dropped silently."""
-    model_config = ConfigDict(allow_inf_nan=False, extra="forbid", populate_by_name=True)
-
-
-class ChatMessage(StrictModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
 
 
 class SamplingFields(StrictModel):
@@ -50,27 +18,15 @@ class SamplingFields(StrictModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[StopString] | StopString | None = Field(None, description="Stop strings (the text ends before them)")
+    stop: Stops = None
     ignore_eos: bool = False
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        if v is None:
-            return []
-        stops = [v] if isinstance(v, str) else v
-        if len(stops) > 16 or any(not s for s in stops):
-            raise ValueError("at most 16 non-empty stop strings")
-        return stops
-
     def sampling(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=tuple(self.stop or ()),
-                              ignore_eos=self.ignore_eos)
+        return sampling_params(self, max_tokens)
 
 
 class TaskRequest(SamplingFields):
-    model_config = ConfigDict(allow_inf_nan=False, extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid", json_schema_extra={"examples": [
         {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 64}]})
 
     prompt: Text | None = Field(None, description="generate tasks: raw text, no template applied")
@@ -82,8 +38,8 @@ class TaskRequest(SamplingFields):
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES,
                                                description="Chat; the template is applied")
     stream: bool = Field(False, description="Stream tokens as server-sent events")
-    response_format: "ResponseFormat | None" = Field(None, description="generate tasks: json_object or json_schema")
-    structured_outputs: "StructuredOutputs | None" = Field(
+    response_format: ResponseFormat | None = Field(None, description="generate tasks: json_object or json_schema")
+    structured_outputs: StructuredOutputs | None = Field(
         None, description="generate tasks: exactly one of json (a schema), regex, choice, grammar")
 
     @model_validator(mode="after")
@@ -174,8 +130,3 @@ class BatchResponse(BaseModel):
     object: Literal["list"] = "list"
     data: list[ClassifyResponse | ExtractResponse]
     prompt_set: PromptSetRefOut
-
-
-from app.api.output_format import ResponseFormat, StructuredOutputs  # noqa: E402  (it imports this module)
-
-TaskRequest.model_rebuild()

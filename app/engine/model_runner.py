@@ -27,7 +27,7 @@ def _sort_sampled(seqs: list[Sequence], tokens: list, sampled: dict, errors: dic
     could not be sampled fails its request alone."""
     for seq, token in zip(seqs, tokens):
         if isinstance(token, SamplingError):
-            errors[seq.request_id] = EngineError(str(token), ErrorKind.INVALID)
+            errors[seq.request_id] = EngineError(str(token), ErrorKind.GRAMMAR if token.grammar else ErrorKind.INVALID)
         else:
             sampled[seq.request_id] = token.token
             seq.last_logprob = token.logprob

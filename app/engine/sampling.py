@@ -23,6 +23,14 @@ from app.engine.types import SamplingParams, TokenLogprob
 class SamplingError(ValueError):
     """A row that cannot be sampled (its logits are not finite, or its grammar allows no token)."""
 
+    grammar = False  # the output's grammar failed (GrammarError), not the numbers
+
+
+class GrammarError(SamplingError):
+    """The grammar engine could not follow the request's grammar here (a limit of its lexer or parser)."""
+
+    grammar = True
+
 
 @dataclass
 class RowState:
@@ -168,7 +176,11 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> list[Sampled | Samplin
         try:
             scores = block[position[i]] if i in position else logits[i]
             if i in position and not torch.isfinite(scores.max()):
-                raise SamplingError("the output's grammar allows no next token")
+                if row.constraint is not None:
+                    raise GrammarError(f"the output's grammar could not be followed after "
+                                       f"{len(row.output_ids or ())} tokens: {row.constraint.failed()}")
+                raise SamplingError("no token of the vocabulary can be sampled after this request's logit_bias "
+                                    "and penalties")
             if p.greedy:
                 token = int(torch.argmax(scores)) if i in position else greedy[i]
             elif i in drawn:
@@ -176,7 +188,8 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> list[Sampled | Samplin
             else:
                 token = sample_row(scores, p, row.generator)
             if row.constraint is not None and not row.constraint.accept(token):
-                raise SamplingError(f"token {token} does not follow the output's grammar")
+                raise GrammarError(f"the output's grammar could not be followed after "
+                                   f"{len(row.output_ids or ())} tokens: {row.constraint.failed()}")
         except SamplingError as exc:
             out.append(exc)
             continue

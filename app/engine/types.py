@@ -125,6 +125,7 @@ class ErrorKind(enum.StrEnum):
     """Why a request failed in the engine; the caller maps it to its own status codes."""
 
     INVALID = "invalid"  # the request itself cannot be run (its numbers, its prompt set's contents)
+    GRAMMAR = "grammar"  # its output's grammar broke a limit of the grammar engine while being followed
     UNAVAILABLE = "unavailable"  # something it names went away meanwhile (its prompt-set version): retry
     INTERNAL = "internal"  # the engine failed on it
 

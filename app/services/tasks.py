@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from functools import lru_cache
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -12,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, TypeVar
 
 from app.engine.engine import Engine, InvalidEngineRequest, QueueFull, RequestTooLong
-from app.task_types.encoding import best_bio_path, bio_tags, classify_ids, decode_entities, extract_encoding
-from app.engine.constraints import Constraint, ConstraintSpec, Grammars, InvalidConstraint
+from app.task_types.encoding import (MAX_TEXT_TOKENS, TextTooLong, best_bio_path, bio_tags, classify_ids,
+                                     decode_entities, extract_encoding)
+from app.engine.constraints import Constraint, ConstraintSpec, GrammarLimits, Grammars, InvalidConstraint
 from app.engine.types import EngineRequest, ErrorKind, Mode, PromptSetRef, RequestOutput, SamplingParams, TokenLogprob
 from app.model.spec import ModelSpec
 from app.services.errors import (Conflict, GenerationFailed, IdempotencyKeyReused, InvalidPromptSet,
@@ -39,6 +41,7 @@ def _store_may_be_down(method):
             raise Unavailable(f"the prompt-set store is unavailable: {exc}", {"Retry-After": "2"},
                               code="store_unavailable") from None
     return wrapped
+TOKENIZE_CONTEXTS = 4  # /tokenize counts up to this many contexts' worth of tokens
 # a prompt set must leave at least this many positions of the context for the prompt and the answer
 MIN_CONTEXT_ROOM = 16
 
@@ -70,12 +73,15 @@ class Completion:
 class TaskService:
     engine_call_timeout = 60.0  # seconds an upload or activation waits for its tensor work on the engine
 
-    def __init__(self, engine: Engine, store: PromptStore, spec: ModelSpec, tokenizer):
+    def __init__(self, engine: Engine, store: PromptStore, spec: ModelSpec, tokenizer,
+                 grammar_limits: GrammarLimits | None = None):
         self.engine = engine
+        self.grammar_limits = grammar_limits or GrammarLimits()
         self.store = store
         self.spec = spec
         self.tokenizer = tokenizer
         self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
         self._tokenizer_files: dict[str, bytes] | None = None
 
     # -- tasks -----------------------------------------------------------------------------------
@@ -120,11 +126,32 @@ class TaskService:
                              {"Retry-After": "1"}) from None
 
     # -- prompts ---------------------------------------------------------------------------------
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token of the vocabulary spells: a text of more than n times this many
+        characters has more than n tokens, which is known without tokenizing it."""
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return max(1, max(len(p) for p in pieces if p is not None))
+
+    def _refuse_beyond(self, chars: int, tokens: int, what: str) -> None:
+        if chars > tokens * self.max_token_chars:
+            raise InvalidRequest(f"{what} has {chars} characters, so more than {tokens} tokens: this model's maximum "
+                                 f"context length is {self.engine.max_model_len} tokens",
+                                 code="context_length_exceeded")
+
+    @staticmethod
+    def _chars(prompt: str | None, messages: list[dict] | None, tools: list[dict] | None = None) -> int:
+        if messages is None:
+            return len(prompt or "")
+        return sum(len(m.get("content") or "") for m in messages) + len(str(tools or ""))
+
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
                tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a raw prompt, or of a chat (with tools offered, or tool calls in its history)."""
+        """Token ids of a raw prompt, or of a chat (with tools offered, or tool calls in its history). A
+        prompt whose characters alone exceed the context is refused before it is tokenized."""
         if (prompt is None) == (messages is None):
             raise InvalidRequest("give exactly one of 'prompt' or 'messages'")
+        self._refuse_beyond(self._chars(prompt, messages, tools), self.engine.max_model_len, "the prompt")
         if messages is not None:
             if not messages:
                 raise InvalidRequest("'messages' is empty")
@@ -163,10 +190,21 @@ class TaskService:
 
     def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool = True,
                  add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        """Tokens of a text or chat of up to TOKENIZE_CONTEXTS contexts (a client counts a prompt a little
+        too long, not a book): a longer one is refused, by its characters before any work when they say so."""
+        cap = TOKENIZE_CONTEXTS * self.engine.max_model_len
+        if self._chars(prompt, messages, tools) > cap * self.max_token_chars:
+            raise InvalidRequest(f"/tokenize counts at most {cap} tokens ({TOKENIZE_CONTEXTS} contexts); this text "
+                                 "has more", code="too_many_tokens")
         if messages is not None:
-            return self.tokenizer.encode(self._chat_text(messages, tools, add_generation_prompt),
-                                         add_special_tokens=False)
-        return self.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
+            ids = self.tokenizer.encode(self._chat_text(messages, tools, add_generation_prompt),
+                                        add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
+        if len(ids) > cap:
+            raise InvalidRequest(f"/tokenize counts at most {cap} tokens ({TOKENIZE_CONTEXTS} contexts); this text "
+                                 f"has {len(ids)}", code="too_many_tokens")
+        return ids
 
     def detokenize(self, ids: list[int]) -> str:
         vocab = self.engine.vocab_size
@@ -182,8 +220,10 @@ class TaskService:
     def constraint(self, spec: ConstraintSpec, param: str) -> Constraint:
         """A fresh matcher for a request's grammar (compiled grammars are cached). CPU work of the grammar
         engine, not torch: callers run it off the event loop."""
-        if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.engine.vocab_size, self.engine.stop_token_ids)
+        with self._grammars_lock:  # requests arrive on several threads: one Grammars (one cache) for all
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.engine.vocab_size, self.engine.stop_token_ids,
+                                          self.grammar_limits)
         try:
             return self._grammars.constraint(spec)
         except InvalidConstraint as exc:
@@ -253,15 +293,35 @@ class TaskService:
             final = out
         return final
 
-    async def classify(self, task: ResolvedTask, text: str) -> dict:
-        ids = await asyncio.to_thread(classify_ids, self.tokenizer, text)  # off the caller's event loop
+    def _encode_texts(self, task: ResolvedTask, texts: list[str]) -> list:
+        """Every text's encoding, or a refusal naming the first that is longer than a task reads -- before
+        any runs, and before tokenizing one whose characters alone say it is too long."""
+        encode = classify_ids if task.task_type == "classify" else extract_encoding
+        limit = MAX_TEXT_TOKENS * self.max_token_chars
+        for i, text in enumerate(texts):
+            if len(text) > limit:
+                raise InvalidRequest(f"{_which_text(i, len(texts))} has {len(text)} characters, more than the "
+                                     f"{MAX_TEXT_TOKENS} tokens a {task.task_type} task reads",
+                                     code="context_length_exceeded")
+        out = []
+        for i, text in enumerate(texts):
+            try:
+                out.append(encode(self.tokenizer, text, refuse_longer=True))
+            except TextTooLong as exc:
+                raise InvalidRequest(f"{_which_text(i, len(texts))}: {exc}", code="context_length_exceeded") from None
+        return out
+
+    async def classify(self, task: ResolvedTask, text: str, ids: list[int] | None = None) -> dict:
+        if ids is None:
+            ids = (await asyncio.to_thread(self._encode_texts, task, [text]))[0]  # off the caller's event loop
         out = await self._run_head(task, ids, Mode.CLASSIFY)
         scores = dict(zip(task.meta.labels, out.scores))
         return {"label": max(scores, key=scores.get), "scores": scores,
                 "usage": {"prompt_tokens": out.prompt_tokens}}
 
-    async def extract(self, task: ResolvedTask, text: str) -> dict:
-        enc = await asyncio.to_thread(extract_encoding, self.tokenizer, text)
+    async def extract(self, task: ResolvedTask, text: str, enc=None) -> dict:
+        if enc is None:
+            enc = (await asyncio.to_thread(self._encode_texts, task, [text]))[0]
         if not enc.positions:  # nothing to tag (blank text): no model call needed
             return {"entities": [], "usage": {"prompt_tokens": 0}}
         out = await self._run_head(task, enc.ids, Mode.TAG, enc.positions)
@@ -272,8 +332,11 @@ class TaskService:
     async def label(self, task: ResolvedTask, texts: list[str]) -> list[dict]:
         """Classify or extract each text, in order; submitted together, so the engine runs them in the same
         forward passes."""
+        if task.meta is None or task.task_type not in ("classify", "extract"):
+            raise InvalidRequest(f"task {task.name!r} is a {task.task_type} task: send 'prompt' or 'messages'")
+        encoded = await asyncio.to_thread(self._encode_texts, task, texts)
         run = self.classify if task.task_type == "classify" else self.extract
-        return list(await asyncio.gather(*(run(task, text) for text in texts)))
+        return list(await asyncio.gather(*(run(task, text, enc) for text, enc in zip(texts, encoded))))
 
     # -- listing and admin ------------------------------------------------------------------------
     @_store_may_be_down
@@ -369,6 +432,10 @@ class TaskService:
         return ps
 
 
+def _which_text(index: int, count: int) -> str:
+    return f"text {index}" if count > 1 else "the text"
+
+
 @lru_cache(maxsize=65536)
 def _decode_one(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
@@ -379,6 +446,8 @@ def engine_failure(out: RequestOutput) -> ServiceError:
     message = out.error or "generation failed"
     if out.error_kind == ErrorKind.INVALID:
         return InvalidRequest(message)
+    if out.error_kind == ErrorKind.GRAMMAR:
+        return InvalidRequest(message, code="invalid_grammar")
     if out.error_kind == ErrorKind.UNAVAILABLE:
         return Unavailable(f"{message}; retry the request", {"Retry-After": "1"})
     return GenerationFailed(message)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from app.engine.constraints import ConstraintSpec
+from app.engine.constraints import ConstraintSpec, closed_objects
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -72,23 +72,32 @@ def render_tool_chat(tokenizer, messages: list[dict], tools: list[dict]) -> str:
     return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
 
 
-def calls_grammar(tools: list[dict], only: str | None = None, parallel: bool = True) -> ConstraintSpec:
+def calls_grammar(tools: list[dict], only: str | None = None, parallel: bool = True,
+                  optional: bool = False) -> ConstraintSpec:
     """A grammar for an answer that is one or more valid calls (tool_choice "required"), or a call of
-    the function `only` (a named tool_choice): each call's name one of the tools', its arguments valid
-    against that tool's parameter schema."""
+    the function `only` (a named tool_choice), or (`optional`: tool_choice "auto" with strict functions) free
+    text or text then valid calls: each call's name one of the tools', its arguments valid against that
+    tool's parameter schema.
+
+    A forced call's arguments object is closed (no keys beyond the schema's unless it says
+    additionalProperties itself), as vLLM's guidance backend does: an open schema, the default of most
+    hand-written and LangChain tools, otherwise lets a model invent keys until max_tokens. In auto mode a
+    function's schema is closed when it is `strict` (OpenAI's strict mode)."""
     variants = []
     for tool in tools:
         fn = tool["function"]
         if only is not None and fn["name"] != only:
             continue
         parameters = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not optional or fn.get("strict"):
+            parameters = closed_objects(parameters)
         variants.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": parameters},
                          "required": ["name", "arguments"], "additionalProperties": False})
     item = variants[0] if len(variants) == 1 else {"anyOf": variants}
     schema = {"type": "array", "items": item, "minItems": 1}
     if not parallel or only is not None:
         schema["maxItems"] = 1
-    return ConstraintSpec("tagged_json", json.dumps(schema), prefix=CALL_OPEN, suffix=CALL_CLOSE)
+    return ConstraintSpec("tagged_json", json.dumps(schema), prefix=CALL_OPEN, suffix=CALL_CLOSE, optional=optional)
 
 
 def parse_tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:

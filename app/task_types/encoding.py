@@ -12,16 +12,30 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-MAX_TEXT_TOKENS = 256
+MAX_TEXT_TOKENS = 256  # what a classify or extract task reads of a text (training cuts longer ones here)
 _WORD = re.compile(r"\S+")
+
+
+class TextTooLong(ValueError):
+    """Serving refuses a text longer than a task reads, rather than answering about a part of it."""
+
+    def __init__(self, tokens: int):
+        super().__init__(f"the text has {tokens} tokens; a classify or extract task reads at most {MAX_TEXT_TOKENS}")
+        self.tokens = tokens
+
+
+def _cut(ids: list, refuse_longer: bool) -> list:
+    if len(ids) > MAX_TEXT_TOKENS and refuse_longer:
+        raise TextTooLong(len(ids))
+    return ids[:MAX_TEXT_TOKENS]
 
 
 def separator_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def classify_ids(tokenizer, text: str) -> list[int]:
-    ids = tokenizer.encode(text, add_special_tokens=False)[:MAX_TEXT_TOKENS]
+def classify_ids(tokenizer, text: str, refuse_longer: bool = False) -> list[int]:
+    ids = _cut(tokenizer.encode(text, add_special_tokens=False), refuse_longer)
     return ids + [separator_id(tokenizer)]
 
 
@@ -41,9 +55,9 @@ class ExtractEncoding:
     tagged_words: list[int]  # which words are tagged (a word cut off by truncation is not)
 
 
-def extract_encoding(tokenizer, text: str) -> ExtractEncoding:
+def extract_encoding(tokenizer, text: str, refuse_longer: bool = False) -> ExtractEncoding:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])[:MAX_TEXT_TOKENS]
+    ids = _cut(list(enc["input_ids"]), refuse_longer)
     offsets = list(enc["offset_mapping"])[:MAX_TEXT_TOKENS]
     words = words_of(text)
     base = len(ids) + 1

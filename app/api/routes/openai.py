@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError, body_of
 from app.api.generation import guarded, run_completions, start_streams, stream_outputs
-from app.api.openai_format import chat_logprobs, completion_logprobs, output_entries, prompt_entries
+from app.api.logprobs import chat_logprobs, completion_logprobs, output_entries, prompt_entries
 from app.api.openai_schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from app.api.schemas import Usage
 from app.api.sse import sse
@@ -245,6 +245,8 @@ def _tool_grammar(body: ChatCompletionRequest, tools: list[dict]):
         return [("tool_choice", calls_grammar(tools, parallel=parallel))]
     if isinstance(body.tool_choice, NamedToolChoice):
         return [("tool_choice", calls_grammar(tools, only=body.tool_choice.function.name))]
+    if any(t["function"].get("strict") for t in tools):  # auto: strict functions' calls follow their schemas
+        return [("tools", calls_grammar(tools, parallel=parallel, optional=True))]
     return []
 
 

@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError, body_of
 from app.api.generation import guarded, run_completion, start_stream, stream_outputs
-from app.api.output_format import output_format
+from app.api.structured_outputs import output_format
 from app.api.schemas import (BatchResponse, ClassifyResponse, ExtractResponse, GenerateResponse, PromptSetRefOut, TaskList, TaskOut,
                              TaskRequest, Usage)
 from app.api.sse import sse
@@ -40,7 +40,7 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
     if body.text is not None or body.texts is not None:
         raise ApiError(400, "invalid_request", f"task {task!r} is a generate task: send 'prompt' or 'messages'",
                        param="text")
-    messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+    messages = [m.plain() for m in body.messages] if body.messages is not None else None
     ids = await run_in_threadpool(tasks.encode, body.prompt, messages)  # not on the event loop
     sampling = body.sampling(tasks.max_tokens_for(resolved, ids, body.max_tokens, settings.default_max_tokens))
     found = output_format(body.response_format, body.structured_outputs, ignore_eos=body.ignore_eos)

@@ -12,8 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ApiKeyDep, TasksDep
 from app.api.errors import ApiError
+from app.api.fields import MAX_MESSAGES, Name, Text
 from app.api.openai_schemas import ChatMessage, OpenAIModel, ToolDef
-from app.api.schemas import MAX_MESSAGES, Name, Text
 
 router = APIRouter(tags=["tokenizer"], dependencies=[ApiKeyDep])
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from app.api.errors import ApiError
-from app.api.schemas import ClosedModel, Name, Text
-from app.engine.constraints import ConstraintSpec
+from app.api.fields import ClosedModel, Name, Text
+from app.engine.constraints import ConstraintSpec, closed_objects
 
 
 class JsonSchemaFormat(ClosedModel):
@@ -40,19 +40,6 @@ class StructuredOutputs(ClosedModel):
     grammar: Text | None = None
     json_object: bool | None = None
 
-
-
-def closed_objects(schema):
-    """OpenAI's strict mode: an object schema that does not say otherwise admits no other keys (in JSON
-    Schema an unspecified additionalProperties admits any, and a model would then invent some)."""
-    if isinstance(schema, list):
-        return [closed_objects(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed_objects(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()}
-    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
 
 
 def output_format(response_format: ResponseFormat | None, structured_outputs: StructuredOutputs | None,
