@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 64 * 1024 * 1024  # an admin upload's body
     max_request_bytes: int = 4 * 1024 * 1024  # any other request's body (/v1): far above any prompt that fits
     api_keys: str = ""  # comma-separated client keys for /v1; empty = open
+    metrics_need_key: bool = True  # with api_keys set, /metrics needs one of them too (it names every task)
     request_timeout: float = 300.0  # seconds a task request may take before it is cancelled (504)
     drain_grace: float = 30.0  # on SIGTERM: seconds in-flight requests get to finish
 

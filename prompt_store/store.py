@@ -308,8 +308,15 @@ class PromptStore:
             info = self.info(task, version)  # under the lock: the state this upload left
         return VersionInfo(**{**info.__dict__, "created_now": True})
 
+    def _must_exist(self, task: str) -> None:
+        """A write to a task that does not exist is refused before its lock file is made (checked again
+        under the lock): a request naming a missing task leaves nothing behind."""
+        if not (self._task_dir(task) / "ACTIVE").is_file():
+            raise TaskNotFound(f"no task named {task!r}")
+
     def activate(self, task: str, version: int) -> VersionInfo:
         validate_version(task, version)
+        self._must_exist(task)
         with self._locked(task) as d:
             if not (d / "ACTIVE").is_file():
                 raise TaskNotFound(f"no task named {task!r}")
@@ -320,6 +327,7 @@ class PromptStore:
 
     def delete_version(self, task: str, version: int) -> None:
         validate_version(task, version)
+        self._must_exist(task)
         with self._locked(task):
             if self.active_version(task) == version:
                 raise ActiveVersion(
@@ -335,6 +343,7 @@ class PromptStore:
     def delete_task(self, task: str) -> None:
         """The task disappears at once (its ACTIVE pointer goes first); its versions and keys are then
         removed. LAST stays: a task of the same name created later continues the numbering."""
+        self._must_exist(task)
         with self._locked(task) as d:
             active = d / "ACTIVE"
             if not active.is_file():

@@ -68,5 +68,13 @@ def require_api_key(settings: SettingsDep, authorization: Annotated[str | None, 
         raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})
 
 
+def require_metrics_key(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """/metrics lists task names and traffic: with client keys on it needs one too, unless the operator
+    opened it for a scraper that cannot send a bearer token (PROMPTSERVE_METRICS_NEED_KEY=false)."""
+    if settings.metrics_need_key:
+        require_api_key(settings, authorization)
+
+
 AdminDep = Depends(require_admin)
 ApiKeyDep = Depends(require_api_key)
+MetricsKeyDep = Depends(require_metrics_key)

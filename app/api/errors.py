@@ -45,8 +45,20 @@ def body_of(exc: ServiceError | ApiError) -> dict:
     return error_body(exc.status, exc.code, exc.message, getattr(exc, "param", None))
 
 
+def _is_field(part) -> bool:
+    """A location part that names a field or an index, not one of pydantic's validator or union-member tags
+    (`list[function-after[_valid_unicode(), constrained-str]]`, `str`, `NamedToolChoice`)."""
+    if isinstance(part, int):
+        return True
+    return part != "body" and part not in _TYPE_TAGS and not any(c in part for c in "[]()-,") and \
+        not part[:1].isupper()
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "tuple", "literal", "function-after"}
+
+
 def _field(loc) -> str:
-    return ".".join(str(p) for p in loc if p != "body") or "body"
+    return ".".join(str(p) for p in loc if _is_field(p)) or "body"
 
 
 def validation_failure(errors: list[dict]) -> tuple[str, str, str | None]:

@@ -167,3 +167,15 @@ async def stream_outputs(started: list, metrics: Metrics, task: ResolvedTask, ti
         for pump in pumps:
             pump.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+
+
+def refuse_generation_options(body, task: ResolvedTask, fields: list[str]) -> None:
+    """Classify and extract tasks give one answer per text: a generation option a request set to anything but
+    its default is refused by name (the task endpoint and the OpenAI endpoints alike)."""
+    for name in fields:
+        if name not in body.model_fields_set:
+            continue
+        value, default = getattr(body, name), type(body).model_fields[name].default
+        if value is not None and value != default:
+            raise ApiError(400, "invalid_request", f"model {task.name!r} is a {task.task_type} task: {name!r} "
+                           "does not apply to it", param=name)

@@ -34,7 +34,11 @@ __all__ = ["Engine", "EngineConfig", "InvalidEngineRequest", "QueueFull", "Reque
 
 
 class InvalidEngineRequest(ValueError):
-    """A request the engine refuses before it joins a step (it would fail there)."""
+    """A request the engine refuses before it joins a step (it would fail there); `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class RequestTooLong(InvalidEngineRequest):
@@ -175,7 +179,11 @@ class Engine:
                           sampling.max_tokens if request.mode == Mode.GENERATE else 0)
         vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            raise InvalidEngineRequest(f"prompt token ids must be in 0..{vocab - 1}")
+            raise InvalidEngineRequest(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+        outside = [t for t, _ in sampling.logit_bias if not 0 <= t < vocab]
+        if outside:  # OpenAI refuses them too; ignoring them would drop what the client asked for
+            raise InvalidEngineRequest(f"logit_bias names token {outside[0]}, outside this model's vocabulary "
+                                       f"(0..{vocab - 1})", param="logit_bias")
         request_id = request_id or uuid.uuid4().hex
         req = GenerationRequest(request_id, list(request.prompt_token_ids), sampling, request.prompt_set,
                                 Mode(request.mode), request.tag_positions, request.constraint)

@@ -73,9 +73,8 @@ def penalize(scores: torch.Tensor, row: RowState) -> None:
     if (p.presence_penalty or p.frequency_penalty) and out_ids:
         ids, counts = torch.tensor(out_ids, device=scores.device).unique(return_counts=True)
         scores[ids] -= p.frequency_penalty * counts.to(scores.dtype) + p.presence_penalty
-    for token, bias in p.logit_bias:
-        if 0 <= token < scores.shape[-1]:
-            scores[token] += bias
+    for token, bias in p.logit_bias:  # ids checked against the vocabulary when the request was submitted
+        scores[token] += bias
 
 
 def transformed_rows(logits: torch.Tensor, rows: list[RowState], which: list[int]) -> torch.Tensor:

@@ -252,7 +252,7 @@ class TaskService:
         except RequestTooLong as exc:
             raise InvalidRequest(str(exc), code="context_length_exceeded") from None
         except InvalidEngineRequest as exc:
-            raise InvalidRequest(str(exc)) from None
+            raise InvalidRequest(str(exc), param=exc.param) from None
         except QueueFull as exc:
             raise Overloaded(f"server busy: {exc}", {"Retry-After": "1"}) from None
         try:
@@ -405,6 +405,7 @@ class TaskService:
             validate_task_name(task)
         except StoreError as exc:
             raise InvalidRequest(str(exc)) from None
+        self._refuse_case_twin(task)
         sha = sha256_of(data)
         ps = self._on_engine(lambda: self._validate(data))
         try:
@@ -417,6 +418,16 @@ class TaskService:
             raise IdempotencyKeyReused(str(exc)) from None
         except StoreError as exc:
             raise InvalidRequest(str(exc)) from None
+
+    def _refuse_case_twin(self, task: str) -> None:
+        """A new task whose name differs from an existing one only in case (`CHAT` beside `chat`) is refused:
+        clients, dashboards and case-insensitive file systems would confuse them."""
+        existing = self.store.tasks()
+        if task in existing:
+            return
+        twin = next((t for t in existing if t.casefold() == task.casefold()), None)
+        if twin is not None:
+            raise Conflict(f"a task named {twin!r} exists; task names may not differ only in case")
 
     def _validate(self, data: bytes) -> psf.PromptSet:
         try:

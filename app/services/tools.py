@@ -123,3 +123,41 @@ def parse_tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dic
                                  "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)}})
     content = text[:start].strip()
     return (content or None), out
+
+
+class StreamedToolText:
+    """A streamed answer to a chat with tools: its text goes out as it comes, except what may be the start
+    of a call (a tail that could begin CALL_OPEN, and everything from CALL_OPEN on), which is held and
+    parsed when the answer ends."""
+
+    def __init__(self, tools: list[dict]):
+        self.tools = tools
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, piece: str) -> str:
+        """More of the answer; returns the content that can be sent now."""
+        self.text += piece
+        start = self.text.find(CALL_OPEN, max(0, self.sent - len(CALL_OPEN)))
+        if start >= 0:
+            boundary = max(start, self.sent)
+        else:
+            boundary = len(self.text) - _partial_open_tail(self.text)
+        out, self.sent = self.text[self.sent:boundary], max(boundary, self.sent)
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """(content not sent yet, tool calls) once the answer is complete."""
+        content, calls = parse_tool_calls(self.text, self.tools)
+        if calls:
+            return "", calls
+        rest, self.sent = self.text[self.sent:], len(self.text)
+        return rest, []
+
+
+def _partial_open_tail(text: str) -> int:
+    """Length of the longest end of text that is a proper start of CALL_OPEN."""
+    for n in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
+        if CALL_OPEN.startswith(text[-n:]):
+            return n
+    return 0

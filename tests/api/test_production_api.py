@@ -85,7 +85,13 @@ def test_api_keys_guard_v1_only(tiny, tmp_path):
         ok = c.post(f"/v1/tasks/{name}", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer k2"})
         assert ok.status_code == 200
         assert c.get("/v1/models").status_code == 401
-        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+        assert c.get("/health").status_code == 200
+        # /metrics names every task: with keys on it needs one, unless the operator opens it
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"Authorization": "Bearer k1"}).status_code == 200
+    with TestClient(create_app(make_settings(tmp_path, api_keys="k1", metrics_need_key=False, warmup=False),
+                               loaded=tiny)) as c:
+        assert c.get("/metrics").status_code == 200
 
 
 def test_full_queue_answers_503_with_retry_after(tiny, tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -17,13 +16,14 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError, body_of
-from app.api.generation import guarded, run_completions, start_streams, stream_outputs
+from app.api.generation import (guarded, refuse_generation_options, run_completions, start_streams,
+                                stream_outputs)
 from app.api.logprobs import chat_logprobs, completion_logprobs, output_entries, prompt_entries
 from app.api.openai_schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, NamedToolChoice
-from app.api.schemas import Usage
+from app.api.openai_replies import Reply
 from app.api.sse import sse
 from app.services.tasks import ResolvedTask, TaskService
-from app.services.tools import calls_grammar, parse_tool_calls
+from app.services.tools import StreamedToolText, calls_grammar, parse_tool_calls
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKeyDep])
 
@@ -83,33 +83,18 @@ def _error_event(exc) -> str:
     return sse(body_of(exc)) + sse("[DONE]")
 
 
-async def _event_stream(tasks, resolved, jobs, metrics, settings, render, envelope: dict, include_usage: bool,
-                        totals: dict) -> StreamingResponse:
+async def _event_stream(tasks, resolved, jobs, metrics, settings, render, reply: Reply,
+                        include_usage: bool) -> StreamingResponse:
     """The streamed answer of a request's generations: the endpoint's events, then a usage chunk (when asked
-    for, with the totals `render` kept) and [DONE]."""
-    def epilogue():
-        tail = [sse({**envelope, "choices": [], "usage": Usage.of(totals["prompt"], totals["completion"]).model_dump()})] \
-            if include_usage else []
-        return tail + [sse("[DONE]")]
-
+    for) and [DONE]."""
     started = await start_streams(tasks, resolved, jobs)
     return StreamingResponse(stream_outputs(started, metrics, resolved, settings.request_timeout, render,
-                                            _error_event, epilogue), media_type="text/event-stream")
+                                            _error_event, lambda: reply.epilogue(include_usage)),
+                             media_type="text/event-stream")
 
 
-def _envelope(kind: str, rid: str, created: int, model: str) -> dict:
-    return {"id": rid, "object": kind, "created": created, "model": model}
-
-
-def _refuse_for_labelled(body, resolved: ResolvedTask, fields: list[str]) -> None:
-    """Classify and extract tasks give one answer per text: generation options do not apply to them."""
-    for name in fields:
-        if name not in body.model_fields_set:
-            continue
-        value, default = getattr(body, name), type(body).model_fields[name].default
-        if value is not None and value != default:
-            raise ApiError(400, "invalid_request", f"model {resolved.name!r} is a {resolved.task_type} task: "
-                           f"{name!r} does not apply to it", param=name)
+def _include_usage(body) -> bool:
+    return bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
 
 def _answer(resolved: ResolvedTask, out: dict) -> tuple[str, dict, int]:
@@ -120,45 +105,37 @@ def _answer(resolved: ResolvedTask, out: dict) -> tuple[str, dict, int]:
         out["usage"]["prompt_tokens"]
 
 
+# OpenAI request fields that only generation uses
 LABELLED_REFUSED = ["logprobs", "top_logprobs", "echo", "tools", "response_format", "structured_outputs",
                     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "n", "suffix"]
 
 
 async def _labelled(request, body, tasks, settings, metrics, resolved, texts: list[str], chat: bool):
-    _refuse_for_labelled(body, resolved, LABELLED_REFUSED)
+    refuse_generation_options(body, resolved, LABELLED_REFUSED)
     start = time.monotonic()
     outs = await guarded(request, tasks.label(resolved, texts), settings.request_timeout)
     answers = [_answer(resolved, out) for out in outs]
     metrics.observe(resolved.name, "200", time.monotonic() - start,
                     prompt_tokens=sum(a[2] for a in answers))
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    total = Usage.of(sum(a[2] for a in answers), 0).model_dump()
+    reply = Reply("chat.completion" if chat else "text_completion", body.model)
+    for i, (_, _, prompt_tokens) in enumerate(answers):
+        reply.finished(i, prompt_tokens, 0)
     if body.stream:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
         def events():
             for i, (content, extension, _) in enumerate(answers):
                 if chat:
-                    yield sse({**_envelope(kind, rid, created, body.model), "choices": [
-                        {"index": i, "delta": {"role": "assistant", "content": content}, "finish_reason": None,
-                         "logprobs": None, **extension}]})
-                    yield sse({**_envelope(kind, rid, created, body.model), "choices": [
-                        {"index": i, "delta": {}, "finish_reason": "stop", "logprobs": None}]})
+                    yield reply.chat_delta(i, {"role": "assistant", "content": content}, **extension)
+                    yield reply.chat_delta(i, {}, "stop")
                 else:
-                    yield sse({**_envelope(kind, rid, created, body.model), "choices": [
-                        {"index": i, "text": content, "finish_reason": "stop", "logprobs": None, **extension}]})
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse({**_envelope(kind, rid, created, body.model), "choices": [], "usage": total})
-            yield sse("[DONE]")
+                    yield reply.text_piece(i, content, "stop", **extension)
+            yield from reply.epilogue(_include_usage(body))
         return StreamingResponse(events(), media_type="text/event-stream")
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": c, "refusal": None}, "finish_reason": "stop",
-                    "logprobs": None, **ext} for i, (c, ext, _) in enumerate(answers)]
-        return {**_envelope("chat.completion", rid, created, body.model), "choices": choices, "usage": total}
-    choices = [{"index": i, "text": c, "finish_reason": "stop", "logprobs": None, **ext}
-               for i, (c, ext, _) in enumerate(answers)]
-    return {**_envelope("text_completion", rid, created, body.model), "choices": choices, "usage": total}
+        return reply.response([{"index": i, "message": {"role": "assistant", "content": c, "refusal": None},
+                                "finish_reason": "stop", "logprobs": None, **ext}
+                               for i, (c, ext, _) in enumerate(answers)])
+    return reply.response([{"index": i, "text": c, "finish_reason": "stop", "logprobs": None, **ext}
+                           for i, (c, ext, _) in enumerate(answers)])
 
 
 # -- completions -----------------------------------------------------------------------------------------
@@ -190,14 +167,12 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
         max_tokens = tasks.max_tokens_for(resolved, ids, body.max_tokens, settings.default_max_tokens)
         constraints = await _constraints(tasks, found, n)
         jobs += [(ids, body.sampling(max_tokens, top, prompt_top, choice=j), constraints[j]) for j in range(n)]
-    rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+    reply = Reply("text_completion", body.model, n)
     echoed = [await run_in_threadpool(tasks.tokenizer.decode, ids) if not isinstance(p, str) else p
               for p, ids in zip(prompts, encoded)] if echo else None
 
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         sent_echo: set[int] = set()
-        totals = {"prompt": 0, "completion": 0}
 
         def render(index: int, out):
             events = []
@@ -209,16 +184,12 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
                 logprobs = None
                 if top is not None and out.logprobs:
                     logprobs = completion_logprobs(output_entries(out.logprobs), body.token_text(tasks.token_text))
-                events.append(sse({**_envelope("text_completion", rid, created, body.model), "choices": [
-                    {"index": index, "text": text, "logprobs": logprobs,
-                     "finish_reason": out.finish_reason if out.finished else None}]}))
+                events.append(reply.text_piece(index, text, out.finish_reason if out.finished else None, logprobs))
             if out.finished:
-                totals["prompt"] += out.prompt_tokens
-                totals["completion"] += out.completion_tokens
+                reply.finished(index, out.prompt_tokens, out.completion_tokens)
             return events
 
-        return await _event_stream(tasks, resolved, jobs, metrics, settings, render,
-                                   _envelope("text_completion", rid, created, body.model), include_usage, totals)
+        return await _event_stream(tasks, resolved, jobs, metrics, settings, render, reply, _include_usage(body))
 
     results = await run_completions(request, tasks, metrics, resolved, jobs, settings.request_timeout)
     choices = []
@@ -230,9 +201,8 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
             logprobs = completion_logprobs(entries, body.token_text(tasks.token_text))
         text = (echoed[index // n] if echo else "") + result.text
         choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason})
-    prompt_tokens = sum(len(ids) for ids in encoded)
-    return {**_envelope("text_completion", rid, created, body.model), "choices": choices,
-            "usage": Usage.of(prompt_tokens, sum(r.completion_tokens for r in results)).model_dump()}
+        reply.finished(index, len(ids), result.completion_tokens)
+    return reply.response(choices)
 
 
 # -- chat ------------------------------------------------------------------------------------------------
@@ -286,56 +256,49 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tasks:
                                       settings.default_max_tokens)
     constraints = await _constraints(tasks, found, n)
     jobs = [(ids, body.sampling(max_tokens, top, choice=j), constraints[j]) for j in range(n)]
-    rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+    reply = Reply("chat.completion", body.model, n)
 
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunk_kind = "chat.completion.chunk"
         started_roles: set[int] = set()
-        held: dict[int, list[str]] = {}  # with tools offered, a choice's text is held to be parsed at its end
-        totals = {"prompt": 0, "completion": 0}
-
-        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
-            return sse({**_envelope(chunk_kind, rid, created, body.model), "choices": [
-                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
+        held: dict[int, StreamedToolText] = {}  # with tools offered: what may be a call is held to its end
 
         def render(index: int, out):
             events = []
             if index not in started_roles:
                 started_roles.add(index)
-                events.append(chunk(index, {"role": "assistant", "content": ""}))
+                events.append(reply.chat_delta(index, {"role": "assistant", "content": ""}))
             logprobs = None
             if top is not None and out.logprobs:
                 logprobs = {"content": chat_logprobs(out.logprobs, body.token_text(tasks.token_text)), "refusal": None}
             if tools:
-                held.setdefault(index, []).append(out.text)
-                if logprobs:
-                    events.append(chunk(index, {}, logprobs=logprobs))
+                content = held.setdefault(index, StreamedToolText(tools)).feed(out.text)
+                if content or logprobs:
+                    events.append(reply.chat_delta(index, {"content": content} if content else {}, logprobs=logprobs))
             elif out.text or logprobs:
-                events.append(chunk(index, {"content": out.text}, logprobs=logprobs))
+                events.append(reply.chat_delta(index, {"content": out.text}, logprobs=logprobs))
             if out.finished:
                 finish = out.finish_reason
                 if tools:
-                    message, finish = _chat_message("".join(held.pop(index, [])), finish, tools, parallel)
-                    delta = {"content": message["content"]} if message["content"] else {}
-                    if message.get("tool_calls"):
-                        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+                    content, calls = held.pop(index, StreamedToolText(tools)).finish()
+                    delta = {"content": content} if content else {}
+                    if calls:
+                        calls = calls if parallel else calls[:1]
+                        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+                        finish = "tool_calls" if finish == "stop" else finish
                     if delta:
-                        events.append(chunk(index, delta))
-                events.append(chunk(index, {}, finish))
-                totals["prompt"] = out.prompt_tokens
-                totals["completion"] += out.completion_tokens
+                        events.append(reply.chat_delta(index, delta))
+                events.append(reply.chat_delta(index, {}, finish))
+                reply.finished(index, out.prompt_tokens, out.completion_tokens)
             return events
 
-        return await _event_stream(tasks, resolved, jobs, metrics, settings, render,
-                                   _envelope(chunk_kind, rid, created, body.model), include_usage, totals)
+        return await _event_stream(tasks, resolved, jobs, metrics, settings, render, reply, _include_usage(body))
 
     results = await run_completions(request, tasks, metrics, resolved, jobs, settings.request_timeout)
     choices = []
     for index, result in enumerate(results):
         message, finish = _chat_message(result.text, result.finish_reason, tools, parallel)
-        logprobs = {"content": chat_logprobs(result.logprobs or [], body.token_text(tasks.token_text)), "refusal": None} \
-            if top is not None else None
+        logprobs = {"content": chat_logprobs(result.logprobs or [], body.token_text(tasks.token_text)),
+                    "refusal": None} if top is not None else None
         choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
-    return {**_envelope("chat.completion", rid, created, body.model), "choices": choices,
-            "usage": Usage.of(len(ids), sum(r.completion_tokens for r in results)).model_dump()}
+        reply.finished(index, len(ids), result.completion_tokens)
+    return reply.response(choices)

@@ -6,7 +6,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError, body_of
-from app.api.generation import guarded, run_completion, start_stream, stream_outputs
+from app.api.generation import guarded, refuse_generation_options, run_completion, start_stream, stream_outputs
 from app.api.structured_outputs import output_format
 from app.api.schemas import (BatchResponse, ClassifyResponse, ExtractResponse, GenerateResponse, PromptSetRefOut, TaskList, TaskOut,
                              TaskRequest, Usage)
@@ -55,8 +55,8 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
                 event["usage"] = Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()
             return [sse(event)] + ([sse("[DONE]")] if out.finished else [])
 
-        def render_error(exc):
-            return sse(body_of(exc))
+        def render_error(exc):  # an error event ends the stream as a finished one does: with [DONE]
+            return sse(body_of(exc)) + sse("[DONE]")
 
         started = await start_stream(tasks, resolved, ids, sampling, constraint)
         events = stream_outputs([started], metrics, resolved, settings.request_timeout, render, render_error)
@@ -68,16 +68,18 @@ async def run_task(task: str, body: TaskRequest, request: Request, tasks: TasksD
         usage=Usage.of(result.prompt_tokens, result.completion_tokens))
 
 
+# the task request's fields that only generate tasks use
+GENERATION_FIELDS = ["response_format", "structured_outputs", "stream", "max_tokens", "temperature", "top_p", "top_k",
+                     "seed", "stop", "ignore_eos"]
+
+
 async def _label(task, body, request, tasks, settings, metrics, resolved, ref):
     """Classify or extract one `text`, or several `texts` (answered in order)."""
     texts = body.texts if body.texts is not None else [body.text] if body.text is not None else None
     if texts is None:
         raise ApiError(400, "invalid_request", f"task {task!r} is a {resolved.task_type} task: send 'text' or "
                        "'texts'", param="text")
-    for name in ("response_format", "structured_outputs", "stream"):
-        if getattr(body, name):
-            raise ApiError(400, "invalid_request", f"task {task!r} is a {resolved.task_type} task: {name!r} does "
-                           "not apply to it", param=name)
+    refuse_generation_options(body, resolved, GENERATION_FIELDS)
     start = time.monotonic()
     outs = await guarded(request, tasks.label(resolved, texts), settings.request_timeout)
     metrics.observe(task, "200", time.monotonic() - start, prompt_tokens=sum(o["usage"]["prompt_tokens"] for o in outs))
