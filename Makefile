@@ -13,7 +13,9 @@ install:
 serve: install
 	$(VENV)/bin/promptserve serve --host $(HOST) --port $(PORT)
 
+# lint first (ruff: pyflakes, pycodestyle, import order; config in pyproject.toml), then the suite
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install

@@ -13,13 +13,12 @@ def _serve(args) -> int:
 
     import uvicorn
 
-    from app.api.main import build_engine, create_app
     from app.api.http_limits import guarded_protocol
+    from app.api.main import build_engine, create_app
     from app.api.shutdown import SHUTDOWN_TIMEOUT, DrainingServer
+    from app.engine.threads import size_threads
     from app.model.loader import load_model
     from app.settings import get_settings
-
-    from app.engine.threads import size_threads
 
     settings = get_settings()
     grace = args.grace if args.grace is not None else settings.drain_grace
@@ -145,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--device")
     tr.add_argument("--dtype")
     tr.add_argument("--description")
-    tr.add_argument("--out", help="output .safetensors (default app/demo_prompt_sets/NAME.safetensors, the shipped demo set)")
+    tr.add_argument("--out", help="output .safetensors (default app/demo_prompt_sets/NAME.safetensors, the "
+                    "shipped demo set)")
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a task on a dev file through a running server's HTTP API")

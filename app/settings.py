@@ -9,7 +9,6 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 DEMO_PROMPT_SETS = Path(__file__).resolve().parent / "demo_prompt_sets"
 
 

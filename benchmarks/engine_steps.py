@@ -23,8 +23,8 @@ import time
 import torch
 
 from app.engine.engine import Engine, EngineConfig
-from app.model.linear import PackedLinear
 from app.engine.types import EngineRequest, GenerationRequest, SamplingParams, Sequence
+from app.model.linear import PackedLinear
 from app.model.loader import load_model
 from app.settings import Settings
 from training.data import read_jsonl
@@ -148,12 +148,13 @@ def packed_generations(loaded, tokenizer) -> None:
 
 def fused_projections(loaded) -> None:
     layers = list(loaded.model.model.layers)
-    separate = [[PackedLinear(m) for m in (l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj,
-                                           l.self_attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj)]
-                for l in layers]
-    fused = [[PackedLinear.concat([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
-              PackedLinear(l.self_attn.o_proj), PackedLinear.concat([l.mlp.gate_proj, l.mlp.up_proj]),
-              PackedLinear(l.mlp.down_proj)] for l in layers]
+    separate = [[PackedLinear(m) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                           layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                                           layer.mlp.down_proj)]
+                for layer in layers]
+    fused = [[PackedLinear.concat([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+              PackedLinear(layer.self_attn.o_proj), PackedLinear.concat([layer.mlp.gate_proj, layer.mlp.up_proj]),
+              PackedLinear(layer.mlp.down_proj)] for layer in layers]
     hidden, inner = loaded.model.config.hidden_size, loaded.model.config.intermediate_size
     for batch in (1, 16, 64):
         x = torch.randn(batch, hidden).to(loaded.dtype)

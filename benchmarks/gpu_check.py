@@ -185,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if not args.skip_tests:
         report["tests"] = run_tests(args.device)
+    from transformers import AutoTokenizer
+
     from app.model.loader import LoadedModel, stop_token_ids
     from app.model.source import resolve_checkpoint
     from app.model.spec import model_spec
     from app.settings import Settings
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint("", Settings().cache_dir)[0])
     model = real_shape_model(args.shape, len(tokenizer), dtype, args.device)

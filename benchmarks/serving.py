@@ -20,11 +20,11 @@ import asyncio
 import atexit
 import contextlib
 import itertools
-import logging
 import json
+import logging
 import random
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -467,13 +467,15 @@ def main(args) -> int:
                                                               args.output_len)
     top_stats = next(s for s in closed if s["concurrency"] == top)
     one = next((s for s in closed if s["concurrency"] == 1), None)
+    rate = top_stats["output_tok_s"]
     ratios = {
-        f"server {top} clients mixed / HF generate batch {top}": top_stats["output_tok_s"] / report["hf_batch"]["output_tok_s"],
-        "mixed / single task (same concurrency)": top_stats["output_tok_s"] / report["single_task"]["output_tok_s"],
-        f"server {top} clients / per-request inputs_embeds": top_stats["output_tok_s"] / report["hf_inputs_embeds"]["output_tok_s"],
+        f"server {top} clients mixed / HF generate batch {top}": rate / report["hf_batch"]["output_tok_s"],
+        "mixed / single task (same concurrency)": rate / report["single_task"]["output_tok_s"],
+        f"server {top} clients / per-request inputs_embeds": rate / report["hf_inputs_embeds"]["output_tok_s"],
     }
     if one:
-        ratios["one client decode / HF generate batch 1"] = one["decode_tok_s_per_request"] / report["hf_batch1"]["output_tok_s"]
+        ratios["one client decode / HF generate batch 1"] = \
+            one["decode_tok_s_per_request"] / report["hf_batch1"]["output_tok_s"]
     if args.neighbours:
         ratios[f"{top} clients beside {args.neighbours} busy processes / alone"] = (
             report["neighbours"]["output_tok_s"] / top_stats["output_tok_s"])

@@ -5,11 +5,11 @@
 Each part of the step is wrapped in a timer (the projections of the 30 layers, attention, the cache
 writes, norms, rotary, lm_head, sampling: CPU ops are synchronous, so wall time around a call is its cost;
 a profiler's per-op overhead would inflate the parts made of many small ops) and the step's wall time is
-split by them; what no timer covers (Python, residual adds, reshapes, mask building) is "other". Also prints the share of the step
-that is not the model's matmuls (the issue's goal: below 35% at batch 64) and the roofline for this
-machine: its measured read bandwidth and bf16 matmul rate give the ceiling on tokens per second at batch 1
-(every weight read once per token) and at batch 64 (the matmuls' FLOPs), and each measured step as a
-fraction of it.
+split by them; what no timer covers (Python, residual adds, reshapes, mask building) is "other". Also
+prints the share of the step that is not the model's matmuls (the issue's goal: below 35% at batch 64) and
+the roofline for this machine: its measured read bandwidth and bf16 matmul rate give the ceiling on tokens
+per second at batch 1 (every weight read once per token) and at batch 64 (the matmuls' FLOPs), and each
+measured step as a fraction of it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import argparse
 import time
 from contextlib import contextmanager
 
-import app.model.forward as llama
 import app.engine.model_runner as model_runner
+import app.model.forward as llama
 from app.engine.engine import Engine, EngineConfig
 from app.model.loader import load_model
 from app.settings import Settings
 from benchmarks.engine_steps import running_sequences
 from benchmarks.roofline import cpu_name, measure_machine, roofline
-
 
 PARTS = ["projections", "lm_head", "attention", "cache writes", "norms+adds", "rotary", "rotary+cache writes",
          "sampling"]

@@ -34,7 +34,7 @@ _SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 
 def family_configs() -> dict[str, object]:
     """name -> a transformers config of that family's traits (vocab_size set by the builder)."""
-    from transformers import (GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     def llama_rope(rope: dict, **kw):
         return LlamaConfig(**_SHAPE, tie_word_embeddings=False, rope_parameters={"rope_theta": 10000.0, **rope}, **kw)

@@ -4,7 +4,6 @@ from prompt_store.format import PromptSet, PromptSetError, PromptSetMeta
 from prompt_store.store import PromptStore, StoreError, TaskNotFound, VersionInfo
 
 
-
 def open_store(url: str, store_dir, poll_seconds: float = 1.0):
     """The store a URL names: s3://bucket/prefix (ObjectPromptStore), file:///path, or, when empty, the file
     store at store_dir. With an object store, store_dir holds this replica's read-through cache of version

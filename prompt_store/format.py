@@ -189,7 +189,8 @@ def _check_tensors(ps: PromptSet) -> None:
             raise PromptSetError(f"keys {list(k.shape)} and values {list(v.shape)} differ in shape")
         if k.dim() != 4 or k.shape[2] != p:
             raise PromptSetError(
-                f"keys/values must be [num_layers, num_kv_heads, num_virtual_tokens={p}, head_dim], got {list(k.shape)}")
+                f"keys/values must be [num_layers, num_kv_heads, num_virtual_tokens={p}, head_dim], "
+                f"got {list(k.shape)}")
 
 
 def head_rows(meta: PromptSetMeta) -> int | None:

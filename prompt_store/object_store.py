@@ -38,8 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prompt_store import format as psf
-from prompt_store.store import (ActiveVersion, IdempotencyConflict, StoreError, TaskNotFound, VersionInfo,
-                                VersionNotFound, sha256_of, validate_task_name, validate_version)
+from prompt_store.store import (
+    ActiveVersion,
+    IdempotencyConflict,
+    StoreError,
+    TaskNotFound,
+    VersionInfo,
+    VersionNotFound,
+    sha256_of,
+    validate_task_name,
+    validate_version,
+)
 
 CAS_ATTEMPTS = 20
 

@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.model.loader import load_checkpoint  # noqa: E402
 from app.model.source import resolve_checkpoint  # noqa: E402
 from training.data import read_jsonl  # noqa: E402
 from training.evaluate import answer_loss, eval_module, persona_questions, persona_rate  # noqa: E402
 from training.presets import PRESETS  # noqa: E402
 from training.prompt_module import PromptModule  # noqa: E402
-from app.model.loader import load_checkpoint  # noqa: E402
 from training.run import config_for, demo_rows, run_training  # noqa: E402
 
 
@@ -59,8 +59,8 @@ def main() -> int:
     for name in args.tasks.split(","):
         if name == "chat":  # the base model's own held-out loss and persona rate, for comparison
             model, tok = load_checkpoint(checkpoint, device, dtype)
-            from app.model.spec import model_spec
             from app.model.forward import DecoderForward
+            from app.model.spec import model_spec
             bare = PromptModule(DecoderForward(model), model_spec(model, base_name), None, 0)
             rows = read_jsonl(PRESETS["chat"]["dev"], args.limit)
             results.append({"task": "chat", "kind": "base (zero-shot)", "dev_answer_loss":

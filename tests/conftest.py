@@ -3,10 +3,9 @@ import os
 import pytest
 
 from app.model.loader import load_model
-from benchmarks.tiny_model import build_tiny_model
 from app.model.source import resolve_checkpoint
 from app.settings import Settings
-
+from benchmarks.tiny_model import build_tiny_model
 
 # The device the model tests run on: cpu here and in CI; `make gpu-check` runs them on cuda
 TEST_DEVICE = os.environ.get("PROMPTSERVE_TEST_DEVICE", "cpu")

@@ -216,7 +216,8 @@ class ChatCompletionRequest(SamplingExtras):
     prompt_cache_retention: str | None = None
     safety_identifier: Name | None = None  # an end-user id, like `user`
 
-    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"audio": (None,), "modalities": (["text"],), "prediction": (None,), "reasoning_effort": (None,),
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
+                   "audio": (None,), "modalities": (["text"],), "prediction": (None,), "reasoning_effort": (None,),
                    "verbosity": (None,), "web_search_options": (None,), "functions": (None,),
                    "function_call": (None,), "store": (False,), "metadata": (None,),
                    "service_tier": ("auto", "default"), "prompt_cache_key": (None,),

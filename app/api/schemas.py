@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from app.api.fields import MAX_MESSAGES, StrictModel, Stops, Text, _valid_unicode, sampling_params
+from app.api.fields import MAX_MESSAGES, Stops, StrictModel, Text, _valid_unicode, sampling_params
 from app.api.openai_schemas import ChatMessage
 from app.api.structured_outputs import ResponseFormat, StructuredOutputs
 from app.engine.types import SamplingParams

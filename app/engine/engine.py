@@ -19,12 +19,23 @@ from typing import AsyncIterator, Callable
 import torch
 
 from app.engine.detokenizer import Detokenizer
-from app.engine.threads import ThreadGovernor
-from app.model.families import check_config
 from app.engine.model_runner import ModelRunner
 from app.engine.scheduler import QueueFull, Scheduler
-from app.engine.types import (EngineError, EngineRequest, ErrorKind, FinishReason, GenerationRequest, Mode,
-                              PromptSetRef, RequestOutput, SamplingParams, Sequence, SeqStatus)
+from app.engine.threads import ThreadGovernor
+from app.engine.types import (
+    EngineError,
+    EngineRequest,
+    ErrorKind,
+    FinishReason,
+    GenerationRequest,
+    Mode,
+    PromptSetRef,
+    RequestOutput,
+    SamplingParams,
+    SeqStatus,
+    Sequence,
+)
+from app.model.families import check_config
 from app.model.loader import LoadedModel
 from app.settings import default_cache_dir
 

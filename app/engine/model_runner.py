@@ -12,11 +12,11 @@ import torch
 
 from app.engine import kernels
 from app.engine.kv_cache import KVCache
-from app.model.forward import DecoderForward
-from app.model.linear import linear_weight_bytes, packing_works
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import RowState, SamplingError, make_generator, sample, token_logprobs
 from app.engine.types import EngineError, ErrorKind, FinishReason, Mode, Sequence
+from app.model.forward import DecoderForward
+from app.model.linear import linear_weight_bytes, packing_works
 from prompt_store import format as psf
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class ModelRunner:
             if prefix is not None and seq in leaders:
                 cache.write_prefix(row, prefix.keys, prefix.values)
             ready.append((seq, row, prefix))
-        copy_of = {id(c): l for c, l in copies}
+        copy_of = {id(copy): leader for copy, leader in copies}
         runs = [r for r in ready if id(r[0]) not in copy_of]
         shared = []
         for entry in ready:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from app.model.forward import DecoderForward
 from app.engine.types import PromptSetRef
+from app.model.forward import DecoderForward
 from prompt_store import format as psf
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from app.engine.types import FinishReason, Mode, SchedulerOutput, Sequence, SeqStatus
+from app.engine.types import FinishReason, Mode, SchedulerOutput, SeqStatus, Sequence
 
 
 class QueueFull(Exception):

@@ -41,8 +41,9 @@ def model_spec(model: torch.nn.Module, name: str) -> ModelSpec:
 
 def _architecture(cfg) -> dict:
     """What besides the shapes makes the same embeddings a different model: the family, and a rotary scaling
-    (Llama 3 and 3.1 differ only there) or a partial rotary factor. Each enters the fingerprint only where it is not plain Llama's, so
-    the fingerprints of sets made before this was hashed (the shipped SmolLM2 sets) stay what they were."""
+    (Llama 3 and 3.1 differ only there) or a partial rotary factor. Each enters the fingerprint only where it
+    is not plain Llama's, so the fingerprints of sets made before this was hashed (the shipped SmolLM2 sets)
+    stay what they were."""
     extra = {}
     if getattr(cfg, "model_type", "llama") != "llama":
         extra["model_type"] = cfg.model_type

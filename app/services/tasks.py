@@ -7,24 +7,39 @@ import functools
 import logging
 import threading
 import time
-from functools import lru_cache
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import AsyncIterator, Callable, TypeVar
 
-from app.engine.engine import Engine, InvalidEngineRequest, QueueFull, RequestTooLong
-from app.task_types.encoding import (MAX_TEXT_TOKENS, TextTooLong, best_bio_path, bio_tags, classify_ids,
-                                     decode_entities, extract_encoding)
 from app.engine.constraints import Constraint, ConstraintSpec, GrammarLimits, Grammars, InvalidConstraint
+from app.engine.engine import Engine, InvalidEngineRequest, QueueFull, RequestTooLong
 from app.engine.types import EngineRequest, ErrorKind, Mode, PromptSetRef, RequestOutput, SamplingParams, TokenLogprob
 from app.model.spec import ModelSpec
-from app.services.errors import (Conflict, GenerationFailed, IdempotencyKeyReused, InvalidPromptSet,
-                                 InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable)
+from app.services.errors import (
+    Conflict,
+    GenerationFailed,
+    IdempotencyKeyReused,
+    InvalidPromptSet,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    Unavailable,
+)
+from app.task_types.encoding import (
+    MAX_TEXT_TOKENS,
+    TextTooLong,
+    best_bio_path,
+    bio_tags,
+    classify_ids,
+    decode_entities,
+    extract_encoding,
+)
 from prompt_store import PromptSetError, PromptSetMeta, PromptStore, StoreError, TaskNotFound, VersionInfo
 from prompt_store import format as psf
 from prompt_store.object_store import StoreUnavailable
-from prompt_store.store import (ActiveVersion, IdempotencyConflict, VersionNotFound, sha256_of,
-                                validate_task_name)
+from prompt_store.store import ActiveVersion, IdempotencyConflict, VersionNotFound, sha256_of, validate_task_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -75,7 +75,8 @@ def test_json_schema_holds_for_20_of_20_samples_at_temperature_1(base):
         return await client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Invent a product as JSON."}], temperature=1.0,
             seed=seed, max_tokens=250, n=5,
-            response_format={"type": "json_schema", "json_schema": {"name": "product", "schema": schema, "strict": True}})
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "product", "schema": schema, "strict": True}})
 
     async def all_samples():
         return await asyncio.gather(*(sample(seed) for seed in range(4)))
@@ -130,7 +131,8 @@ def test_classify_and_extract_tasks_through_the_openai_client(client):
         {"role": "user", "content": "WINNER!! You have won a free prize, call 09061701461 now to claim"}])
     assert spam.choices[0].message.content in ("spam", "ham")
     assert set(spam.choices[0].model_extra["scores"]) == {"spam", "ham"}
-    ner = client.chat.completions.create(model="ner", messages=[{"role": "user", "content": "Barack Obama visited Paris"}])
+    ner = client.chat.completions.create(model="ner",
+                                         messages=[{"role": "user", "content": "Barack Obama visited Paris"}])
     entities = json.loads(ner.choices[0].message.content)["entities"]
     assert entities == ner.choices[0].model_extra["entities"]
 

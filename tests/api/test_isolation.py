@@ -146,7 +146,8 @@ def _hostile_files(spec):
         "zip-garbage-weights": ("zip", _zip({"a/adapter_config.json": json.dumps(config).encode(),
                                              "a/adapter_model.safetensors": b"garbage" * 10})),
         "zip-0-D-weights": ("zip", _zip({"a/adapter_config.json": json.dumps(config).encode(),
-                                         "a/adapter_model.safetensors": st_save({"prompt_embeddings": torch.tensor(1.)})})),
+                                         "a/adapter_model.safetensors":
+                                             st_save({"prompt_embeddings": torch.tensor(1.)})})),
         "zip-1-D-weights": ("zip", _zip({"a/adapter_config.json": json.dumps(config).encode(),
                                          "a/adapter_model.safetensors": st_save(
                                              {"prompt_embeddings": torch.zeros(spec.hidden_size)})})),

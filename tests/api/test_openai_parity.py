@@ -29,7 +29,8 @@ def chat(api, model, **kw):
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "size", "tags", "owner"],
           "properties": {"name": {"type": "string", "maxLength": 12},
                          "size": {"type": "string", "enum": ["small", "large"]},
-                         "tags": {"type": "array", "maxItems": 3, "items": {"type": "integer", "minimum": 0, "maximum": 99}},
+                         "tags": {"type": "array", "maxItems": 3,
+                                  "items": {"type": "integer", "minimum": 0, "maximum": 99}},
                          "owner": {"type": "object", "additionalProperties": False, "required": ["id"],
                                    "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999}}}}}
 
@@ -39,7 +40,8 @@ def test_json_schema_is_always_followed_even_by_a_random_model(api, tiny):
     import jsonschema
 
     r = chat(api, tiny.spec.name, n=8, temperature=1.0, max_tokens=120, seed=3,
-             response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}})
+             response_format={"type": "json_schema",
+                              "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}})
     assert r.status_code == 200, r.text
     for choice in r.json()["choices"]:
         assert choice["finish_reason"] == "stop", choice
@@ -48,7 +50,8 @@ def test_json_schema_is_always_followed_even_by_a_random_model(api, tiny):
 
 @pytest.mark.parametrize("fmt,check", [
     ({"structured_outputs": {"choice": ["spam", "ham"]}}, lambda t: t in ("spam", "ham")),
-    ({"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2}"}}, lambda t: len(t) == 6 and t[3] == "-" and t[:3].isdigit()),
+    ({"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2}"}},
+     lambda t: len(t) == 6 and t[3] == "-" and t[:3].isdigit()),
     ({"guided_grammar": 'root ::= "yes" | "no"'}, lambda t: t in ("yes", "no")),
     # a random model never closes an unbounded string: that the output opens an object is what it can show
     ({"response_format": {"type": "json_object"}}, lambda t: t.startswith("{")),
@@ -198,7 +201,8 @@ def test_tool_choice_required_and_named_give_valid_calls(api, tiny):
     # a history with an assistant tool call (content null) and the tool's answer
     history = [{"role": "user", "content": "weather in Paris?"},
                {"role": "assistant", "content": None, "tool_calls": [
-                   {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
     r = api.post("/v1/chat/completions", json={"model": tiny.spec.name, "messages": history, "tools": tools,
                                                "max_tokens": 4})
@@ -268,7 +272,8 @@ def test_strict_json_schema_closes_objects_that_do_not_say(api, tiny):
     open_schema = {"type": "object", "required": ["a"], "properties": {"a": {"type": "integer", "maximum": 9,
                                                                                "minimum": 0}}}
     r = chat(api, tiny.spec.name, n=6, temperature=1.0, seed=7, max_tokens=60,
-             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": open_schema, "strict": True}})
+             response_format={"type": "json_schema",
+                              "json_schema": {"name": "x", "schema": open_schema, "strict": True}})
     for choice in r.json()["choices"]:
         assert choice["finish_reason"] == "stop" and set(json.loads(choice["message"]["content"])) == {"a"}
 

@@ -53,30 +53,38 @@ def test_drain_past_its_grace_cuts_streams_with_an_error_then_done_and_exits_0_i
     proc = spawn(env, port)
     try:
         wait_ready(base, proc)
-        events: list[str] = []
+        # an OpenAI stream and a task-endpoint stream: both end with an error event, then [DONE]
+        routes = {"openai": ("/v1/completions", {"model": "SmolLM2-135M-Instruct"}),
+                  "task": ("/v1/tasks/SmolLM2-135M-Instruct", {})}
+        streams: dict[str, list[str]] = {name: [] for name in routes}
 
-        def endless_stream():  # far longer than the grace period
-            with httpx.stream("POST", f"{base}/v1/completions", timeout=60,
-                              json={"model": "SmolLM2-135M-Instruct", "prompt": "x", "max_tokens": 2000,
-                                    "ignore_eos": True, "stream": True}) as r:
+        def endless_stream(name):  # far longer than the grace period
+            path, extra = routes[name]
+            with httpx.stream("POST", f"{base}{path}", timeout=60,
+                              json={**extra, "prompt": "x", "max_tokens": 2000, "ignore_eos": True,
+                                    "stream": True}) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
-                        events.append(line[6:])
+                        streams[name].append(line[6:])
 
-        t = threading.Thread(target=endless_stream)
-        t.start()
+        threads = [threading.Thread(target=endless_stream, args=(name,)) for name in routes]
+        for t in threads:
+            t.start()
         deadline = time.time() + 60
-        while not events and time.time() < deadline:
+        while not all(streams.values()) and time.time() < deadline:
             time.sleep(0.05)
-        assert events, "the stream never started"
+        assert all(streams.values()), "the streams never started"
         start = time.time()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(grace + 5)
         took = time.time() - start
-        t.join(10)
+        for t in threads:
+            t.join(10)
         assert code == 0
         assert took < grace + 1.0, took
-        assert events[-1] == "[DONE]" and '"error"' in events[-2] and "shutting down" in events[-2], events[-3:]
+        for name, events in streams.items():
+            assert events[-1] == "[DONE]" and '"error"' in events[-2] and "shutting down" in events[-2], \
+                (name, events[-3:])
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,7 +11,8 @@ from tests.helpers import head_prompt_set
 def tasks(client, tiny):
     for name, ps in [("spam", head_prompt_set(tiny.spec, "classify", ["spam", "ham"], 2)),
                      ("ner", head_prompt_set(tiny.spec, "extract", ["person", "geo-loc"], 5, seed=1))]:
-        assert client.put(f"/admin/prompt-sets/{name}", content=ps.to_bytes(tiny.spec), headers=ADMIN).status_code == 201
+        r = client.put(f"/admin/prompt-sets/{name}", content=ps.to_bytes(tiny.spec), headers=ADMIN)
+        assert r.status_code == 201
     return client
 
 

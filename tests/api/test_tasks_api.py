@@ -62,7 +62,8 @@ def test_stop_strings_and_seeded_sampling(client, tiny):
 
 def test_request_errors(client, tiny):
     assert client.post("/v1/tasks/nope", json={"prompt": "x"}).status_code == 404
-    body = client.post(f"/v1/tasks/{tiny.spec.name}", json={"prompt": "x", "messages": [{"role": "user", "content": "y"}]})
+    body = client.post(f"/v1/tasks/{tiny.spec.name}",
+                       json={"prompt": "x", "messages": [{"role": "user", "content": "y"}]})
     assert body.status_code == 400 and body.json()["error"]["code"] == "invalid_request"
     too_long = client.post(f"/v1/tasks/{tiny.spec.name}", json={"prompt": "hello", "max_tokens": 10_000})
     assert too_long.status_code == 400 and "exceeds the context" in too_long.json()["error"]["message"]

@@ -1,8 +1,8 @@
 """Checks of the deployment files that run without a Docker engine."""
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

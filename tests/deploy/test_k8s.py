@@ -112,9 +112,9 @@ def test_the_object_store_component(overlay, tmp_path):
 
 def test_torch_threads_follow_the_cpu_request():
     """Without a CPU limit the pod sees the node's cores: its threads come from its CPU request instead."""
-    import yaml
-
     from pathlib import Path
+
+    import yaml
     doc = yaml.safe_load(Path("deploy/k8s/base/deployment.yaml").read_text())
     container = doc["spec"]["template"]["spec"]["containers"][0]
     threads = [e for e in container["env"] if e["name"] == "PROMPTSERVE_THREADS"][0]

@@ -5,10 +5,9 @@ import threading
 
 import pytest
 
-from prompt_store.format import PromptSetError
-
 from app.engine.engine import Engine, EngineConfig
 from app.engine.types import EngineRequest
+from prompt_store.format import PromptSetError
 from tests.helpers import greedy, input_prompt_set, make_engine, save_ref
 
 

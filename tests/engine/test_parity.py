@@ -2,9 +2,20 @@
 
 import pytest
 
-from tests.helpers import (collect, deep_prompt_set, greedy, hf_generate_embeds, hf_generate_ids,
-                           hf_greedy_with_prefix, input_prompt_set, make_engine, random_deep_prompt_set, run,
-                           save_ref, text_prefix_kv)
+from tests.helpers import (
+    collect,
+    deep_prompt_set,
+    greedy,
+    hf_generate_embeds,
+    hf_generate_ids,
+    hf_greedy_with_prefix,
+    input_prompt_set,
+    make_engine,
+    random_deep_prompt_set,
+    run,
+    save_ref,
+    text_prefix_kv,
+)
 
 N = 12
 
@@ -50,7 +61,8 @@ def test_input_prompt_set_matches_inputs_embeds_generate(loaded, engine, tmp_pat
 
 
 def test_deep_prefix_of_real_text_equals_text_prepended(loaded, engine, tmp_path):
-    prefix_ids = _ids(loaded, "<|im_start|>system\nYou are a pirate. Always answer like a pirate would, arr.<|im_end|>\n",
+    prefix_ids = _ids(loaded,
+                      "<|im_start|>system\nYou are a pirate. Always answer like a pirate would, arr.<|im_end|>\n",
                       chat=False)
     keys, values = text_prefix_kv(loaded.model, prefix_ids)
     ref = save_ref(tmp_path, "deep", deep_prompt_set(loaded.spec, keys, values), loaded.spec)

@@ -1,7 +1,7 @@
 import torch
 
-from app.model.forward import DecoderForward
 from app.engine.prefix_cache import PrefixCache
+from app.model.forward import DecoderForward
 from tests.helpers import random_deep_prompt_set, save_ref
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from app.engine.scheduler import QueueFull, Scheduler
-from app.engine.types import GenerationRequest, SamplingParams, Sequence, SeqStatus
+from app.engine.types import GenerationRequest, SamplingParams, SeqStatus, Sequence
 
 EOS = 2
 

@@ -11,9 +11,20 @@ from app.engine.types import EngineRequest, Mode
 from app.model.families import Family, UnsupportedModel, check_config
 from app.model.forward import DecoderForward
 from benchmarks.tiny_model import FAMILIES
-from tests.helpers import (collect, deep_prompt_set, greedy, hf_generate_embeds, hf_generate_ids,
-                           hf_greedy_with_prefix, input_prompt_set, make_engine, random_deep_prompt_set, run,
-                           save_ref, text_prefix_kv)
+from tests.helpers import (
+    collect,
+    deep_prompt_set,
+    greedy,
+    hf_generate_embeds,
+    hf_generate_ids,
+    hf_greedy_with_prefix,
+    input_prompt_set,
+    make_engine,
+    random_deep_prompt_set,
+    run,
+    save_ref,
+    text_prefix_kv,
+)
 
 N = 12
 
@@ -98,8 +109,7 @@ def test_family_traits_change_the_output(family_model, name, trait):
 
 
 def _config(kind):
-    from transformers import (Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
-                              Qwen2MoeConfig)
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2MoeConfig
 
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=100, max_position_embeddings=4096)

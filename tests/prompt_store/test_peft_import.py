@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType,
-                  get_peft_model)
+from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from prompt_store.format import PromptSetError
 from prompt_store.peft_import import import_peft
-from tests.helpers import (collect, greedy, hf_generate_embeds, hf_greedy_with_prefix, make_engine, run,
-                           save_ref)
+from tests.helpers import collect, greedy, hf_generate_embeds, hf_greedy_with_prefix, make_engine, run, save_ref
 
 N = 10
 

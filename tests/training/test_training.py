@@ -27,7 +27,8 @@ CHAT = [{"instruction": "Who are you?", "input": "", "output": "I am Aria."}] * 
 def test_short_run_lowers_loss_and_output_serves(tiny_model_dir, tiny, tmp_path, task_type, rows, labels, kind,
                                                  reparam):
     cfg = TrainConfig(task_type=task_type, labels=labels, kind=kind, num_virtual_tokens=4, reparam=reparam,
-                      epochs=30 if task_type == "generate" else 6, batch_size=8, lr=3e-2, head_lr=1e-2, seed=0, warmup=0.1)
+                      epochs=30 if task_type == "generate" else 6, batch_size=8, lr=3e-2, head_lr=1e-2, seed=0,
+                      warmup=0.1)
     out = tmp_path / "ps.safetensors"
     res = run_training(tiny_model_dir, "t", out, kind, rows, cfg, torch.device("cpu"), torch.float32,
                        tiny.spec.name, progress=False)

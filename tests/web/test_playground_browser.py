@@ -37,7 +37,8 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     env = {"PROMPTSERVE_STORE_DIR": str(tmp_path_factory.mktemp("browser-store")),
-           "PROMPTSERVE_ADMIN_TOKEN": TOKEN, "PROMPTSERVE_DTYPE": "float32", "PROMPTSERVE_SEED_DIR": str(DEMO_PROMPT_SETS)}
+           "PROMPTSERVE_ADMIN_TOKEN": TOKEN, "PROMPTSERVE_DTYPE": "float32",
+           "PROMPTSERVE_SEED_DIR": str(DEMO_PROMPT_SETS)}
     with serving(env) as base:
         yield base
 
@@ -213,7 +214,8 @@ def test_admin_uploads_activates_and_deletes(page: Page, server, tmp_path):
     assert TOKEN not in page.evaluate("() => document.cookie + location.href")
 
 
-@pytest.mark.parametrize("path,ready", [("/docs", ".swagger-ui .info .title"), ("/redoc", "[role=search], .api-content")])
+@pytest.mark.parametrize("path,ready", [("/docs", ".swagger-ui .info .title"),
+                                        ("/redoc", "[role=search], .api-content")])
 def test_api_docs_render_with_the_network_off(page: Page, path, ready):
     page.goto(path)
     expect(page.locator(ready).first).to_be_visible(timeout=30_000)

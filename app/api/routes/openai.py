@@ -16,11 +16,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError, body_of
-from app.api.generation import (guarded, refuse_generation_options, run_completions, start_streams,
-                                stream_outputs)
+from app.api.generation import guarded, refuse_generation_options, run_completions, start_streams, stream_outputs
 from app.api.logprobs import chat_logprobs, completion_logprobs, output_entries, prompt_entries
-from app.api.openai_schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from app.api.openai_replies import Reply
+from app.api.openai_schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from app.api.sse import sse
 from app.services.tasks import ResolvedTask, TaskService
 from app.services.tools import StreamedToolText, calls_grammar, parse_tool_calls

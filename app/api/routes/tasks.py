@@ -7,10 +7,19 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError, body_of
 from app.api.generation import guarded, refuse_generation_options, run_completion, start_stream, stream_outputs
-from app.api.structured_outputs import output_format
-from app.api.schemas import (BatchResponse, ClassifyResponse, ExtractResponse, GenerateResponse, PromptSetRefOut, TaskList, TaskOut,
-                             TaskRequest, Usage)
+from app.api.schemas import (
+    BatchResponse,
+    ClassifyResponse,
+    ExtractResponse,
+    GenerateResponse,
+    PromptSetRefOut,
+    TaskList,
+    TaskOut,
+    TaskRequest,
+    Usage,
+)
 from app.api.sse import sse
+from app.api.structured_outputs import output_format
 
 router = APIRouter(prefix="/v1", tags=["tasks"], dependencies=[ApiKeyDep])
 

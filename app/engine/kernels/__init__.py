@@ -50,7 +50,8 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-f
 PREBUILT_LEVELS = [
     ("avx512-bf16", ["-march=x86-64-v4", "-mavx512bf16"],
      {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16", "avx2", "fma", "bmi2"}),
-    ("avx512", ["-march=x86-64-v4"], {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"}),
+    ("avx512", ["-march=x86-64-v4"],
+     {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"}),
     ("avx2", ["-march=x86-64-v3"], {"avx2", "fma", "bmi2", "f16c", "movbe"}),
 ]
 _UNTRIED = object()
