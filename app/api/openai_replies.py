@@ -10,10 +10,72 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, model_serializer
+
 from app.api.schemas import Usage
 from app.api.sse import sse
 
 Kind = Literal["text_completion", "chat.completion"]
+
+
+class _Choice(BaseModel):
+    # extension fields of classify and extract answers (`scores`, `entities`) ride along on a choice
+    model_config = ConfigDict(extra="allow")
+
+    index: int
+    logprobs: dict | None = None
+    finish_reason: str | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: None = None
+    tool_calls: list[dict] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_calls(self, handler):
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)  # OpenAI leaves the key out when there are no calls
+        return out
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
+
+
+class ChatDeltaChoice(_Choice):
+    delta: dict
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion", "chat.completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice] | list[ChatChoice]
+    usage: Usage
+
+
+class StreamChunk(BaseModel):
+    id: str
+    object: Literal["text_completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[CompletionChoice] | list[ChatDeltaChoice]
+    usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _usage_when_given(self, handler):
+        out = handler(self)
+        if out.get("usage") is None:
+            out.pop("usage", None)
+        return out
 
 
 @dataclass
@@ -28,8 +90,8 @@ class UsageCounter:
         self.prompt[index // self.n] = prompt_tokens
         self.completion += completion_tokens
 
-    def usage(self) -> dict:
-        return Usage.of(sum(self.prompt.values()), self.completion).model_dump()
+    def usage(self) -> Usage:
+        return Usage.of(sum(self.prompt.values()), self.completion)
 
 
 @dataclass
@@ -59,25 +121,25 @@ class Reply:
         return {"id": self.id, "object": self.chunk_kind if streamed else self.kind, "created": self.created,
                 "model": self.model}
 
-    def response(self, choices: list[dict]) -> dict:
-        return {**self.envelope(), "choices": choices, "usage": self.counter.usage()}
+    def response(self, choices: list[CompletionChoice] | list[ChatChoice]) -> dict:
+        return CompletionResponse(**self.envelope(), choices=choices, usage=self.counter.usage()).model_dump()
 
     # -- streams -----------------------------------------------------------------------------------
-    def chunk(self, choice: dict) -> str:
-        return sse({**self.envelope(streamed=True), "choices": [choice]})
+    def chunk(self, choice: CompletionChoice | ChatDeltaChoice) -> str:
+        return sse(StreamChunk(**self.envelope(streamed=True), choices=[choice]).model_dump())
 
     def chat_delta(self, index: int, delta: dict, finish_reason: str | None = None, logprobs=None,
                    **extension) -> str:
-        return self.chunk({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
-                           **extension})
+        return self.chunk(ChatDeltaChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                                          **extension))
 
     def text_piece(self, index: int, text: str, finish_reason: str | None = None, logprobs=None,
                    **extension) -> str:
-        return self.chunk({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-                           **extension})
+        return self.chunk(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason,
+                                           **extension))
 
     def epilogue(self, include_usage: bool) -> list[str]:
         """The end of a stream: a usage chunk when asked for, then [DONE]."""
-        tail = [sse({**self.envelope(streamed=True), "choices": [], "usage": self.counter.usage()})] \
+        tail = [sse(StreamChunk(**self.envelope(streamed=True), choices=[], usage=self.counter.usage()).model_dump())] \
             if include_usage else []
         return tail + [sse("[DONE]")]

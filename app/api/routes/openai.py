@@ -18,7 +18,7 @@ from app.api.deps import ApiKeyDep, MetricsDep, SettingsDep, TasksDep
 from app.api.errors import ApiError, body_of
 from app.api.generation import guarded, refuse_generation_options, run_completions, start_streams, stream_outputs
 from app.api.logprobs import chat_logprobs, completion_logprobs, output_entries, prompt_entries
-from app.api.openai_replies import Reply
+from app.api.openai_replies import AssistantMessage, ChatChoice, CompletionChoice, Reply
 from app.api.openai_schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from app.api.sse import sse
 from app.services.tasks import ResolvedTask, TaskService
@@ -130,10 +130,9 @@ async def _labelled(request, body, tasks, settings, metrics, resolved, texts: li
             yield from reply.epilogue(_include_usage(body))
         return StreamingResponse(events(), media_type="text/event-stream")
     if chat:
-        return reply.response([{"index": i, "message": {"role": "assistant", "content": c, "refusal": None},
-                                "finish_reason": "stop", "logprobs": None, **ext}
+        return reply.response([ChatChoice(index=i, message=AssistantMessage(content=c), finish_reason="stop", **ext)
                                for i, (c, ext, _) in enumerate(answers)])
-    return reply.response([{"index": i, "text": c, "finish_reason": "stop", "logprobs": None, **ext}
+    return reply.response([CompletionChoice(index=i, text=c, finish_reason="stop", **ext)
                            for i, (c, ext, _) in enumerate(answers)])
 
 
@@ -199,7 +198,7 @@ async def completions(body: CompletionRequest, request: Request, tasks: TasksDep
                 output_entries(result.logprobs or [])
             logprobs = completion_logprobs(entries, body.token_text(tasks.token_text))
         text = (echoed[index // n] if echo else "") + result.text
-        choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason})
+        choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=result.finish_reason))
         reply.finished(index, len(ids), result.completion_tokens)
     return reply.response(choices)
 
@@ -219,15 +218,14 @@ def _tool_grammar(body: ChatCompletionRequest, tools: list[dict]):
     return []
 
 
-def _chat_message(text: str, finish_reason: str, tools: list[dict], parallel: bool) -> tuple[dict, str]:
+def _chat_message(text: str, finish_reason: str, tools: list[dict], parallel: bool) -> tuple[AssistantMessage, str]:
     """(message, finish_reason) of an answer: tool calls parsed out when tools were offered."""
     if tools:
         content, calls = parse_tool_calls(text, tools)
         if calls:
-            return ({"role": "assistant", "content": content, "refusal": None,
-                     "tool_calls": calls if parallel else calls[:1]},
+            return (AssistantMessage(content=content, tool_calls=calls if parallel else calls[:1]),
                     "tool_calls" if finish_reason == "stop" else finish_reason)
-    return {"role": "assistant", "content": text, "refusal": None}, finish_reason
+    return AssistantMessage(content=text), finish_reason
 
 
 @router.post("/chat/completions")
@@ -298,6 +296,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tasks:
         message, finish = _chat_message(result.text, result.finish_reason, tools, parallel)
         logprobs = {"content": chat_logprobs(result.logprobs or [], body.token_text(tasks.token_text)),
                     "refusal": None} if top is not None else None
-        choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish))
         reply.finished(index, len(ids), result.completion_tokens)
     return reply.response(choices)
