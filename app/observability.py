@@ -36,13 +36,18 @@ class _EngineCollector:
         misses = CounterMetricFamily("promptserve_prompt_set_cache_misses", "device prompt-set cache misses")
         threads = GaugeMetricFamily("promptserve_engine_threads", "CPU threads the model runs on now (fewer while "
                                     "other processes hold the cores)")
+        kv = GaugeMetricFamily("promptserve_kv_cache_bytes", "KV cache allocated now (it grows as admitted "
+                               "sequences need, within its budget)")
+        kv_budget = GaugeMetricFamily("promptserve_kv_cache_budget_bytes", "the KV cache's memory budget")
         if stats is not None:
             steps.add_metric([], stats.steps)
             busy.add_metric([], stats.busy_seconds)
             hits.add_metric([], stats.prefix_hits)
             misses.add_metric([], stats.prefix_misses)
             threads.add_metric([], stats.threads)
-        yield from (steps, busy, hits, misses, threads)
+            kv.add_metric([], stats.kv_cache_bytes)
+            kv_budget.add_metric([], stats.kv_cache_budget_bytes)
+        yield from (steps, busy, hits, misses, threads, kv, kv_budget)
 
 
 class Metrics:

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # Engine.
     max_num_seqs: int = 64  # running sequences in one batch (KV-cache rows)
     max_model_len: int = 2048  # virtual tokens + prompt + generated tokens
+    # the KV cache's memory budget in MiB: sequences are admitted while their reserved lengths (prefix + prompt
+    # + max_tokens) fit it, and it is allocated only as far as they need; 0 = a quarter of the memory
+    # available once the model is loaded (CPU: MemAvailable and the cgroup limit; GPU: free memory)
+    kv_cache_mb: int = Field(0, ge=0)
     max_queue: int = 256  # waiting requests beyond which new ones are refused
     max_prefills_per_step: int = 16
     # prompt tokens (padded) one step prefills: bounds how long a burst of prompts, or one long prompt

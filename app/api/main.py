@@ -14,6 +14,7 @@ from app.api.middleware import ServingMiddleware
 from app.api.routes import admin, health, metrics, openai, tasks, tokenizer, web
 from app.engine.constraints import GrammarLimits
 from app.engine.engine import Engine, EngineConfig
+from app.engine.kv_cache import default_budget_bytes
 from app.model.loader import LoadedModel, load_model
 from app.observability import Metrics
 from app.services.seeding import seed_store
@@ -34,6 +35,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, owns_model: bool = Tru
         prefix_cache_bytes=settings.prefix_cache_mb << 20, pack_weights=settings.pack_weights,
         release_model_weights=owns_model, small_batch_copy_bytes=settings.small_batch_copy_mb << 20,
         adaptive_threads=settings.adaptive_threads,
+        kv_cache_bytes=(settings.kv_cache_mb << 20) or default_budget_bytes(loaded.device),
         kernel_cache_dir=str(settings.cache_dir) if settings.native_kernels else None))
 
 

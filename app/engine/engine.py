@@ -74,6 +74,9 @@ class EngineConfig:
     small_batch_copy_bytes: int = 1 << 30
     # CPU: run fewer threads while other processes compete for the cores (ThreadGovernor)
     adaptive_threads: bool = False
+    # the KV cache's memory budget: sequences are admitted while their reserved lengths fit it; None: room
+    # for max_num_seqs rows of the full context (the cache still grows only as far as they need)
+    kv_cache_bytes: int | None = None
     # CPU: where the native decode-attention kernel is built and cached (app/engine/kernels); None: SDPA only
     kernel_cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
 
@@ -88,6 +91,8 @@ class EngineStats:
     prefix_misses: int
     prefixes_resident: int
     threads: int  # CPU threads the model runs on now
+    kv_cache_bytes: int = 0  # allocated now
+    kv_cache_budget_bytes: int = 0
 
 
 def _failure_message(exc: Exception) -> str:
@@ -126,7 +131,9 @@ class Engine:
         self.runner = ModelRunner(loaded.model, loaded.spec, loaded.device, loaded.dtype,
                                   config.max_num_seqs, self.max_model_len, config.prefix_cache_size,
                                   config.prefix_cache_bytes, config.pack_weights, config.kernel_cache_dir,
-                                  config.release_model_weights, config.small_batch_copy_bytes)
+                                  config.release_model_weights, config.small_batch_copy_bytes,
+                                  config.kv_cache_bytes)
+        self.scheduler.fits = self.runner.cache.fits  # admission within the KV cache's budget
         self._subs: dict[str, _Subscriber] = {}
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # outputs of this phase, by event loop
         self._wake = threading.Event()
@@ -270,6 +277,7 @@ class Engine:
                 self._run_calls()
                 self._flush()
                 if not self.scheduler.has_work():
+                    self.runner.cache.shrink_if_idle()
                     if self.threads is not None:
                         self.threads.idle()
                     self._wake.wait(0.1)
@@ -281,7 +289,10 @@ class Engine:
                     self.step()
                 except Exception:  # never let one bad step kill the server or leave a caller waiting
                     log.exception("engine step failed")
-                    self._fail_in_flight("internal engine error")
+                    try:
+                        self._fail_in_flight("internal engine error")
+                    except Exception:  # the loop must outlive its own clean-up failing, or every caller hangs
+                        log.exception("failing the in-flight requests failed")
                 self._flush()
         finally:
             self._run_calls()  # what was queued before the loop ended still gets its answer
@@ -478,7 +489,9 @@ class Engine:
         return EngineStats(steps=self.steps, busy_seconds=self.step_seconds, waiting=self.num_waiting,
                            running=self.num_running, prefix_hits=prefixes.hits, prefix_misses=prefixes.misses,
                            prefixes_resident=len(prefixes),
-                           threads=self.threads.threads if self.threads is not None else torch.get_num_threads())
+                           threads=self.threads.threads if self.threads is not None else torch.get_num_threads(),
+                           kv_cache_bytes=self.runner.cache.allocated_bytes,
+                           kv_cache_budget_bytes=self.runner.cache.budget_bytes)
 
     @property
     def num_waiting(self) -> int:

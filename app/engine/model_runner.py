@@ -37,7 +37,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, shape, device: torch.device, dtype: torch.dtype,
                  max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30,
                  pack_weights: bool = True, kernel_cache_dir: str | None = None, release_model_weights: bool = False,
-                 small_batch_copy_bytes: int = 1 << 30):
+                 small_batch_copy_bytes: int = 1 << 30, kv_cache_bytes: int | None = None):
         self.device = device
         self.packed_weights = pack_weights and packing_works(device, dtype)
         native = kernels.load(kernel_cache_dir) if kernel_cache_dir is not None and device.type == "cpu" \
@@ -64,7 +64,7 @@ class ModelRunner:
             if native.decode_attention is not None and full_rotary else None
         f = self.forward
         self.cache = KVCache(len(f.layers), max_num_seqs, f.num_kv_heads, max_model_len, f.head_dim,
-                             dtype, device)
+                             dtype, device, kv_cache_bytes)
         self.prefixes = PrefixCache(f, shape, device, dtype, prefix_cache_size, prefix_cache_bytes)
         self._generators: dict[str, torch.Generator | None] = {}
         self._positions = torch.arange(max_model_len, device=device)
@@ -140,6 +140,9 @@ class ModelRunner:
             raise RuntimeError("a chunked prompt must be prefilled alone")
         leaders, copies = self._share_identical(seqs)
         ready = []
+        starting = [s for s in seqs if s.prefill_range[0] == 0]  # later chunks have their row already
+        cache.ensure(cache.num_used + sum(s.prefill_range[1] >= s.prompt_len for s in starting),
+                     max([cache.longest_reserved] + [s.reserved_len for s in starting]))
         for seq in leaders + [c for c, _ in copies]:  # leaders' rows first: the forward reads them contiguously
             req = seq.request
             start, end = seq.prefill_range
@@ -153,7 +156,8 @@ class ModelRunner:
                 errors[req.request_id] = EngineError(str(exc), ErrorKind.UNAVAILABLE)
                 continue
             staged = end < seq.prompt_len
-            row = cache.allocate_staging(req.request_id) if staged else cache.allocate(req.request_id)
+            row = cache.allocate_staging(req.request_id, seq.reserved_len) if staged else \
+                cache.allocate(req.request_id, seq.reserved_len)
             if prefix is not None and seq in leaders:
                 cache.write_prefix(row, prefix.keys, prefix.values)
             ready.append((seq, row, prefix))
@@ -182,7 +186,7 @@ class ModelRunner:
             ids[k, :lens[k]] = torch.tensor(chunk, device=self.device)
         positions = starts.unsqueeze(1) + self._positions[:t].unsqueeze(0)  # [B, T]
         # pads write past their row's valid length (clamped into the buffer); nothing ever reads them
-        write_at = positions.clamp(max=cache.max_len - 1)
+        write_at = positions.clamp(max=cache.length_capacity - 1)
         width = int(max(int(st) + n for st, n in zip(starts.tolist(), lens)))
         row_index = torch.arange(r0, r0 + b, device=self.device).unsqueeze(1).expand(b, t)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Callable
 
 from app.engine.types import FinishReason, Mode, SchedulerOutput, SeqStatus, Sequence
 
@@ -20,8 +21,12 @@ class QueueFull(Exception):
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_queue: int, max_prefills_per_step: int = 16,
-                 stop_token_ids: frozenset[int] = frozenset(), max_prefill_tokens: int = 1024):
+                 stop_token_ids: frozenset[int] = frozenset(), max_prefill_tokens: int = 1024,
+                 fits: Callable[[int, int], bool] | None = None):
         self.max_num_seqs = max_num_seqs
+        # fits(rows, longest reservation): whether the KV cache's budget holds that many sequences (None: any
+        # number up to max_num_seqs); a sequence waits, in order, until it does
+        self.fits = fits
         # prefills of one step run as one padded forward pass: bound its size by count and by tokens
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
@@ -96,9 +101,14 @@ class Scheduler:
         admitted: list[Sequence] = []
         free = self.max_num_seqs - len(self.running)
         longest = 0
+        reserved = max((s.reserved_len for s in self.running), default=0)
         while self.waiting and free > 0 and len(admitted) < self.max_prefills_per_step:
             nxt = self.waiting[0]
             size = nxt.request.prefix_len + nxt.prompt_len
+            if self.fits is not None and not self.fits(len(self.running) + len(admitted) + 1,
+                                                       max(reserved, nxt.reserved_len)):
+                break  # the KV cache's budget is spoken for: it waits until running sequences finish
+            reserved = max(reserved, nxt.reserved_len)
             if not admitted and nxt.prompt_len > self.max_prefill_tokens and nxt.request.mode == Mode.GENERATE:
                 self.partial = self.waiting.popleft()
                 self.partial.status = SeqStatus.RUNNING

@@ -174,6 +174,12 @@ class Sequence:
         return len(self.request.prompt_token_ids)
 
     @property
+    def reserved_len(self) -> int:
+        """The cache positions this sequence may reach: its prefix, prompt and (generating) max_tokens."""
+        generated = self.request.sampling.max_tokens if self.request.mode == Mode.GENERATE else 0
+        return self.request.prefix_len + self.prompt_len + generated
+
+    @property
     def prefill_range(self) -> tuple[int, int]:
         return self.chunk or (0, self.prompt_len)
 
