@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--neighbours", type=int, default=0, help="a phase at the top concurrency beside N processes "
                     "that keep a core busy each (shared cores), against the same phase alone")
     be.add_argument("--baseline-requests", type=int, default=4, help="requests for the batch-1 baselines")
+    be.add_argument("--llama-server", help="a llama.cpp llama-server binary: the same workload through it as a "
+                    "baseline (benchmarks/llama_server.py; bare model, bf16 GGUF converted beside its sources)")
+    be.add_argument("--llama-gguf", help="--llama-server: the GGUF to serve (default: the served checkpoint "
+                    "converted to bf16 with the convert_hf_to_gguf.py of the binary's source tree)")
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--model", help="a checkpoint directory: measure its server's memory and single-client decode "
                     "against HF generate batch 1 and the read-bandwidth ceiling (benchmarks/model_size.py) "

@@ -121,14 +121,17 @@ async def one_request(client: httpx.AsyncClient, job: Job, output_len: int) -> d
             "version": version}
 
 
-async def closed_loop(url: str, jobs: list[Job], concurrency: int, output_len: int) -> dict:
+async def closed_loop(url: str, jobs: list[Job], concurrency: int, output_len: int, request=None) -> dict:
+    """N clients, each sending the next job when its last one ends. request(client, job, output_len): how a
+    job is sent (default: this server's task endpoint)."""
+    request = request or one_request
     queue = list(jobs)
     records: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def worker():
             while queue:
-                records.append(await one_request(client, queue.pop(), output_len))
+                records.append(await request(client, queue.pop(), output_len))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -361,6 +364,39 @@ def plot(sweep: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def llama_baseline(args, jobs: list[Job], concurrencies: list[int]) -> dict:
+    """llama.cpp's llama-server on the same messages (bare model, bf16 GGUF), one closed loop per concurrency
+    (1 and the top one), alone on the machine like the other baselines."""
+    from app.engine.threads import usable_cpus
+    from app.model.source import resolve_checkpoint
+    from app.settings import Settings
+    from benchmarks import llama_server
+
+    binary = Path(args.llama_server)
+    settings = Settings()
+    gguf = Path(args.llama_gguf) if args.llama_gguf else \
+        llama_server.bf16_gguf(binary, resolve_checkpoint(settings.model, settings.cache_dir)[0], settings.cache_dir)
+    out = {}
+    for c in sorted({min(concurrencies), max(concurrencies)}):
+        proc, url = llama_server.start(binary, gguf, slots=max(c, 1), threads=usable_cpus())
+        try:
+            batch = jobs if c > 1 else jobs[:4]
+            asyncio.run(closed_loop(url, batch[:2], 2, 4, _llama_request))  # warm it up
+            stats = asyncio.run(closed_loop(url, batch, c, args.output_len, _llama_request))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        out[c] = {**stats, "slots": max(c, 1), "gguf": str(gguf)}
+        print(f"llama-server c={c}: {stats['output_tok_s']:.1f} tok/s, decode "
+              f"{stats['decode_tok_s_per_request']:.1f} tok/s per request, failed {stats['failed']}", flush=True)
+    return out
+
+
+async def _llama_request(client: httpx.AsyncClient, job: Job, output_len: int) -> dict:
+    from benchmarks.llama_server import one_chat_request
+    return await one_chat_request(client, job.messages, output_len)
+
+
 def phase_line(name: str, stats: dict) -> str:
     """One table row: throughput, then TTFT / TPOT / end-to-end latency at p50, p90, p99."""
     def ps(key: str, scale: float = 1.0) -> str:
@@ -456,6 +492,8 @@ def main(args) -> int:
             stop(proc, timeout=60)
 
     # Baselines, with the server stopped so they have the machine to themselves.
+    if args.llama_server:
+        report["llama_server"] = llama_baseline(args, jobs, concurrencies)
     loaded = load_model(Settings())
     model, tok = loaded.model, loaded.tokenizer
     base_prompts = [j.messages for j in jobs]
@@ -476,6 +514,13 @@ def main(args) -> int:
     if one:
         ratios["one client decode / HF generate batch 1"] = \
             one["decode_tok_s_per_request"] / report["hf_batch1"]["output_tok_s"]
+    for c, stats in (report.get("llama_server") or {}).items():
+        ours = next((s for s in closed if s["concurrency"] == c), None)
+        if ours is not None and c == 1:
+            ratios["one client decode / llama-server one client"] = \
+                ours["decode_tok_s_per_request"] / stats["decode_tok_s_per_request"]
+        elif ours is not None:
+            ratios[f"server {c} clients / llama-server {c} clients"] = ours["output_tok_s"] / stats["output_tok_s"]
     if args.neighbours:
         ratios[f"{top} clients beside {args.neighbours} busy processes / alone"] = (
             report["neighbours"]["output_tok_s"] / top_stats["output_tok_s"])
@@ -506,10 +551,13 @@ def main(args) -> int:
     for key, label in (("hf_batch", f"HF generate, bare model, batch {top}"), ("hf_batch1", "HF generate, batch 1"),
                        ("hf_inputs_embeds", "HF generate per request, inputs_embeds")):
         print(f"| {label} | {report[key]['output_tok_s']:.1f} |")
+    for c, stats in (report.get("llama_server") or {}).items():
+        print(f"| llama.cpp llama-server bf16, {c} clients (bare model, {stats['slots']} slots) | "
+              f"{stats['output_tok_s']:.1f} (decode {stats['decode_tok_s_per_request']:.1f} per request) |")
     print("\n| ratio | value | goal |\n|---|---|---|")
     # the first key a ratio's name contains gives its goal ("batch 1" before the wider "HF generate batch")
     goals = {"batch 1": 2.0, "HF generate batch": 2.5, "single task": 0.95, "inputs_embeds": 10.0,
-             "one prompt set": 0.9, "busy processes": 0.35}
+             "one prompt set": 0.9, "busy processes": 0.35, "llama-server one client": 1.2}
     for k, v in ratios.items():
         goal = next((g for key, g in goals.items() if key in k), None)
         print(f"| {k} | {v:.2f}x | {f'>= {goal}x' if goal is not None else '-'} |")
