@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--neighbours", type=int, default=0, help="a phase at the top concurrency beside N processes "
                     "that keep a core busy each (shared cores), against the same phase alone")
     be.add_argument("--baseline-requests", type=int, default=4, help="requests for the batch-1 baselines")
+    be.add_argument("--server-only", action="store_true", help="the closed loops only (no other phase, no "
+                    "baseline): the perf workload, e.g. against a container with --url")
     be.add_argument("--llama-server", help="a llama.cpp llama-server binary: the same workload through it as a "
                     "baseline (benchmarks/llama_server.py; bare model, bf16 GGUF converted beside its sources)")
     be.add_argument("--llama-gguf", help="--llama-server: the GGUF to serve (default: the served checkpoint "

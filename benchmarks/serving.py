@@ -451,6 +451,13 @@ def main(args) -> int:
         sweep = sweep or closed
         report["closed_loop"] = closed
         report["sweep"] = sweep
+        if args.server_only:  # the perf workload alone (make docker-smoke compares the image and make serve)
+            Path(args.json).write_text(json.dumps(report, indent=2))
+            print("\n| server phase | output tok/s | req/s | TTFT p50/p90/p99 (s) | TPOT p50/p90/p99 (ms) | "
+                  "end-to-end p50/p90/p99 (s) | failed |\n|---|---|---|---|---|---|---|")
+            for s in closed:
+                print(phase_line(f"{s['concurrency']} clients", s))
+            return 0
         first = next(iter(mix))
         single = [Job(tasks[first], prompts[first][i]) for i in range(n)]
         report["single_task"] = asyncio.run(closed_loop(url, single, top, args.output_len))

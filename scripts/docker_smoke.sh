@@ -7,6 +7,7 @@
 #   - `docker stop` during a stream lets the stream finish (stop timeout above the drain grace)
 #   - the CLI's other commands are in the image (train, eval, bench --help)
 #   - the native kernels run in the image without a compiler: prebuilt for this CPU's x86 level
+#   - the perf workload against the image and against `make serve` on this machine: both printed, and the ratio
 # Needs a Docker engine. Where base images cannot be pulled, set DOCKER_BUILD_ARGS to what the stand-in
 # scaffolding prints (e.g. "--network host --build-arg TORCH_INDEX_URL=http://127.0.0.1:18080/simple").
 #   - compose's `scale` profile: exactly two replicas and the balancer; an upload through the balancer is
@@ -279,4 +280,43 @@ done
 say "object store back: an upload stored again $(( $(date +%s) - t0 )) s after it was started, no replica restarted"
 "${COMPOSE[@]}" -p "$PROJECT" --profile s3 down -v >/dev/null 2>&1 || fail "compose s3 down"
 rm -f "$stream_out" /tmp/promptserve-smoke.safetensors /tmp/promptserve-smoke-2.safetensors /tmp/promptserve-smoke-s3.json
+
+# The perf workload (1 and 64 clients, three generate tasks, 64 tokens, ignore_eos) against the image and
+# against `make serve` on this machine, one after the other, each alone on it: both printed, and their ratio
+# (goal: the image >= 0.95x). Printed, not failed: a shared machine's noise is not the image's. Needs this
+# checkout's venv (make install) for the client and the local server; DOCKER_SMOKE_PERF=0 skips it.
+VENV=${VENV:-.venv}
+if [ "${DOCKER_SMOKE_PERF:-1}" = 1 ] && [ -x "$VENV/bin/promptserve" ]; then
+  perf_dir=$(mktemp -d)
+  bench() { "$VENV/bin/promptserve" --log-level warning bench --url "$1" --server-only --concurrency 1,64 \
+    --json "$2" > "$2.log" 2>&1 || fail "bench against $1: $(tail -5 "$2.log")"; }
+  docker run -d --name "$NAME" -p "127.0.0.1:$PORT:8000" -e PROMPTSERVE_ADMIN_TOKEN=bench-admin "$IMAGE" >/dev/null
+  until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do sleep 1; done
+  say "perf: the image ($(docker logs "$NAME" 2>&1 | grep -o 'native kernels: [^(]*' | head -1))"
+  bench "http://127.0.0.1:$PORT" "$perf_dir/image.json"
+  docker rm -f "$NAME" >/dev/null
+  local_port=$((PORT + 1))
+  PROMPTSERVE_ADMIN_TOKEN=bench-admin PROMPTSERVE_STORE_DIR="$perf_dir/store" \
+    "$VENV/bin/promptserve" --log-level warning serve --port "$local_port" > "$perf_dir/serve.log" 2>&1 &
+  local_pid=$!
+  until curl -sf "http://127.0.0.1:$local_port/ready" >/dev/null; do
+    kill -0 "$local_pid" 2>/dev/null || fail "make serve's server exited: $(tail -5 "$perf_dir/serve.log")"
+    sleep 1
+  done
+  say "perf: make serve (the same workload)"
+  bench "http://127.0.0.1:$local_port" "$perf_dir/local.json"
+  kill "$local_pid"; wait "$local_pid" 2>/dev/null || true
+  "$VENV/bin/python" - "$perf_dir/image.json" "$perf_dir/local.json" <<'PYEOF'
+import json, sys
+image, local = (json.load(open(p))["closed_loop"] for p in sys.argv[1:3])
+by = lambda runs: {r["concurrency"]: r for r in runs}
+image, local = by(image), by(local)
+print("| clients | the image | make serve | image / make serve | goal |\n|---|---|---|---|---|")
+for c in sorted(image):
+    key = "decode_tok_s_per_request" if c == 1 else "output_tok_s"
+    a, b = image[c][key], local[c][key]
+    print(f"| {c} ({'decode tok/s' if c == 1 else 'output tok/s'}) | {a:.1f} | {b:.1f} | {a / b:.2f}x | >= 0.95x |")
+PYEOF
+  rm -rf "$perf_dir"
+fi
 say "docker smoke: all checks passed"
