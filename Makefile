@@ -5,7 +5,7 @@ PORT ?= 8000
 
 export PROMPTSERVE_STORE_DIR ?= var/prompt-store
 
-.PHONY: install serve test bench docker-smoke constraints gpu-check
+.PHONY: install serve test bench docker-smoke constraints gpu-check wheel
 install:
 	VENV=$(VENV) bash scripts/install.sh
 	$(VENV)/bin/promptserve prepare-model
@@ -27,6 +27,13 @@ bench: install
 GPU_PYTHON ?= $(PY)
 gpu-check:
 	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.gpu_check --json benchmarks/gpu_check.json
+
+# A wheel that carries the native kernels prebuilt for each x86 level (AVX-512 BF16, AVX-512, AVX2) against
+# this torch, so an installation without a compiler runs them (needs g++ here; dist/)
+wheel: install
+	rm -rf app/engine/kernels/prebuilt build
+	$(PY) -m app.engine.kernels.prebuild app/engine/kernels/prebuilt
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
 # Build the image and run it as a user would (needs a Docker engine; see scripts/docker_smoke.sh)
 docker-smoke:

@@ -74,12 +74,12 @@ def instrumented(runner):
     if runner._rotary_cache_write is not None:  # the native rotary, which writes the cache too
         patch(runner, "_rotary_cache_write", "rotary+cache writes")
     patch(model_runner, "sample", "sampling")
-    patch(runner, "_write_decode_kv", "cache writes")
+    patch(runner, "_write_kv", "cache writes")
     try:
         yield
     finally:
         for obj, name, original in reversed(saved):
-            if name == "_write_decode_kv":
+            if name == "_write_kv":
                 delattr(obj, name)  # the instance attribute shadowed the method
             else:
                 setattr(obj, name, original)

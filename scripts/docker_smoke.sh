@@ -290,6 +290,7 @@ if [ "${DOCKER_SMOKE_PERF:-1}" = 1 ] && [ -x "$VENV/bin/promptserve" ]; then
   perf_dir=$(mktemp -d)
   bench() { "$VENV/bin/promptserve" --log-level warning bench --url "$1" --server-only --concurrency 1,64 \
     --json "$2" > "$2.log" 2>&1 || fail "bench against $1: $(tail -5 "$2.log")"; }
+  docker rm -f "$NAME" >/dev/null 2>&1 || true
   docker run -d --name "$NAME" -p "127.0.0.1:$PORT:8000" -e PROMPTSERVE_ADMIN_TOKEN=bench-admin "$IMAGE" >/dev/null
   until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do sleep 1; done
   say "perf: the image ($(docker logs "$NAME" 2>&1 | grep -o 'native kernels: [^(]*' | head -1))"

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from app.engine import kernels
+from app.engine.attention import CacheAttention, StepMetadata
 from app.engine.kv_cache import KVCache
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import RowState, SamplingError, make_generator, sample, token_logprobs
@@ -185,44 +186,11 @@ class ModelRunner:
         for k, chunk in enumerate(chunks):
             ids[k, :lens[k]] = torch.tensor(chunk, device=self.device)
         positions = starts.unsqueeze(1) + self._positions[:t].unsqueeze(0)  # [B, T]
-        # pads write past their row's valid length (clamped into the buffer); nothing ever reads them
-        write_at = positions.clamp(max=cache.length_capacity - 1)
-        width = int(max(int(st) + n for st, n in zip(starts.tolist(), lens)))
-        row_index = torch.arange(r0, r0 + b, device=self.device).unsqueeze(1).expand(b, t)
-
         f = self.forward
-        # the real tokens' indices in the flattened [B*T], when some rows are padded
-        packed = (self._positions[:t].unsqueeze(0) < torch.tensor(lens, device=self.device).unsqueeze(1)) \
-            .reshape(-1).nonzero().squeeze(1) if min(lens) < t else None
-
-        def attend(i, q, k, v):
-            cache.k[i][row_index, :, write_at] = k.transpose(1, 2)
-            cache.v[i][row_index, :, write_at] = v.transpose(1, 2)
-            return f.grouped_attention(q, cache.k[i, r0:r0 + b, :, :width], cache.v[i, r0:r0 + b, :, :width], mask)
-
-        def attend_joined(i, qkv, cos, sin):
-            # the real tokens only: rotary and the cache write in one native op, then each token attends
-            # to its own row up to its own position (no pads, no mask)
-            q = self._rotary_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], token_rows, token_at,
-                                         f.num_heads, f.num_kv_heads)
-            o = kernel(q.view(-1, f.num_kv_heads, f.group, f.head_dim), cache.k[i, r0:r0 + b, :, :width],
-                       cache.v[i, r0:r0 + b, :, :width], token_at, f.scale, token_in_batch)
-            return o.view(q.shape[0], -1)
-
-        joined, kernel = None, self.decode_attention
-        if self._rotary_cache_write is not None:
-            token_rows, token_at = row_index.reshape(-1), write_at.reshape(-1)
-            token_in_batch = token_rows - r0
-            if packed is not None:
-                token_rows, token_at, token_in_batch = token_rows[packed], token_at[packed], token_in_batch[packed]
-            token_rows, token_at, token_in_batch = (token_rows.contiguous(), token_at.contiguous(),
-                                                    token_in_batch.contiguous())
-            joined = attend_joined
-        else:
-            # query t of row b (cache index starts[b] + t) sees every index up to and including its own
-            allowed = self._positions[:width].view(1, 1, -1) <= positions.unsqueeze(2)  # [B, T, W]
-            mask = f.group_mask(allowed, cache.k.dtype)
-        hidden = f.hidden(f.embed(ids), positions, attend, packed, attend_joined=joined)
+        meta, packed = self._prepare_prefill(r0, starts, lens, positions)
+        attention = self._attention(meta)
+        hidden = f.hidden(f.embed(ids), positions, attention.attend, packed,
+                          attend_joined=attention.attend_joined if self._rotary_cache_write is not None else None)
         # the shared copies: their leader's cache row and hidden states, no forward of their own
         source = {id(seq): k for k, (seq, _, _) in enumerate(runs)}
         for seq, row, _ in shared:
@@ -275,11 +243,57 @@ class ModelRunner:
         # every tag's log-probability per word: the caller picks the best valid tag sequence (BIO rules)
         return {"tag_logprobs": torch.log_softmax(logits, -1).tolist()}
 
-    def _write_decode_kv(self, layer: int, rows: torch.Tensor, at: torch.Tensor, k: torch.Tensor,
-                         v: torch.Tensor) -> None:
-        """The new token's key and value of each row, at its position (k, v [n, KVH, 1, D])."""
-        self.cache.k[layer, rows, :, at] = k[:, :, 0]
-        self.cache.v[layer, rows, :, at] = v[:, :, 0]
+    # -- attention metadata: what a pass reads and writes, decided before it runs -------------------------
+    def _attention(self, meta: StepMetadata) -> CacheAttention:
+        return CacheAttention(self.cache, self.forward, meta, self.decode_attention, self._rotary_cache_write,
+                              self._write_kv)
+
+    def _write_kv(self, layer: int, rows: torch.Tensor, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys and values k, v [B, KVH, T, D] at cache rows and positions [B, T] (torch's path)."""
+        self.cache.k[layer][rows, :, at] = k.transpose(1, 2)
+        self.cache.v[layer][rows, :, at] = v.transpose(1, 2)
+
+    def _prepare_prefill(self, r0: int, starts: torch.Tensor, lens: list[int], positions: torch.Tensor
+                         ) -> tuple[StepMetadata, torch.Tensor | None]:
+        """Rows r0..r0+B-1 run chunks of lens tokens from starts (right-padded to T, positions [B, T]). Also
+        the real tokens' indices in the flattened [B*T] when some rows are padded (None when none is)."""
+        cache = self.cache
+        b, t = positions.shape
+        # pads write past their row's valid length (clamped into the buffer); nothing ever reads them
+        write_at = positions.clamp(max=cache.length_capacity - 1)
+        width = int(max(int(st) + n for st, n in zip(starts.tolist(), lens)))
+        row_index = torch.arange(r0, r0 + b, device=self.device).unsqueeze(1).expand(b, t)
+        packed = (self._positions[:t].unsqueeze(0) < torch.tensor(lens, device=self.device).unsqueeze(1)) \
+            .reshape(-1).nonzero().squeeze(1) if min(lens) < t else None
+        meta = StepMetadata(start=r0, count=b, width=width, write_rows=row_index, write_at=write_at)
+        if self._rotary_cache_write is not None:
+            # the real tokens only: rotary and the cache write in one native op, then each token attends to its
+            # own row up to its own position (no pads, no mask)
+            token_rows, token_at = row_index.reshape(-1), write_at.reshape(-1)
+            token_in_batch = token_rows - r0
+            if packed is not None:
+                token_rows, token_at, token_in_batch = token_rows[packed], token_at[packed], token_in_batch[packed]
+            meta.token_rows, meta.token_at, meta.token_in_batch = (token_rows.contiguous(), token_at.contiguous(),
+                                                                   token_in_batch.contiguous())
+        else:
+            # query t of row b (cache index starts[b] + t) sees every index up to and including its own
+            allowed = self._positions[:width].view(1, 1, -1) <= positions.unsqueeze(2)  # [B, T, W]
+            meta.mask = self.forward.group_mask(allowed, cache.k.dtype)
+        return meta, packed
+
+    def _prepare_decode(self, rows: list[int], lengths: torch.Tensor) -> StepMetadata:
+        """One new token for each of these rows (ascending), at its row's length. A full decode runs rows
+        0..n-1 and reads one contiguous view; a retry of part of a failed step gathers its rows (rare)."""
+        n = len(rows)
+        row_index = torch.tensor(rows, device=self.device)
+        width = int(lengths.max()) + 1
+        meta = StepMetadata(start=0, count=n, width=width, write_rows=row_index.unsqueeze(1),
+                            write_at=lengths.unsqueeze(1), gather=None if rows == list(range(n)) else row_index,
+                            token_rows=row_index, token_at=lengths)
+        if self.decode_attention is None:
+            allowed = (self._positions[:width].unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)  # [n, 1, S]
+            meta.mask = self.forward.group_mask(allowed, self.cache.k.dtype)
+        return meta
 
     def _decode(self, seqs: list[Sequence]) -> list[int | SamplingError]:
         cache = self.cache
@@ -291,38 +305,12 @@ class ModelRunner:
         order = sorted(range(n), key=rows.__getitem__)
         seqs = [seqs[i] for i in order]
         sorted_rows = [rows[i] for i in order]
-        contiguous = sorted_rows == list(range(n))
         last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device).unsqueeze(1)
         lengths = torch.tensor([cache.lengths[r] for r in sorted_rows], device=self.device)
-        width = int(lengths.max()) + 1
-        row_index = torch.tensor(sorted_rows, device=self.device)
-        f, kernel = self.forward, self.decode_attention
-        if kernel is None:
-            allowed = (self._positions[:width].unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)  # [n,1,S]
-            mask = f.group_mask(allowed, cache.k.dtype)
-
-        def layer_kv(i):  # the rows' keys and values at layer i: a view, or gathered on a partial retry
-            if contiguous:
-                return cache.k[i, :n, :, :width], cache.v[i, :n, :, :width]
-            return cache.k[i][row_index, :, :width], cache.v[i][row_index, :, :width]
-
-        def attend(i, q, k, v):
-            self._write_decode_kv(i, row_index, lengths, k, v)
-            keys, values = layer_kv(i)
-            if kernel is None:
-                return f.grouped_attention(q, keys, values, mask)
-            # row b sees positions 0..lengths[b] (its new token included): no mask tensor needed
-            o = kernel(q.reshape(n, f.num_kv_heads, f.group, f.head_dim).contiguous(), keys, values, lengths, f.scale)
-            return o.view(n, f.num_heads, 1, f.head_dim)
-
-        def attend_joined(i, qkv, cos, sin):
-            q = self._rotary_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], row_index, lengths, f.num_heads,
-                                         f.num_kv_heads)
-            o = kernel(q.view(n, f.num_kv_heads, f.group, f.head_dim), *layer_kv(i), lengths, f.scale)
-            return o.view(n, -1)
-
-        fused = attend_joined if self._rotary_cache_write is not None else None
-        hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attend, attend_joined=fused)
+        attention = self._attention(self._prepare_decode(sorted_rows, lengths))
+        fused = attention.attend_joined if self._rotary_cache_write is not None else None
+        hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attention.attend,
+                                     attend_joined=fused)
         logits = self.forward.logits(hidden[:, -1])
         tokens = sample(logits, self._rows(seqs))
         # only now: a step that raised before here is retried over the same positions
