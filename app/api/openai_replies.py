@@ -53,20 +53,21 @@ class ChatDeltaChoice(_Choice):
     delta: dict
 
 
-class CompletionResponse(BaseModel):
+class _Envelope(BaseModel):
     id: str
-    object: Literal["text_completion", "chat.completion"]
+    object: str  # narrowed by each answer's kind
     created: int
     model: str
+
+
+class CompletionResponse(_Envelope):
+    object: Literal["text_completion", "chat.completion"]
     choices: list[CompletionChoice] | list[ChatChoice]
     usage: Usage
 
 
-class StreamChunk(BaseModel):
-    id: str
+class StreamChunk(_Envelope):
     object: Literal["text_completion", "chat.completion.chunk"]
-    created: int
-    model: str
     choices: list[CompletionChoice] | list[ChatDeltaChoice]
     usage: Usage | None = None
 
