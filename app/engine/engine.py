@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "EngineConfig", "InvalidEngineRequest", "QueueFull", "RequestTooLong"]
 
 
+# seconds without work before the KV cache gives back what a burst grew it to (a regrowth zeroes new tensors)
+CACHE_SHRINK_AFTER_IDLE_S = 10.0
+
+
 class InvalidEngineRequest(ValueError):
     """A request the engine refuses before it joins a step (it would fail there); `param` names the field."""
 
@@ -272,17 +276,21 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
         self._loop_thread = threading.current_thread()
+        idle_since: float | None = None
         try:
             while not self._stop.is_set():
                 self._run_calls()
                 self._flush()
                 if not self.scheduler.has_work():
-                    self.runner.cache.shrink_if_idle()
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since > CACHE_SHRINK_AFTER_IDLE_S:  # not between a burst's requests
+                        self.runner.cache.shrink_if_idle()
                     if self.threads is not None:
                         self.threads.idle()
                     self._wake.wait(0.1)
                     self._wake.clear()
                     continue
+                idle_since = None
                 if self.threads is not None:
                     self.threads.between_steps()
                 try:
