@@ -123,6 +123,35 @@ def test_forced_calls_with_an_open_schema_have_exactly_its_keys(server, choice, 
         assert calls and all(set(json.loads(call["function"]["arguments"])) == {"mode"} for call in calls), c
 
 
+def test_a_strict_function_in_auto_mode_gets_a_grammar(server):
+    """`function.strict: true` was ignored in auto mode; now its calls follow a grammar, which is one output
+    format: asking for another beside it is refused by name."""
+    strict = {"type": "function", "function": {**OPEN_TOOL["function"], "strict": True}}
+    r = httpx.post(f"{server['base']}/v1/chat/completions", timeout=120, json={
+        "model": server["model"], "messages": [{"role": "user", "content": "Turn it on"}], "tools": [strict],
+        "response_format": {"type": "json_object"}, "max_tokens": 8})
+    assert r.status_code == 400 and _error(r)["param"] == "response_format" and "tools" in _error(r)["message"], \
+        r.text
+
+
+def test_the_auto_strict_grammar_takes_text_or_valid_calls_only(tiny):
+    """The grammar itself, token by token: free text, text then a valid call, but no call with a key the
+    closed schema lacks."""
+    from app.engine.constraints import Grammars
+    from app.services.tools import calls_grammar
+
+    strict = {"type": "function", "function": {**OPEN_TOOL["function"], "strict": True}}
+    grammars = Grammars(tiny.tokenizer, tiny.model.config.vocab_size, [tiny.tokenizer.eos_token_id])
+    spec = calls_grammar([strict], optional=True)
+
+    def follows(text: str) -> bool:
+        c = grammars.constraint(spec)
+        return all(c.accept(t) for t in tiny.tokenizer.encode(text, add_special_tokens=False))
+    assert follows("Sure, it is on. <b>bold</b> and <to be sure")
+    assert follows('Calling: <tool_call>[{"name":"set_mode","arguments":{"mode":"on"}}]</tool_call>')
+    assert not follows('<tool_call>[{"name":"set_mode","arguments":{"mode":"on","extra":1}}]</tool_call>')
+
+
 def test_a_strict_function_in_auto_mode_is_followed_when_called(server):
     strict = {"type": "function", "function": {**OPEN_TOOL["function"], "strict": True}}
     for seed in range(4):
