@@ -47,7 +47,7 @@ def body_of(exc: ServiceError | ApiError) -> dict:
 
 def _is_field(part) -> bool:
     """A location part that names a field or an index, not one of pydantic's validator or union-member tags
-    (`list[function-after[_valid_unicode(), constrained-str]]`, `str`, `NamedToolChoice`)."""
+    (`list[function-after[valid_unicode(), constrained-str]]`, `str`, `NamedToolChoice`)."""
     if isinstance(part, int):
         return True
     return part != "body" and part not in _TYPE_TAGS and not any(c in part for c in "[]()-,") and \

@@ -21,7 +21,7 @@ MAX_NAME_CHARS = 256
 MAX_STOPS = 16
 
 
-def _valid_unicode(text: str) -> str:
+def valid_unicode(text: str) -> str:
     """JSON can carry a lone surrogate ("\ud800"); no tokenizer can encode it: refuse it by name."""
     try:
         text.encode("utf-8")
@@ -37,9 +37,9 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_valid_unicode)]
-Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_valid_unicode)]
-StopString = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_valid_unicode)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(valid_unicode)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(valid_unicode)]
+StopString = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(valid_unicode)]
 # one stop string or a list of them, always a list once validated
 Stops = Annotated[list[StopString] | StopString | None, AfterValidator(_stop_list),
                   Field(description="Stop strings (the text ends before them)")]

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from app.api.fields import MAX_MESSAGES, Stops, StrictModel, Text, _valid_unicode, sampling_params
+from app.api.fields import MAX_MESSAGES, Stops, StrictModel, Text, sampling_params, valid_unicode
 from app.api.openai_schemas import ChatMessage
 from app.api.structured_outputs import ResponseFormat, StructuredOutputs
 from app.engine.types import SamplingParams
@@ -32,7 +32,7 @@ class TaskRequest(SamplingFields):
     prompt: Text | None = Field(None, description="generate tasks: raw text, no template applied")
     text: Text | None = Field(None, min_length=1, max_length=20_000,
                               description="classify and extract tasks: the text to label")
-    texts: list[Annotated[str, Field(min_length=1, max_length=20_000), AfterValidator(_valid_unicode)]] | None = \
+    texts: list[Annotated[str, Field(min_length=1, max_length=20_000), AfterValidator(valid_unicode)]] | None = \
         Field(None, min_length=1, max_length=256, description="classify and extract tasks: several texts at once, "
               "answered in order")
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES,

@@ -41,7 +41,6 @@ class StructuredOutputs(ClosedModel):
     json_object: bool | None = None
 
 
-
 def output_format(response_format: ResponseFormat | None, structured_outputs: StructuredOutputs | None,
                   guided: list[tuple[str, str, Any]] = (), extra: list[tuple[str, ConstraintSpec]] = (),
                   ignore_eos: bool = False) -> tuple[str, ConstraintSpec] | None:

@@ -42,6 +42,8 @@ class CacheAttention:
                  rotary_cache_write: Callable | None, write_kv: Callable):
         self.cache, self.f, self.meta = cache, forward, meta
         self.kernel, self.rotary_cache_write, self.write_kv = kernel, rotary_cache_write, write_kv
+        # what the forward is given as attend_joined: the native path when rotary and the cache write are one op
+        self.joined = self.attend_joined if rotary_cache_write is not None else None
 
     def keys_values(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         c, m = self.cache, self.meta

@@ -78,15 +78,10 @@ class Constraint:
     def accept(self, token_id: int) -> bool:
         return self.matcher.consume_token(token_id)
 
-    @property
-    def error(self) -> str | None:
-        """What the grammar engine failed on (a limit broken mid-generation), if it did."""
-        return _first_error(self.matcher) if self.matcher.is_error() else None
-
     def failed(self) -> str:
         """The matcher broke (a limit, or nothing allowed): reported once, so the grammar is refused from now
         on; returns the reason."""
-        reason = self.error or "no token is allowed"
+        reason = _first_error(self.matcher) if self.matcher.is_error() else "no token is allowed"
         if self._on_error is not None:
             self._on_error(reason)
             self._on_error = None
@@ -231,13 +226,6 @@ class Grammars:
         self._cached_bytes = 0
         self._lock = threading.Lock()  # the cache's bookkeeping
         self._compiling = threading.Lock()  # one compile at a time, so its memory growth is its own
-
-    @property
-    def cached_bytes(self) -> int:
-        return self._cached_bytes
-
-    def __len__(self) -> int:
-        return len(self._cache)
 
     def constraint(self, spec: ConstraintSpec) -> Constraint:
         """A fresh matcher for one request (a copy of the compiled one: compiling happens once per spec)."""

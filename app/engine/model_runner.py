@@ -189,8 +189,7 @@ class ModelRunner:
         f = self.forward
         meta, packed = self._prepare_prefill(r0, starts, lens, positions)
         attention = self._attention(meta)
-        hidden = f.hidden(f.embed(ids), positions, attention.attend, packed,
-                          attend_joined=attention.attend_joined if self._rotary_cache_write is not None else None)
+        hidden = f.hidden(f.embed(ids), positions, attention.attend, packed, attend_joined=attention.joined)
         # the shared copies: their leader's cache row and hidden states, no forward of their own
         source = {id(seq): k for k, (seq, _, _) in enumerate(runs)}
         for seq, row, _ in shared:
@@ -308,9 +307,8 @@ class ModelRunner:
         last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device).unsqueeze(1)
         lengths = torch.tensor([cache.lengths[r] for r in sorted_rows], device=self.device)
         attention = self._attention(self._prepare_decode(sorted_rows, lengths))
-        fused = attention.attend_joined if self._rotary_cache_write is not None else None
         hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attention.attend,
-                                     attend_joined=fused)
+                                     attend_joined=attention.joined)
         logits = self.forward.logits(hidden[:, -1])
         tokens = sample(logits, self._rows(seqs))
         # only now: a step that raised before here is retried over the same positions

@@ -56,6 +56,8 @@ def _store_may_be_down(method):
             raise Unavailable(f"the prompt-set store is unavailable: {exc}", {"Retry-After": "2"},
                               code="store_unavailable") from None
     return wrapped
+
+
 TOKENIZE_CONTEXTS = 4  # /tokenize counts up to this many contexts' worth of tokens
 # a prompt set must leave at least this many positions of the context for the prompt and the answer
 MIN_CONTEXT_ROOM = 16
@@ -208,17 +210,19 @@ class TaskService:
         """Tokens of a text or chat of up to TOKENIZE_CONTEXTS contexts (a client counts a prompt a little
         too long, not a book): a longer one is refused, by its characters before any work when they say so."""
         cap = TOKENIZE_CONTEXTS * self.engine.max_model_len
+
+        def too_many(has: str) -> InvalidRequest:
+            return InvalidRequest(f"/tokenize counts at most {cap} tokens ({TOKENIZE_CONTEXTS} contexts); this text "
+                                  f"has {has}", code="too_many_tokens")
         if self._chars(prompt, messages, tools) > cap * self.max_token_chars:
-            raise InvalidRequest(f"/tokenize counts at most {cap} tokens ({TOKENIZE_CONTEXTS} contexts); this text "
-                                 "has more", code="too_many_tokens")
+            raise too_many("more")
         if messages is not None:
             ids = self.tokenizer.encode(self._chat_text(messages, tools, add_generation_prompt),
                                         add_special_tokens=False)
         else:
             ids = self.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
         if len(ids) > cap:
-            raise InvalidRequest(f"/tokenize counts at most {cap} tokens ({TOKENIZE_CONTEXTS} contexts); this text "
-                                 f"has {len(ids)}", code="too_many_tokens")
+            raise too_many(str(len(ids)))
         return ids
 
     def detokenize(self, ids: list[int]) -> str:
@@ -301,8 +305,6 @@ class TaskService:
 
     # -- classify / extract: one forward pass each -------------------------------------------------
     async def _run_head(self, task: ResolvedTask, ids: list[int], mode: Mode, positions=None):
-        if task.meta is None or task.task_type not in ("classify", "extract"):
-            raise InvalidRequest(f"task {task.name!r} is a {task.task_type} task: send 'prompt' or 'messages'")
         final = None
         async for out in self.stream(task, ids, SamplingParams(max_tokens=1), mode=mode, tag_positions=positions):
             final = out
@@ -326,17 +328,13 @@ class TaskService:
                 raise InvalidRequest(f"{_which_text(i, len(texts))}: {exc}", code="context_length_exceeded") from None
         return out
 
-    async def classify(self, task: ResolvedTask, text: str, ids: list[int] | None = None) -> dict:
-        if ids is None:
-            ids = (await asyncio.to_thread(self._encode_texts, task, [text]))[0]  # off the caller's event loop
+    async def _classify(self, task: ResolvedTask, text: str, ids: list[int]) -> dict:
         out = await self._run_head(task, ids, Mode.CLASSIFY)
         scores = dict(zip(task.meta.labels, out.scores))
         return {"label": max(scores, key=scores.get), "scores": scores,
                 "usage": {"prompt_tokens": out.prompt_tokens}}
 
-    async def extract(self, task: ResolvedTask, text: str, enc=None) -> dict:
-        if enc is None:
-            enc = (await asyncio.to_thread(self._encode_texts, task, [text]))[0]
+    async def _extract(self, task: ResolvedTask, text: str, enc) -> dict:
         if not enc.positions:  # nothing to tag (blank text): no model call needed
             return {"entities": [], "usage": {"prompt_tokens": 0}}
         out = await self._run_head(task, enc.ids, Mode.TAG, enc.positions)
@@ -349,8 +347,8 @@ class TaskService:
         forward passes."""
         if task.meta is None or task.task_type not in ("classify", "extract"):
             raise InvalidRequest(f"task {task.name!r} is a {task.task_type} task: send 'prompt' or 'messages'")
-        encoded = await asyncio.to_thread(self._encode_texts, task, texts)
-        run = self.classify if task.task_type == "classify" else self.extract
+        encoded = await asyncio.to_thread(self._encode_texts, task, texts)  # off the caller's event loop
+        run = self._classify if task.task_type == "classify" else self._extract
         return list(await asyncio.gather(*(run(task, text, enc) for text, enc in zip(texts, encoded))))
 
     # -- listing and admin ------------------------------------------------------------------------
