@@ -61,7 +61,14 @@ class KVCache:
     def bytes_for(self, rows: int, longest: int) -> int:
         """Bytes of a cache for `rows` sequences of up to `longest` positions: the staging row and one spare
         position per row included (a padded prefill's pads write there, past every valid position)."""
-        return self.position_bytes * (rows + 1) * min(_round_up(longest + 1, LENGTH_STEP), self.max_len + 1)
+        return self._bytes(rows, self._length_for(longest))
+
+    def _length_for(self, longest: int) -> int:
+        """Positions a row is allocated for `longest`: one spare, in steps of LENGTH_STEP, at most the context's."""
+        return min(_round_up(longest + 1, LENGTH_STEP), self.max_len + 1)
+
+    def _bytes(self, rows: int, length: int) -> int:
+        return self.position_bytes * (rows + 1) * length  # the staging row too
 
     def fits(self, rows: int, longest: int) -> bool:
         """Whether `rows` sequences, the longest reserving `longest` positions, fit the budget."""
@@ -100,18 +107,17 @@ class KVCache:
         """Room for `rows` running rows of `longest` positions (one spare): grown when short, keeping every
         occupied row and the staging row. Rows grow by doubling and positions by LENGTH_STEP, within the
         budget (down to exactly what is asked when the budget is tight)."""
-        length = min(_round_up(longest + 1, LENGTH_STEP), self.max_len + 1)
-        if rows <= self.row_capacity and length <= self.length_capacity:
+        needed = self._length_for(longest)
+        if rows <= self.row_capacity and needed <= self.length_capacity:
             return
-        length = max(length, self.length_capacity)
+        length = max(needed, self.length_capacity)
         affordable = self.budget_bytes // (self.position_bytes * length) - 1  # rows at this length, staging aside
         new_rows = self.row_capacity if rows <= self.row_capacity else \
             min(self.max_rows, max(rows, 2 * self.row_capacity))
         new_rows = max(rows, min(new_rows, affordable))
-        if self.position_bytes * (new_rows + 1) * length > self.budget_bytes:
-            length = min(_round_up(longest + 1, LENGTH_STEP), self.max_len + 1)  # not wider than needed
-            new_rows = rows
-            if self.position_bytes * (rows + 1) * length > self.budget_bytes:
+        if self._bytes(new_rows, length) > self.budget_bytes:
+            length, new_rows = needed, rows  # not wider, nor more rows, than needed
+            if self._bytes(rows, length) > self.budget_bytes:
                 raise RuntimeError(f"{rows} rows of {longest} positions exceed the KV-cache budget")
         old_k, old_v, old_staging = self.k, self.v, self.staging_row
         self.k = self.v = None  # the old tensors are held only here while the new ones fill

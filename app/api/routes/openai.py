@@ -218,13 +218,18 @@ def _tool_grammar(body: ChatCompletionRequest, tools: list[dict]):
     return []
 
 
+def _with_calls(calls: list[dict], finish_reason: str, parallel: bool) -> tuple[list[dict], str]:
+    """The calls an answer makes (only the first with parallel_tool_calls off) and its finish reason."""
+    return (calls if parallel else calls[:1]), ("tool_calls" if finish_reason == "stop" else finish_reason)
+
+
 def _chat_message(text: str, finish_reason: str, tools: list[dict], parallel: bool) -> tuple[AssistantMessage, str]:
     """(message, finish_reason) of an answer: tool calls parsed out when tools were offered."""
     if tools:
         content, calls = parse_tool_calls(text, tools)
         if calls:
-            return (AssistantMessage(content=content, tool_calls=calls if parallel else calls[:1]),
-                    "tool_calls" if finish_reason == "stop" else finish_reason)
+            calls, finish_reason = _with_calls(calls, finish_reason, parallel)
+            return AssistantMessage(content=content, tool_calls=calls), finish_reason
     return AssistantMessage(content=text), finish_reason
 
 
@@ -279,9 +284,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tasks:
                     content, calls = held.pop(index, StreamedToolText(tools)).finish()
                     delta = {"content": content} if content else {}
                     if calls:
-                        calls = calls if parallel else calls[:1]
+                        calls, finish = _with_calls(calls, finish, parallel)
                         delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
-                        finish = "tool_calls" if finish == "stop" else finish
                     if delta:
                         events.append(reply.chat_delta(index, delta))
                 events.append(reply.chat_delta(index, {}, finish))
