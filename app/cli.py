@@ -1,4 +1,4 @@
-"""`promptserve` command line: serve, import-peft, prepare-model."""
+"""`promptserve` command line: serve, worker, train, eval, bench, import-peft, prepare-model."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def _serve(args) -> int:
     # The thread that first runs torch kernels gets an OpenMP team; a second live team (the HTTP thread's,
     # had it allocated the cache) made every SmolLM2 decode step ~1.5x slower here (60-68 vs 36-48 ms).
     engine = build_engine(settings, load_model(settings))
+    supervisor = None
+    if settings.training_worker:  # fine-tuning jobs train in a process of their own, at low priority
+        from fine_tuning.supervisor import WorkerSupervisor
+
+        supervisor = WorkerSupervisor()
+        supervisor.start()
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
                             log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_TIMEOUT, log_config=None,
@@ -49,6 +55,8 @@ def _serve(args) -> int:
         signal.signal(sig, server.handle_exit)
     engine.run_forever()  # returns once the engine is stopped
     http.join()
+    if supervisor is not None:
+        supervisor.stop()
     return 0 if server.started else 1
 
 
@@ -86,6 +94,12 @@ def _eval(args) -> int:
     return eval_main(args)
 
 
+def _worker(args) -> int:
+    from fine_tuning.worker import main as worker_main
+
+    return worker_main(args)
+
+
 def _bench(args) -> int:
     if args.model:
         from benchmarks.model_size import run as model_size
@@ -107,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--grace", type=float, help="on SIGTERM, seconds in-flight requests get to finish "
                        "(default PROMPTSERVE_DRAIN_GRACE, 30)")
     serve.set_defaults(func=_serve)
+
+    wk = sub.add_parser("worker", help="train the store's queued fine-tuning jobs (serve starts one; run more "
+                        "beside other replicas against a shared store)")
+    wk.set_defaults(func=_worker)
 
     prep = sub.add_parser("prepare-model", help="convert the configured model to the local cache once")
     prep.set_defaults(func=_prepare_model)

@@ -81,6 +81,20 @@ class Settings(BaseSettings):
     # shared cores stalls every parallel region on its preempted thread)
     adaptive_threads: bool = True
 
+    # Fine-tuning (OpenAI's files and fine_tuning.jobs endpoints). Files and jobs live in the store; a
+    # training worker (`promptserve worker`) takes the queued jobs. `serve` starts one beside itself unless
+    # training_worker is off (at scale: workers as their own Deployment, deploy/k8s/components/training-worker)
+    training_worker: bool = True
+    training_threads: int = Field(1, ge=1)  # the worker's torch threads: serving keeps the other cores
+    training_nice: int = Field(19, ge=0, le=19)  # the worker's CPU priority: serving's threads run first
+    training_gpu_memory_fraction: float = Field(0.25, gt=0, le=1)  # on a GPU: the worker's share of memory
+    training_lease_seconds: float = Field(30.0, gt=0)  # a worker silent this long loses its job to another
+    training_max_attempts: int = Field(3, ge=1)  # takes of a job (workers lost) before it fails
+    training_poll_seconds: float = Field(1.0, gt=0)  # how often an idle worker looks for a queued job
+    training_checkpoint_seconds: float = Field(60.0, gt=0)  # a checkpoint at least this often (and each epoch)
+    files_max_mb: int = Field(64, ge=1)  # an uploaded training file's size...
+    files_max_lines: int = Field(100_000, ge=1)  # ...and rows
+
     host: str = "127.0.0.1"
     port: int = 8000
     # HTTP connection limits (app/api/http_limits.py): header size, slow headers, stalled bodies, idle

@@ -155,30 +155,65 @@ def eval_module(module, tokenizer, demo: str, device, limit: int | None = None) 
     """Dev figures of a trained module (prompt and head, or a fully fine-tuned model and head)."""
     preset = PRESETS[demo]
     rows = read_jsonl(preset["dev"], limit)
+    task_type = preset["task_type"]
+    figures = validation_figures(module, tokenizer, task_type, preset["labels"], rows, device,
+                                 positive="spam" if demo == "spam" else None)
     if demo == "spam":
-        ids = [classify_ids(tokenizer, r["text"]) for r in rows]
-        pred = []
-        for _, chunk, h in _hidden_batches(module, ids, device):
-            last = torch.stack([h[b, len(x) - 1] for b, x in enumerate(chunk)])
-            pred += [preset["labels"][i] for i in module.head(last.float()).argmax(-1).tolist()]
-        return {"spam_f1": class_f1([r["label"] for r in rows], pred, "spam"), "n": len(rows)}
+        return {"spam_f1": figures["per_label"]["spam"], "n": len(rows)}
     if demo == "ner":
-        tags = bio_tags(preset["labels"])
-        gold, pred, encs, texts = [], [], [], []
+        return {"entity_f1": figures["entity_f1"], "n": len(rows)}
+    return {"dev_answer_loss": figures["valid_loss"], "n": len(rows)}
+
+
+@torch.no_grad()
+def classify_predictions(module, tokenizer, labels: list[str], texts: list[str], device) -> list[str]:
+    ids = [classify_ids(tokenizer, t) for t in texts]
+    pred = []
+    for _, chunk, h in _hidden_batches(module, ids, device):
+        last = torch.stack([h[b, len(x) - 1] for b, x in enumerate(chunk)])
+        pred += [labels[i] for i in module.head(last.float()).argmax(-1).tolist()]
+    return pred
+
+
+@torch.no_grad()
+def extract_predictions(module, tokenizer, entity_types: list[str], texts: list[str], device) -> list[list[dict]]:
+    tags = bio_tags(entity_types)
+    encs = [extract_encoding(tokenizer, t) for t in texts]
+    pred = []
+    for start, chunk, h in _hidden_batches(module, [e.ids for e in encs], device):
+        for b in range(len(chunk)):
+            enc = encs[start + b]
+            scores = torch.log_softmax(module.head(h[b, enc.positions].float()), -1).tolist() \
+                if enc.positions else []
+            tag_ids = best_bio_path(scores, tags)  # as the server decodes
+            pred.append(decode_entities(texts[start + b], enc, tag_ids, tags))
+    return pred
+
+
+@torch.no_grad()
+def validation_figures(module, tokenizer, task_type: str, labels: list[str], rows: list[dict], device,
+                       positive: str | None = None) -> dict:
+    """A module's figures on labelled rows (the training-file forms), with one `score` (higher is better):
+    classify, the F1 of `positive` (two labels: the rarer one, e.g. spam) or else the macro F1 over the labels;
+    extract, exact entity F1; generate, minus the answer tokens' mean loss (`valid_loss`)."""
+    if task_type == "classify":
+        gold = [r["label"] for r in rows]
+        pred = classify_predictions(module, tokenizer, labels, [r["text"] for r in rows], device)
+        per_label = {label: class_f1(gold, pred, label) for label in labels}
+        macro = sum(f["f1"] for f in per_label.values()) / len(labels)
+        score = per_label[positive]["f1"] if positive else macro
+        return {"score": score, "f1": score, "macro_f1": macro, "accuracy": per_label[labels[0]]["accuracy"],
+                "per_label": per_label}
+    if task_type == "extract":
+        texts, gold = [], []
         for r in rows:
-            text, ents = entities_from_bio(r["tokens"], r["tags"])
-            gold.append(ents)
+            text, ents = entities_from_bio(r["tokens"], r["tags"]) if "tokens" in r else (r["text"], r["entities"])
             texts.append(text)
-            encs.append(extract_encoding(tokenizer, text))
-        for start, chunk, h in _hidden_batches(module, [e.ids for e in encs], device):
-            for b in range(len(chunk)):
-                enc = encs[start + b]
-                scores = torch.log_softmax(module.head(h[b, enc.positions].float()), -1).tolist() \
-                    if enc.positions else []
-                tag_ids = best_bio_path(scores, tags)  # as the server decodes
-                pred.append(decode_entities(texts[start + b], enc, tag_ids, tags))
-        return {"entity_f1": entity_f1(gold, pred), "n": len(rows)}
-    return {"dev_answer_loss": answer_loss(module, tokenizer, rows, device), "n": len(rows)}
+            gold.append(ents)
+        f1 = entity_f1(gold, extract_predictions(module, tokenizer, labels, texts, device))
+        return {"score": f1["f1"], "f1": f1["f1"], "entity_f1": f1}
+    loss = answer_loss(module, tokenizer, rows, device)
+    return {"score": -loss, "valid_loss": loss}
 
 
 def dev_score(module, tokenizer, demo: str, device) -> float:

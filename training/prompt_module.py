@@ -56,6 +56,21 @@ class PromptModule(nn.Module):
                 self.prefix = nn.Parameter(torch.randn(self.p, kv_width) * 0.02)
         self.head = nn.Linear(hidden, head_rows) if head_rows else None
 
+    @classmethod
+    @torch.no_grad()
+    def from_prompt_set(cls, forward: DecoderForward, spec: ModelSpec, ps: PromptSet) -> "PromptModule":
+        """A stored prompt set as a module (to score it on a validation file): export()'s inverse."""
+        head = ps.tensors.get("head.weight")
+        module = cls(forward, spec, ps.kind, ps.meta.num_virtual_tokens, None if head is None else head.shape[0])
+        if ps.kind == "input":
+            module.embeddings.copy_(ps.tensors["embeddings"])
+        else:
+            module.prefix.copy_(cls._flat_prefix(ps.tensors["keys"], ps.tensors["values"]))
+        if head is not None:
+            module.head.weight.copy_(head)
+            module.head.bias.copy_(ps.tensors["head.bias"])
+        return module.to(forward.embed.weight.device)
+
     # -- the prompt as the server will see it ----------------------------------------------------
     def deep_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         flat = self.mlp(self.prefix_tokens) if self.reparam else self.prefix

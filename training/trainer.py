@@ -50,6 +50,30 @@ class TrainConfig:
 
 
 @dataclass
+class TrainState:
+    """Where a run is after `step` steps: what a checkpoint saves and a resumed run starts from (the batch
+    order is replayed from the seed, so a resumed run sees the batches the first one would have)."""
+    step: int
+    params: list[torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    losses: list[float]
+    tokens: int
+    dev_scores: list[dict]
+    best: tuple | None  # (score, step, the parameters then)
+
+
+@dataclass
+class TrainHooks:
+    """Calls out of the loop (a fine-tuning job's events, checkpoints and cancel). A hook that raises ends
+    the run with that exception."""
+    on_step: Callable[[int, int, float], None] | None = None  # (step, total steps, loss)
+    on_eval: Callable[[dict], None] | None = None  # a dev row after an epoch: {"epoch", "step", "score", ...}
+    checkpoint: Callable[[TrainState], None] | None = None  # at each epoch's end, and every checkpoint_every_s
+    checkpoint_every_s: float = 60.0
+
+
+@dataclass
 class TrainResult:
     module: PromptModule
     losses: list[float]
@@ -135,9 +159,12 @@ def build_module(model, spec, tokenizer, cfg: TrainConfig) -> PromptModule:
 
 def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, device,
           progress: bool = True, autocast_dtype: torch.dtype | None = None,
-          evaluate: Callable[[PromptModule], float] | None = None) -> TrainResult:
-    """evaluate: a dev score (higher is better) run after each epoch; the module ends with the parameters
-    of the best epoch (early stopping on dev, without stopping: every epoch runs)."""
+          evaluate: Callable[[PromptModule], float | dict] | None = None, hooks: TrainHooks | None = None,
+          resume: TrainState | None = None) -> TrainResult:
+    """evaluate: a dev score (higher is better; or a dict of figures with the score under "score") run after
+    each epoch; the module ends with the parameters of the best epoch (early stopping on dev, without
+    stopping: every epoch runs). resume: a checkpoint's state to go on from."""
+    hooks = hooks or TrainHooks()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     # The base model is not a submodule of PromptModule (DecoderForward only references its layers), so this
@@ -171,13 +198,25 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
         raise ValueError(f"class_weight {cfg.class_weight!r}: only 'balanced', for classify tasks")
     losses, tokens, step = [], 0, 0
     dev_scores, best = [], None  # best: (score, step, a copy of the trainable parameters)
-    start = time.monotonic()
-    bar = tqdm(total=total, disable=not progress, desc=f"train {cfg.task_type}/{cfg.kind or 'full'}")
+    if resume is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, resume.params):
+                p.copy_(saved)
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.scheduler)
+        losses, tokens, step = list(resume.losses), resume.tokens, resume.step
+        dev_scores, best = list(resume.dev_scores), resume.best
+    start = last_checkpoint = time.monotonic()
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {cfg.task_type}/{cfg.kind or 'full'}")
     module.train()
+    drawn = 0  # batches drawn so far: a resumed run draws (and skips) the ones its first run trained on
     while step < total:
         for batch in _batches(examples, cfg.batch_size, rng, cfg.group_by_length):
             if step >= total:
                 break
+            drawn += 1
+            if drawn <= step:
+                continue
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, n = loss_on(module, batch, pad_id, device, class_weights)
             opt.zero_grad(set_to_none=True)
@@ -191,12 +230,24 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
             elapsed = time.monotonic() - start
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", tok_s=f"{tokens / elapsed:.0f}")
             bar.update(1)
-            if evaluate is not None and (step % steps_per_epoch == 0 or step == total):
-                score = _dev_score(module, evaluate)
-                dev_scores.append({"epoch": round(step / steps_per_epoch, 2), "step": step, "score": score})
-                bar.write(f"dev after step {step} (epoch {dev_scores[-1]['epoch']}): {score:.4f}")
+            if hooks.on_step is not None:
+                hooks.on_step(step, total, losses[-1])
+            epoch_end = step % steps_per_epoch == 0 or step == total
+            if evaluate is not None and epoch_end:
+                row = {"epoch": round(step / steps_per_epoch, 2), "step": step, **_dev_score(module, evaluate)}
+                dev_scores.append(row)
+                score = row["score"]
+                if progress:
+                    bar.write(f"dev after step {step} (epoch {row['epoch']}): {score:.4f}")
                 if best is None or score > best[0]:
                     best = (score, step, [p.detach().clone() for p in params])
+                if hooks.on_eval is not None:
+                    hooks.on_eval(row)
+            if hooks.checkpoint is not None and (
+                    epoch_end or time.monotonic() - last_checkpoint >= hooks.checkpoint_every_s):
+                hooks.checkpoint(TrainState(step, [p.detach().clone() for p in params], opt.state_dict(),
+                                            sched.state_dict(), list(losses), tokens, list(dev_scores), best))
+                last_checkpoint = time.monotonic()
     bar.close()
     seconds = time.monotonic() - start
     if best is not None:
@@ -208,10 +259,11 @@ def train(model, spec, tokenizer, examples: list[Example], cfg: TrainConfig, dev
     return TrainResult(module, losses, seconds, tokens, trainable, dev_scores, best[1] if best else None)
 
 
-def _dev_score(module: PromptModule, evaluate: Callable[[PromptModule], float]) -> float:
+def _dev_score(module: PromptModule, evaluate: Callable[[PromptModule], float | dict]) -> dict:
     module.eval()
     try:
         with torch.no_grad():
-            return float(evaluate(module))
+            result = evaluate(module)
+            return dict(result) if isinstance(result, dict) else {"score": float(result)}
     finally:
         module.train()

@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Request
 
 from app.api.errors import ApiError
 from app.observability import Metrics
+from app.services.fine_tuning import FineTuningService
 from app.services.tasks import TaskService
 from app.settings import Settings
 
@@ -24,6 +25,13 @@ def get_tasks(request: Request) -> TaskService:
     return service
 
 
+def get_fine_tuning(request: Request) -> FineTuningService:
+    service = getattr(request.app.state, "fine_tuning", None)
+    if service is None:
+        raise ApiError(503, "unavailable", "the server is still starting", {"Retry-After": "5"})
+    return service
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
@@ -31,6 +39,7 @@ def get_metrics(request: Request) -> Metrics:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TasksDep = Annotated[TaskService, Depends(get_tasks)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+FineTuningDep = Annotated[FineTuningService, Depends(get_fine_tuning)]
 
 
 def _bearer(authorization: str | None) -> str | None:

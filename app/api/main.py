@@ -11,16 +11,19 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import ServingMiddleware
-from app.api.routes import admin, health, metrics, openai, tasks, tokenizer, web
+from app.api.routes import admin, fine_tuning, health, metrics, openai, tasks, tokenizer, web
 from app.engine.constraints import GrammarLimits
 from app.engine.engine import Engine, EngineConfig
 from app.engine.kv_cache import default_budget_bytes
 from app.model.loader import LoadedModel, load_model
 from app.observability import Metrics
+from app.services.fine_tuning import FineTuningService
 from app.services.seeding import seed_store
 from app.services.tasks import TaskService
 from app.settings import Settings, get_settings
-from prompt_store import open_store
+from fine_tuning.files import FileBook, FileLimits
+from fine_tuning.jobs import JobBook
+from prompt_store import open_record_store, open_store
 
 log = logging.getLogger("promptserve")
 
@@ -60,6 +63,10 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
             cache_bytes=settings.grammar_cache_mb << 20, max_bytes=settings.grammar_max_mb << 20,
             max_seconds=settings.grammar_max_seconds))
         await run_in_threadpool(seed_store, store, service, settings.seed_dir)
+        records = open_record_store(settings.store_url, settings.store_dir)
+        app.state.fine_tuning = FineTuningService(
+            FileBook(records, FileLimits(settings.files_max_mb << 20, settings.files_max_lines)), JobBook(records),
+            store, service.base_model_id)
         app.state.engine, app.state.store, app.state.tasks = running, store, service
         if settings.warmup:
             await running.warmup()
@@ -83,7 +90,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     app.state.metrics = Metrics(lambda: app.state.engine)
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware, state=app.state)
-    for module in (health, metrics, tasks, openai, tokenizer, admin, web):
+    for module in (health, metrics, tasks, openai, tokenizer, admin, fine_tuning, web):
         app.include_router(module.router)
     web.mount_static(app)
     return app

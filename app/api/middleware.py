@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 
 EXEMPT = {"/health", "/ready", "/metrics"}
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def reads_own_body(path: str) -> bool:
+    """The uploads read their bodies themselves, against their own larger caps and after the admin token is
+    checked: prompt sets (/admin/...) and training files (POST /v1/files)."""
+    return path.startswith("/admin/") or path == "/v1/files"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # Every HTML page the server serves (the playground, /docs, /redoc) may load nothing from another host: the
 # browser itself refuses it, so a page works the same with no internet and leaks no visit to a CDN (ReDoc's
@@ -64,8 +70,7 @@ class ServingMiddleware:
             if not exempt:
                 self.state.inflight += 1
             try:
-                if scope["method"] in BODY_METHODS and not scope["path"].startswith("/admin/"):
-                    # the admin upload reads its own body against the (larger) upload cap
+                if scope["method"] in BODY_METHODS and not reads_own_body(scope["path"]):
                     receive = await self._capped_body(headers, receive, scope, send_with_id)
                     if receive is None:
                         return

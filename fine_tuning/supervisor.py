@@ -1,0 +1,60 @@
+"""The training worker `promptserve serve` starts beside itself: a child process, started again when it dies
+(a crash, the OOM killer), stopped with the server."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import threading
+
+log = logging.getLogger("promptserve.worker")
+RESTART_DELAY_S = 5.0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux sends it SIGTERM when the server process dies, even by SIGKILL, so
+    no orphaned worker keeps training (its job goes back to the queue)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class WorkerSupervisor:
+    def __init__(self, argv: list[str] | None = None):
+        self.argv = argv or [sys.executable, "-m", "app.cli", "worker"]
+        self.proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # a stop() never misses a child that is being started
+        self._thread = threading.Thread(target=self._keep_running, name="training-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _keep_running(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
+            code = self.proc.wait()
+            if self._stopping.is_set():
+                return
+            log.warning("the training worker exited (%s); starting it again in %.0f s", code, RESTART_DELAY_S)
+            self._stopping.wait(RESTART_DELAY_S)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (its job is queued again), then kill after timeout."""
+        with self._lock:
+            self._stopping.set()
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self._thread.join(timeout)
