@@ -25,6 +25,7 @@ log = logging.getLogger("promptserve.worker")
 
 # the base learning rate of each kind (the demo presets'); learning_rate_multiplier scales it
 BASE_LR = {"deep": 1e-2, "input": 3e-2}
+BASE_HEAD_LR = 2e-3  # a classify or extract head's (the trainer's default): scaled by the multiplier too
 # "auto" learning rate with a validation file: these multipliers are tried, the best validation score kept
 AUTO_LR_MULTIPLIERS = (1.0, 2.0, 0.5)
 REPORT_EVERY_S = 1.0  # how often the record is written while training (events, the lease, a cancel seen)
@@ -193,7 +194,8 @@ class JobRunner:
             lrm = lrms[index]
             cfg = TrainConfig(task_type=task_type, labels=list(labels), kind=spec["kind"],
                               num_virtual_tokens=spec["virtual_tokens"], epochs=float(epochs), batch_size=batch,
-                              lr=BASE_LR[spec["kind"]] * lrm, seed=job["seed"], init_text=spec["init_text"],
+                              lr=BASE_LR[spec["kind"]] * lrm, head_lr=BASE_HEAD_LR * lrm, seed=job["seed"],
+                              init_text=spec["init_text"],
                               class_weight="balanced" if task_type == "classify" else None)
             every = max(1, total_steps // METRIC_EVENTS_PER_TRIAL)
             trial_no = index + 1
