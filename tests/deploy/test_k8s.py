@@ -120,3 +120,38 @@ def test_torch_threads_follow_the_cpu_request():
     threads = [e for e in container["env"] if e["name"] == "PROMPTSERVE_THREADS"][0]
     assert threads["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
     assert "cpu" in container["resources"]["requests"] and "cpu" not in container["resources"].get("limits", {})
+
+
+def _with_components(tmp_path, overlay: str, *components: str) -> list[dict]:
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "deploy/k8s/overlays" / overlay, tmp_path)],
+        "components": [os.path.relpath(ROOT / "deploy/k8s/components" / c, tmp_path) for c in components]}))
+    docs = render_dir(tmp_path)
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    return docs
+
+
+@pytest.mark.parametrize("object_store", [False, True])
+def test_the_training_worker_component(tmp_path, object_store):
+    """Training workers as their own Deployment: `promptserve worker` on the shared store, not behind the
+    Service; the serving replicas stop starting a worker; with the object store, the workers use it too."""
+    docs = _with_components(tmp_path, "cpu", "training-worker", *(["object-store"] if object_store else []))
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {"promptserve", "promptserve-training-worker"}
+    worker = deployments["promptserve-training-worker"]["spec"]["template"]
+    container = worker["spec"]["containers"][0]
+    assert container["args"] == ["worker"] and "ports" not in container
+    service = of_kind(docs, "Service")
+    assert not set(service["spec"]["selector"].items()) <= set(worker["metadata"]["labels"].items())
+    serving = deployments["promptserve"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "PROMPTSERVE_TRAINING_WORKER", "value": "false"} in serving["env"]
+    store = [v for v in worker["spec"]["volumes"] if v["name"] == "store"][0]
+    secret = [e["secretRef"] for e in container["envFrom"] if "secretRef" in e][0]
+    if object_store:
+        assert "emptyDir" in store and secret == {"name": "promptserve-s3", "optional": False}
+        assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
+    else:
+        assert store["persistentVolumeClaim"]["claimName"] == "promptserve-store"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True

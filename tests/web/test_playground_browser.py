@@ -1,37 +1,26 @@
 """The playground and admin page at `/`, driven end to end in a real headless browser: Debian's chromium,
 through Playwright for Python (`executable_path`: Playwright's own browser download cannot be reached here).
 The server is a real `promptserve serve` process on the embedded SmolLM2 with the shipped demo tasks.
-Screenshots land in test-artifacts/ (PROMPTSERVE_SCREENSHOT_DIR) to look at."""
+Screenshots land in test-artifacts/ (PROMPTSERVE_SCREENSHOT_DIR) to look at. The browser and page fixtures:
+tests/web/conftest.py."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 from safetensors import safe_open
 from safetensors.torch import save
 
 from app.settings import DEMO_PROMPT_SETS
 from tests.servers import serving
+from tests.web.browser import screenshot
 
 pytestmark = pytest.mark.real_model
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "browser-admin"
-SCREENSHOTS = Path(os.environ.get("PROMPTSERVE_SCREENSHOT_DIR", ROOT / "test-artifacts"))
-# nothing but the server under test may be reached: every other host fails to resolve
-ISOLATED = ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
-
-
-def chromium_path() -> str:
-    found = os.environ.get("PROMPTSERVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "no chromium on PATH: apt-get install chromium (.ci/run installs it)"
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -41,44 +30,6 @@ def server(tmp_path_factory):
            "PROMPTSERVE_SEED_DIR": str(DEMO_PROMPT_SETS)}
     with serving(env) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=chromium_path(), headless=True, args=ISOLATED)
-        yield instance
-        instance.close()
-
-
-@pytest.fixture
-def page(browser, server):
-    context = browser.new_context(base_url=server, viewport={"width": 1280, "height": 900})
-    outside: list[str] = []
-
-    def only_the_server(route):  # the network is off for the page: anything not the server is refused
-        if urlparse(route.request.url).hostname == "127.0.0.1":
-            return route.continue_()
-        outside.append(route.request.url)
-        return route.abort()
-
-    context.route("**/*", only_the_server)
-    page = context.new_page()
-    console_errors: list[str] = []
-    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: console_errors.append(str(e)))
-    yield page
-    context.close()
-    assert not outside, f"the page tried to reach other hosts: {outside}"
-    # a refused admin call logs its failed fetch as a console error, and the browser logs what the pages'
-    # Content-Security-Policy refused (ReDoc's logo on cdn.redoc.ly): every other console error fails the test
-    assert not [e for e in console_errors
-                if "Failed to load resource" not in e and "Content Security Policy" not in e], console_errors
-
-
-def screenshot(page: Page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
 def pick(page: Page, task: str) -> None:

@@ -1,10 +1,10 @@
 // The playground and admin page. Plain JavaScript, no build step, no third-party code: it talks to the
-// server only through its public HTTP API (/v1 for tasks, /admin for prompt sets). Secrets (the API key
+// server only through its public HTTP API (/v1 for tasks, files and fine-tuning jobs, /admin for prompt sets). Secrets (the API key
 // and the admin token) live in this page's memory only: never in storage, cookies or the URL.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { tasks: [], controller: null };
+const state = { tasks: [], controller: null, job: null, poll: null };
 
 // ---- HTTP ----------------------------------------------------------------------------------------------
 
@@ -345,6 +345,182 @@ async function upload(event) {
   await loadTasks();
 }
 
+// ---- fine-tune -----------------------------------------------------------------------------------------
+// OpenAI's files and fine-tuning endpoints, as the openai SDK calls them: upload JSONL files, start a job,
+// follow its events (the loss and validation curves are drawn from its `metrics` events), try the result.
+
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+
+function ftToken() {
+  return $("ft-token").value.trim() || adminToken();
+}
+
+function ftSays(message, isError = false) {
+  const element = $("ft-message");
+  element.textContent = message;
+  element.className = isError ? "error" : "ok";
+  element.hidden = !message;
+}
+
+async function uploadTrainingFile(file) {
+  const form = new FormData();
+  form.append("purpose", "fine-tune");
+  form.append("file", file, file.name);
+  return (await call("POST", "/v1/files", { token: ftToken(), body: form })).json();
+}
+
+function autoOr(value, parse) {
+  const text = value.trim();
+  return text === "" || text === "auto" ? "auto" : parse(text);
+}
+
+async function startJob(event) {
+  event.preventDefault();
+  const train = $("ft-train").files[0];
+  if (!train) return ftSays("Choose a training file (JSONL)", true);
+  $("ft-start").disabled = true;
+  try {
+    const training = await uploadTrainingFile(train);
+    const valid = $("ft-valid").files[0] ? await uploadTrainingFile($("ft-valid").files[0]) : null;
+    const models = await (await call("GET", "/v1/models", { token: $("api-key").value })).json();
+    const promote = $("ft-promote").value.trim();
+    const body = {
+      model: models.data[0].id, training_file: training.id,
+      hyperparameters: { n_epochs: autoOr($("ft-epochs").value, (t) => parseInt(t, 10)),
+                         learning_rate_multiplier: autoOr($("ft-lrm").value, Number) },
+    };
+    if (valid) body.validation_file = valid.id;
+    if ($("ft-suffix").value.trim()) body.suffix = $("ft-suffix").value.trim();
+    // promoting: the task's own kind and size; otherwise the ones chosen here
+    if (promote) body.metadata = { promote_to: promote };
+    else body.prompt_set = { kind: $("ft-kind").value, virtual_tokens: parseInt($("ft-tokens").value, 10) };
+    const job = await (await call("POST", "/v1/fine_tuning/jobs", { token: ftToken(), json: body })).json();
+    ftSays(job.status === "failed" ? `job ${job.id} failed: ${job.error.message}` : `started ${job.id}`,
+           job.status === "failed");
+    await loadJobs();
+    selectJob(job.id);
+  } catch (error) {
+    ftSays(error.message, true);
+  } finally {
+    $("ft-start").disabled = false;
+  }
+}
+
+async function loadJobs() {
+  let jobs;
+  try {
+    jobs = (await (await call("GET", "/v1/fine_tuning/jobs?limit=100", { token: ftToken() })).json()).data;
+  } catch (error) {
+    return ftSays(error.message, true);
+  }
+  const body = $("ft-jobs").tBodies[0];
+  body.replaceChildren();
+  for (const job of jobs) {
+    const row = body.insertRow();
+    row.dataset.job = job.id;
+    row.dataset.status = job.status;
+    if (job.id === state.job) row.className = "selected";
+    cell(row, job.id);
+    cell(row, job.status);
+    cell(row, job.fine_tuned_model || "");
+    cell(row, new Date(job.created_at * 1000).toLocaleString());
+    cell(row, button("Show", "show", () => selectJob(job.id)));
+  }
+}
+
+function selectJob(id) {
+  state.job = id;
+  clearInterval(state.poll);
+  $("ft-detail").hidden = false;
+  $("ft-detail-title").textContent = id;
+  for (const row of $("ft-jobs").tBodies[0].rows) row.className = row.dataset.job === id ? "selected" : "";
+  refreshJob();
+  state.poll = setInterval(refreshJob, 1000);
+}
+
+async function refreshJob() {
+  const id = state.job;
+  let job, events;
+  try {
+    job = await (await call("GET", `/v1/fine_tuning/jobs/${id}`, { token: ftToken() })).json();
+    events = (await (await call("GET", `/v1/fine_tuning/jobs/${id}/events?limit=1000`,
+                                { token: ftToken() })).json()).data.reverse();  // oldest first
+  } catch (error) {
+    clearInterval(state.poll);
+    return ftSays(error.message, true);
+  }
+  if (id !== state.job) return;  // another job was chosen meanwhile
+  $("ft-status").textContent = job.status + (job.fine_tuned_model ? ` → ${job.fine_tuned_model}` : "");
+  $("ft-detail").dataset.status = job.status;
+  $("ft-cancel").hidden = TERMINAL.includes(job.status);
+  $("ft-try").hidden = job.status !== "succeeded";
+  $("ft-try").dataset.model = job.fine_tuned_model || "";
+  const metrics = events.filter((e) => e.type === "metrics");
+  drawChart($("ft-loss-chart"), metrics.filter((e) => "train_loss" in e.data).map((e) => e.data.train_loss));
+  const validKey = metrics.some((e) => "valid_f1" in e.data) ? "valid_f1" : "valid_loss";
+  $("ft-valid-caption").textContent = `validation (${validKey === "valid_f1" ? "F1" : "loss"}, each epoch)`;
+  drawChart($("ft-valid-chart"), metrics.filter((e) => validKey in e.data).map((e) => e.data[validKey]), true);
+  $("ft-events").replaceChildren(...events.filter((e) => e.type !== "metrics" || !("train_loss" in e.data))
+    .map((e) => Object.assign(document.createElement("li"), {
+      textContent: `${new Date(e.created_at * 1000).toLocaleTimeString()}  ${e.message}`, className: e.level })));
+  if (TERMINAL.includes(job.status)) {
+    clearInterval(state.poll);
+    await loadJobs();
+  }
+}
+
+// A line through the values (left to right, scaled to their range), with its first and last value written.
+function drawChart(svg, values, dots = false) {
+  const ns = "http://www.w3.org/2000/svg";
+  svg.replaceChildren();
+  svg.dataset.points = String(values.length);
+  if (!values.length) return;
+  const [w, h, pad] = [400, 160, 14];
+  const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1;
+  const xy = values.map((v, i) => [pad + (values.length > 1 ? i / (values.length - 1) : 0.5) * (w - 2 * pad),
+                                   h - pad - ((v - lo) / span) * (h - 2 * pad)]);
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", xy.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" "));
+  svg.append(line);
+  if (dots) {
+    for (const [x, y] of xy) {
+      const dot = document.createElementNS(ns, "circle");
+      dot.setAttribute("cx", x.toFixed(1));
+      dot.setAttribute("cy", y.toFixed(1));
+      dot.setAttribute("r", "3");
+      svg.append(dot);
+    }
+  }
+  for (const [text, x, anchor] of [[values[0], pad, "start"], [values[values.length - 1], w - pad, "end"]]) {
+    const label = document.createElementNS(ns, "text");
+    label.setAttribute("x", String(x));
+    label.setAttribute("y", "11");
+    label.setAttribute("text-anchor", anchor);
+    label.textContent = text.toFixed(4);
+    svg.append(label);
+  }
+}
+
+async function cancelJob() {
+  try {
+    await call("POST", `/v1/fine_tuning/jobs/${state.job}/cancel`, { token: ftToken() });
+    ftSays(`cancelled ${state.job}`);
+  } catch (error) {
+    ftSays(error.message, true);
+  }
+  refreshJob();
+}
+
+async function tryResult() {
+  const model = $("ft-try").dataset.model;
+  showView("playground");
+  await loadTasks();
+  $("task").value = model;
+  describeTask();
+  clearResult();
+  $("input").focus();
+}
+
 // ---- wiring --------------------------------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -359,5 +535,13 @@ document.addEventListener("DOMContentLoaded", () => {
   $("admin-connect").addEventListener("click", loadPromptSets);
   $("admin-token").addEventListener("keydown", (e) => { if (e.key === "Enter") loadPromptSets(); });
   $("upload-form").addEventListener("submit", upload);
+  // one admin token for both tabs: typed in either, the other follows
+  $("ft-token").addEventListener("input", () => { $("admin-token").value = $("ft-token").value; });
+  $("admin-token").addEventListener("input", () => { $("ft-token").value = $("admin-token").value; });
+  $("ft-connect").addEventListener("click", loadJobs);
+  $("ft-refresh").addEventListener("click", loadJobs);
+  $("ft-form").addEventListener("submit", startJob);
+  $("ft-cancel").addEventListener("click", cancelJob);
+  $("ft-try").addEventListener("click", tryResult);
   loadTasks();
 });
