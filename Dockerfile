@@ -21,6 +21,7 @@ COPY scripts ./scripts
 COPY app ./app
 COPY prompt_store ./prompt_store
 COPY training ./training
+COPY fine_tuning ./fine_tuning
 COPY benchmarks ./benchmarks
 # The same install script as `make install`: one procedure, no drift.
 RUN VENV=/opt/venv EXTRAS="" EDITABLE=0 TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" \

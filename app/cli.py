@@ -101,6 +101,10 @@ def _worker(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.during_training:
+        from benchmarks.training_interference import main as interference
+
+        return interference(args)
     if args.model:
         from benchmarks.model_size import run as model_size
 
@@ -197,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--llama-gguf", help="--llama-server: the GGUF to serve (default: the served checkpoint "
                     "converted to bf16 with the convert_hf_to_gguf.py of the binary's source tree)")
     be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--during-training", action="store_true", help="TPOT of the top concurrency's clients "
+                    "without a fine-tuning job, while one trains (the server's own worker), and after "
+                    "(benchmarks/training_interference.py)")
     be.add_argument("--model", help="a checkpoint directory: measure its server's memory and single-client decode "
                     "against HF generate batch 1 and the read-bandwidth ceiling (benchmarks/model_size.py) "
                     "instead of the serving benchmark")

@@ -176,6 +176,20 @@ def bench_prompt_sets(spec_fingerprint: str, sets: dict[str, Path] | None = None
     return out
 
 
+def upload_bench_sets(url: str) -> tuple[dict, dict[str, bytes]]:
+    """The benchmark's prompt sets, made for the server's base model and uploaded (bench-chat, bench-ner,
+    bench-spam): the base model's card (its id and fingerprint), and the sets by task name."""
+    base = httpx.get(f"{url}/v1/models").json()["data"][0]
+    sets = bench_prompt_sets(base["fingerprint"])
+
+    async def setup():
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            for name, data in sets.items():
+                await upload(client, name, data)
+    asyncio.run(setup())
+    return base, sets
+
+
 def many_prompt_sets(base: bytes, n: int, seed: int = 0):
     from prompt_store import format as psf
 
@@ -421,14 +435,7 @@ def main(args) -> int:
     if server_env:
         report["server_env"] = server_env
     try:
-        base = httpx.get(f"{url}/v1/models").json()["data"][0]  # the base model, with its fingerprint
-        sets = bench_prompt_sets(base["fingerprint"])
-
-        async def setup():
-            async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-                for name, data in sets.items():
-                    await upload(client, name, data)
-        asyncio.run(setup())
+        _, sets = upload_bench_sets(url)
         tasks = {k: f"bench-{k}" for k in mix}
         jobs = mixed_jobs(prompts, tasks, mix, n, args.seed)
         asyncio.run(closed_loop(url, jobs[:4], 4, 4))  # warm the prefix cache and the allocator

@@ -8,7 +8,9 @@ One record a job, changed only by compare-and-swap (prompt_store/records.py), so
   checkpoint, up to `max_attempts` takes, after which the job fails with the reason: never 'running' forever;
 - a cancel is a swap to `cancelled`; the worker's next report sees it and stops (within seconds).
 
-Statuses: validating_files -> queued -> running -> succeeded | failed | cancelled.
+Statuses: validating_files -> queued -> running -> succeeded | failed | cancelled. An unfinished job also has
+a marker record `open/<id>` (made before the job, removed once it has ended), so a worker looking for work
+lists the open jobs, not every job there ever was (on S3, one LIST a poll instead of a GET per job).
 Our own fields start with '_' (events, checkpoints, the lease) and never reach the API as they are."""
 
 from __future__ import annotations
@@ -86,8 +88,28 @@ class JobBook:
 
     # -- writing -----------------------------------------------------------------------------------
     def create(self, doc: dict) -> dict:
+        self.records.create(f"open/{doc['id']}", {})  # first: a job is never open without its marker
         self.records.create(self._key(doc["id"]), doc)
         return doc
+
+    def closed(self, job_id: str) -> None:
+        """The job has ended: its open marker goes (a marker left by a crash here is removed by claim())."""
+        self.records.delete(f"open/{job_id}")
+
+    def open_jobs(self) -> list[dict]:
+        """The jobs that have not ended, oldest first; markers of jobs that ended (or never were) removed."""
+        docs = []
+        for key in self.records.records("open"):
+            job_id = key.split("/", 1)[1]
+            try:
+                doc = self.get(job_id)
+            except JobNotFound:
+                doc = None
+            if doc is None or doc["status"] in TERMINAL:
+                self.closed(job_id)
+                continue
+            docs.append(doc)
+        return sorted(docs, key=lambda d: (d["created_at"], d["id"]))
 
     def update(self, job_id: str, change) -> dict:
         try:
@@ -103,14 +125,16 @@ class JobBook:
             doc["_events"].append(event("Job cancelled"))
             return doc
 
-        return self.update(job_id, change)
+        doc = self.update(job_id, change)
+        self.closed(job_id)
+        return doc
 
     # -- the worker's side -------------------------------------------------------------------------
     def claim(self, lease: Lease) -> dict | None:
         """The oldest job that is queued, or running on a lease that ran out, now this worker's; None when
         there is none. A job taken over too often fails instead, naming why."""
         now = time.time()
-        candidates = [d for d in reversed(self.list())
+        candidates = [d for d in self.open_jobs()
                       if d["status"] == "queued" or (d["status"] == "running" and d["_lease_until"] < now)]
         for doc in candidates:
             def take(current, seen=doc):
@@ -138,6 +162,8 @@ class JobBook:
                 continue  # another worker was first, or the job went away
             if taken["status"] == "running" and taken["_worker"] == lease.worker:
                 return taken
+            if taken["status"] in TERMINAL:
+                self.closed(doc["id"])
         return None
 
     def report(self, job_id: str, lease: Lease, events: list[dict] = (), **fields) -> dict:
@@ -181,7 +207,9 @@ class JobBook:
             if doc["status"] != "running" or doc["_worker"] != lease.worker:
                 raise JobLost(doc["status"], f"the job is now {doc['status']}")
             doc["_events"].extend(events)
-            doc.update(fields, status=status, finished_at=int(time.time()), _worker=None)
+            doc.update(fields, status=status, finished_at=int(time.time()), _worker=None, estimated_finish=None)
             return doc
 
-        return self.update(job_id, change)
+        doc = self.update(job_id, change)
+        self.closed(job_id)
+        return doc

@@ -45,7 +45,7 @@ class Base:
     dtype: torch.dtype
 
 
-def resolve_hyperparameters(hyper: dict, rows: int, has_validation: bool, kind: str) -> tuple[int, int, list[float]]:
+def resolve_hyperparameters(hyper: dict, rows: int, has_validation: bool) -> tuple[int, int, list[float]]:
     """(epochs, batch size, learning-rate multipliers to try) from the job's values or "auto": epochs so a
     small file still gets ~250 examples' worth of steps (2 to 10), batches of 16 (fewer rows: all of them)."""
     epochs = hyper.get("n_epochs", "auto")
@@ -155,14 +155,14 @@ class JobRunner:
 
     def _run(self, job: dict, reporter: Reporter) -> None:
         from training.data import build_examples
-        from training.evaluate import validation_figures
+        from training.evaluate import tune_binary_threshold, validation_figures
         from training.trainer import TrainConfig, TrainHooks, TrainState, train
 
         spec = job["prompt_set"]
         rows, summary = self._rows(job["training_file"], "training_file")
         val_rows = self._rows(job["validation_file"], "validation_file")[0] if job["validation_file"] else None
-        epochs, batch, lrms = resolve_hyperparameters(job["hyperparameters"], len(rows), val_rows is not None,
-                                                      spec["kind"])
+        epochs, batch, lrms = resolve_hyperparameters(job["hyperparameters"], len(rows), val_rows is not None)
+        hyper_auto = job["hyperparameters"].get("learning_rate_multiplier", "auto") == "auto"
         base = self.base()
         positive = positive_label(spec, summary.label_counts)
         task_type, labels = spec["task_type"], spec["labels"]
@@ -190,6 +190,8 @@ class JobRunner:
                 return _plain(validation_figures(module, base.tokenizer, task_type, labels, val_rows, base.device,
                                                  positive))
 
+        started = time.monotonic()
+        done_at_start = first_trial * total_steps + (resume.step if resume else 0)
         for index in range(first_trial, len(lrms)):
             lrm = lrms[index]
             cfg = TrainConfig(task_type=task_type, labels=list(labels), kind=spec["kind"],
@@ -203,6 +205,11 @@ class JobRunner:
 
             def on_step(step, total, loss, trial_no=trial_no, window=window, every=every):
                 window.append(loss)
+                done = (trial_no - 1) * total + step  # steps of every trial so far
+                rate = (time.monotonic() - started) / max(1, done - done_at_start)
+                reporter.fields.update(progress={"step": step, "total_steps": total, "trial": trial_no,
+                                                 "trials": len(lrms)},
+                                       estimated_finish=int(time.time() + rate * (total * len(lrms) - done)))
                 if step % every == 0 or step == total:
                     reporter.add(f"Step {step}/{total}: training loss={sum(window) / len(window):.4f}",
                                  data={"step": step, "total_steps": total, "train_loss": sum(window) / len(window),
@@ -226,6 +233,16 @@ class JobRunner:
                            hooks=TrainHooks(on_step=on_step, on_eval=on_eval, checkpoint=save,
                                             checkpoint_every_s=self.settings.training_checkpoint_seconds))
             score = max((r["score"] for r in result.dev_scores), default=None)
+            if positive is not None and val_rows is not None and hyper_auto:
+                # part of the search: the decision point of the two-label head, chosen on the validation file
+                shift, before, after = tune_binary_threshold(result.module, base.tokenizer, labels, val_rows,
+                                                             positive, base.device)
+                if shift:
+                    score = after
+                    reporter.add(f"Decision threshold moved on the validation file: {positive} margin "
+                                 f"{shift:+.3f}, valid_f1 {before:.4f} -> {after:.4f}",
+                                 data={"trial": trial_no, "threshold_shift": shift, "valid_f1_before": before,
+                                       "valid_f1": after})
             meta = PromptSetMeta(kind=spec["kind"], num_virtual_tokens=spec["virtual_tokens"], task_type=task_type,
                                  labels=tuple(labels), base_model=base.spec.fingerprint,
                                  base_model_name=base.spec.name,

@@ -166,13 +166,46 @@ def eval_module(module, tokenizer, demo: str, device, limit: int | None = None) 
 
 
 @torch.no_grad()
-def classify_predictions(module, tokenizer, labels: list[str], texts: list[str], device) -> list[str]:
+def classify_logits(module, tokenizer, texts: list[str], device) -> torch.Tensor:
+    """The head's logits [n, labels] at each text's last token (what the server scores)."""
     ids = [classify_ids(tokenizer, t) for t in texts]
-    pred = []
+    out = []
     for _, chunk, h in _hidden_batches(module, ids, device):
         last = torch.stack([h[b, len(x) - 1] for b, x in enumerate(chunk)])
-        pred += [labels[i] for i in module.head(last.float()).argmax(-1).tolist()]
-    return pred
+        out.append(module.head(last.float()).cpu())
+    return torch.cat(out)
+
+
+def classify_predictions(module, tokenizer, labels: list[str], texts: list[str], device) -> list[str]:
+    return [labels[i] for i in classify_logits(module, tokenizer, texts, device).argmax(-1).tolist()]
+
+
+@torch.no_grad()
+def tune_binary_threshold(module, tokenizer, labels: list[str], rows: list[dict], positive: str, device
+                          ) -> tuple[float, float, float]:
+    """Moves a two-label head's decision point to where the positive label's F1 on these rows is highest
+    (the head's biases shift; nothing else changes). Returns (shift of the positive logit's margin, F1
+    before, F1 after); a shift only when it raises the F1, the smallest such one."""
+    pos = labels.index(positive)
+    logits = classify_logits(module, tokenizer, [r["text"] for r in rows], device)
+    margin = (logits[:, pos] - logits[:, 1 - pos]).tolist()
+    gold = [r["label"] for r in rows]
+
+    def f1_at(shift: float) -> float:
+        pred = [positive if m + shift > 0 else labels[1 - pos] for m in margin]
+        return class_f1(gold, pred, positive)["f1"]
+
+    edges = sorted(set(margin))
+    # a shift between two neighbouring margins changes the decision of the rows between: try each midpoint
+    candidates = [0.0] + [-(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    before = f1_at(0.0)
+    best = max(candidates, key=lambda c: (f1_at(c), -abs(c)))
+    after = f1_at(best)
+    if after <= before:
+        return 0.0, before, before
+    module.head.bias[pos] += best / 2
+    module.head.bias[1 - pos] -= best / 2
+    return best, before, after
 
 
 @torch.no_grad()

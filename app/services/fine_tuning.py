@@ -132,10 +132,15 @@ class FineTuningService:
                "user_provided_suffix": req.suffix, "prompt_set": spec,
                "_events": [event("Validating training file: " + req.training_file +
                                  (f" and validation file: {req.validation_file}" if req.validation_file else ""))],
-               "_checkpoints": [], "_worker": None, "_lease_until": 0, "_attempts": 0, "_progress": {}}
+               "_checkpoints": [], "_worker": None, "_lease_until": 0, "_attempts": 0,
+               # promptserve's: where training is ({"step", "total_steps", "trial", "trials"}), for progress bars
+               "progress": None}
         self.jobs.create(doc)
-        failure = self._check_rows(training["id"], "training_file", spec) or \
-            (validation and self._check_rows(validation["id"], "validation_file", spec))
+        try:
+            failure = self._check_rows(training["id"], "training_file", spec) or \
+                (validation and self._check_rows(validation["id"], "validation_file", spec))
+        except Exception as exc:  # the store failed mid-check: the job ends failed, never stuck validating
+            failure = {"code": "validation_failed", "param": None, "message": f"{type(exc).__name__}: {exc}"}
 
         def settle(current):
             if current["status"] != "validating_files":
@@ -148,7 +153,10 @@ class FineTuningService:
                 current["_events"].append(event("Files validated, moving job to queued state"))
             return current
 
-        return public(self.jobs.update(doc["id"], settle))
+        settled = self.jobs.update(doc["id"], settle)
+        if settled["status"] == "failed":
+            self.jobs.closed(doc["id"])
+        return public(settled)
 
     def _prompt_set_spec(self, opts: PromptSetOptions, training: FileSummary, validation: FileSummary | None,
                          promote_to: str | None) -> dict:

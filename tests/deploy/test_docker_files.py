@@ -41,6 +41,16 @@ def test_dockerfile_uses_the_shared_install_script():
     assert 'ENTRYPOINT ["promptserve-entrypoint"]' in text and "deploy/docker-entrypoint.sh" in text
 
 
+def test_the_image_copies_every_package():
+    """The image installs the project non-editable from what it copied: a package pyproject lists but the
+    Dockerfile does not copy would be missing from the image alone (fine_tuning/ nearly was)."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted(p.rstrip("*") for p in patterns)
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert packages and all((ROOT / p / "__init__.py").is_file() for p in packages)
+    assert set(packages) <= copied, f"not copied into the image: {set(packages) - copied}"
+
+
 ENTRYPOINT = ROOT / "deploy/docker-entrypoint.sh"
 
 

@@ -90,3 +90,17 @@ def test_checkpoints_keep_the_last_three(book, tmp_path):
     kept = book.get(job["id"])["_checkpoints"]
     assert [c["step_number"] for c in kept] == [3, 4, 5]
     assert book.records.blobs(f"jobs/{job['id']}/ck") == [f"jobs/{job['id']}/ck/{s}" for s in (3, 4, 5)]
+
+
+def test_workers_look_only_at_open_jobs(book):
+    done, waiting = queued(book, 1000)["id"], queued(book, 2000)["id"]
+    book.cancel(done)
+    assert book.records.records("open") == [f"open/{waiting}"]  # the ended job's marker is gone
+    book.records.create(f"open/{done}", {})  # a marker a crash left behind: removed when seen
+    book.records.create("open/ftjob-vanished", {})
+    assert [d["id"] for d in book.open_jobs()] == [waiting]
+    assert book.records.records("open") == [f"open/{waiting}"]
+    lease = Lease("w", seconds=60)
+    assert book.claim(lease)["id"] == waiting
+    book.finish(waiting, lease, "succeeded")
+    assert book.records.records("open") == [] and book.claim(lease) is None

@@ -127,3 +127,26 @@ def test_sigterm_puts_the_job_back_at_once(shop, tmp_path, tiny, tiny_model_dir)
     doc = shop.jobs.get(job)
     assert doc["status"] == "queued" and doc["_attempts"] == 0  # not waiting out a 600 s lease
     assert "shutting down" in doc["_events"][-1]["message"]
+
+
+def test_a_worker_on_the_object_store(seaweed, tmp_path, tiny, tiny_model_dir):
+    """Files, jobs, checkpoints and the result in an S3 bucket: a worker on another 'host' (its own cache
+    directory) trains the job the API recorded, and the task is in the bucket's prompt-set store."""
+    from prompt_store.object_store import ObjectPromptStore
+    from prompt_store.records import ObjectRecordStore
+
+    url = "s3://promptsets/fine-tuning-worker"
+    records = ObjectRecordStore(seaweed.client(), "promptsets", "fine-tuning-worker/")
+    store = ObjectPromptStore(url, tmp_path / "api-cache", 0.2, client=seaweed.client())
+    service = FineTuningService(FileBook(records), JobBook(records), store, tiny.spec.name)
+    job = start_job(service, tiny.spec.name, epochs=2)
+    proc = worker(tmp_path, tiny_model_dir, PROMPTSERVE_STORE_URL=url,
+                  PROMPTSERVE_STORE_DIR=str(tmp_path / "worker-cache"), **seaweed.env)
+    try:
+        wait_for(lambda: service.jobs.get(job)["status"] in ("succeeded", "failed"), what="the job's end")
+    finally:
+        stop(proc)
+    doc = service.jobs.get(job)
+    assert doc["status"] == "succeeded", doc["error"]
+    assert store.resolve(doc["fine_tuned_model"]).meta.task_type == "classify"
+    assert records.blobs(f"jobs/{job}/checkpoints")  # its checkpoints are in the bucket too

@@ -42,3 +42,26 @@ def test_held_out_answer_loss_through_the_server_equals_the_in_process_one(live_
     assert abs(served - in_process) < 1e-3 * in_process
     assert abs(bare - bare_in_process) < 1e-3 * bare_in_process
     assert abs(served - bare) > 1e-2  # the prompt set is applied
+
+
+def test_binary_threshold_tuning_moves_only_the_head_biases(tiny):
+    from app.model.forward import DecoderForward
+    from training.evaluate import classify_predictions, tune_binary_threshold
+    from training.metrics import class_f1
+    from training.prompt_module import PromptModule
+
+    torch.manual_seed(0)
+    module = PromptModule(DecoderForward(tiny.model), tiny.spec, "deep", 2, head_rows=2)
+    labels = ["ham", "spam"]
+    rows = [{"text": f"message number {i} " + "win " * (i % 4), "label": "spam" if i % 4 == 3 else "ham"}
+            for i in range(24)]
+    with torch.no_grad():
+        module.head.bias.copy_(torch.tensor([50.0, -50.0]))  # says ham to everything: spam F1 0
+    weight = module.head.weight.clone()
+    shift, before, after = tune_binary_threshold(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu"))
+    assert before == 0.0 and after > 0 and shift > 90  # the margin moved across the -100 offset
+    assert torch.equal(module.head.weight, weight)
+    pred = classify_predictions(module, tiny.tokenizer, labels, [r["text"] for r in rows], torch.device("cpu"))
+    assert abs(class_f1([r["label"] for r in rows], pred, "spam")["f1"] - after) < 1e-9  # what it reported
+    # tuned already: no further move
+    assert tune_binary_threshold(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu"))[0] == 0.0
