@@ -192,6 +192,11 @@ class JobRunner:
                 return _plain(validation_figures(module, base.tokenizer, task_type, labels, val_rows, base.device,
                                                  positive))
 
+        # a classify loss weighted against the labels' imbalance, unless the decision point is chosen on the
+        # validation file afterwards (two labels, "auto"): the threshold then does the balancing, and the
+        # unweighted loss ranked better (demo spam dev F1 after the threshold: 0.981 unweighted, 0.974 weighted)
+        tunes_threshold = positive is not None and val_rows is not None and hyper_auto
+        class_weight = "balanced" if task_type == "classify" and not tunes_threshold else None
         started = time.monotonic()
         done_at_start = first_trial * total_steps + (resume.step if resume else 0)
         for index in range(first_trial, len(lrms)):
@@ -200,7 +205,7 @@ class JobRunner:
                               num_virtual_tokens=spec["virtual_tokens"], epochs=float(epochs), batch_size=batch,
                               lr=BASE_LR[spec["kind"]] * lrm, head_lr=BASE_HEAD_LR * lrm, seed=job["seed"],
                               init_text=spec["init_text"],
-                              class_weight="balanced" if task_type == "classify" else None)
+                              class_weight=class_weight)
             every = max(1, total_steps // METRIC_EVENTS_PER_TRIAL)
             trial_no = index + 1
             window: list[float] = []
@@ -235,7 +240,7 @@ class JobRunner:
                            hooks=TrainHooks(on_step=on_step, on_eval=on_eval, checkpoint=save,
                                             checkpoint_every_s=self.settings.training_checkpoint_seconds))
             score = max((r["score"] for r in result.dev_scores), default=None)
-            if positive is not None and val_rows is not None and hyper_auto:
+            if tunes_threshold:
                 # part of the search: the decision point of the two-label head, chosen on the validation file
                 shift, before, after = tune_binary_threshold(result.module, base.tokenizer, labels, val_rows,
                                                              positive, base.device)
