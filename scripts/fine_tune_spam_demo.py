@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--token", required=True, help="the server's admin token")
     parser.add_argument("--json", default="demo/results/fine_tune_spam.json")
+    parser.add_argument("--seed", type=int, default=0, help="the job's seed (OpenAI picks one when none is "
+                        "given; the result varies with it)")
     args = parser.parse_args()
     client = openai.OpenAI(base_url=f"{args.url}/v1", api_key=args.token)
     started = time.time()
@@ -37,7 +39,7 @@ def main() -> int:
     dev = client.files.create(file=open(DATASETS / "sms_spam/dev.jsonl", "rb"), purpose="fine-tune")
     model = client.models.list().data[0].id
     job = client.fine_tuning.jobs.create(model=model, training_file=train.id, validation_file=dev.id,
-                                         suffix="spam", metadata={"promote_to": "spam"})
+                                         suffix="spam", seed=args.seed, metadata={"promote_to": "spam"})
     print(f"{job.id}: {job.status}", flush=True)
     seen: set[str] = set()
     while True:
