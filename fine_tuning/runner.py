@@ -85,8 +85,9 @@ class Reporter:
             raise WorkerStopping()
         if not force and time.monotonic() - self.last < REPORT_EVERY_S:
             return
-        events, self.pending = self.pending, []
-        self.book.report(self.job_id, self.lease, events, **self.fields)
+        # cleared only once written: a write that fails (the store unreachable for a moment) keeps them
+        self.book.report(self.job_id, self.lease, self.pending, **self.fields)
+        self.pending = []
         self.last = time.monotonic()
 
     def take(self) -> list[dict]:

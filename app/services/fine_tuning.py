@@ -227,9 +227,7 @@ class FineTuningService:
             return None
         try:
             check_labels(self.files.content(file_id), spec["task_type"], spec["labels"], param)
-        except DataFileError as exc:
-            return {"code": f"invalid_{param}", "message": str(exc), "param": param}
-        except FileNotFoundInStore as exc:
+        except (DataFileError, FileNotFoundInStore) as exc:
             return {"code": f"invalid_{param}", "message": str(exc), "param": param}
         return None
 
