@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from fine_tuning.data_files import FileSummary, parse_rows
 from prompt_store.records import RecordNotFound, RecordStore
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune",)  # what may be uploaded
+RESULTS_PURPOSE = "fine-tune-results"  # what a job writes: its step metrics as CSV (OpenAI's result_files)
 
 
 class FileNotFoundInStore(LookupError):
@@ -46,6 +47,16 @@ class FileBook:
         doc = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
                "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
                "expires_at": None, "_summary": summary.__dict__}
+        self.records.create(f"files/{file_id}", doc)
+        return doc
+
+    def add_result(self, filename: str, data: bytes) -> dict:
+        """A file a job wrote (its results): stored like an upload, never a training file."""
+        file_id = new_id("file-")
+        self.records.put_blob(f"files/{file_id}", data)
+        doc = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+               "filename": filename, "purpose": RESULTS_PURPOSE, "status": "processed", "status_details": None,
+               "expires_at": None, "_summary": None}
         self.records.create(f"files/{file_id}", doc)
         return doc
 

@@ -6,6 +6,7 @@ The frozen base is loaded once per worker, on its first job, from the settings t
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import math
@@ -36,6 +37,33 @@ METRIC_EVENTS_PER_TRIAL = 100  # train-loss events per trial, at most (each step
 
 class WorkerStopping(Exception):
     """The worker is shutting down: the job goes back to the queue, to resume from its last checkpoint."""
+
+
+class NotEnoughMemory(RuntimeError):
+    """The worker cannot load the base model for training in the memory left to it."""
+
+
+# what training needs beyond the frozen weights (activations, the prompt's optimizer state), at least
+TRAINING_HEADROOM_BYTES = 1 << 30
+TRAINING_HEADROOM_FRACTION = 0.25  # of the weights
+
+
+def check_memory(checkpoint_dir, device: torch.device, dtype: torch.dtype, available=None) -> None:
+    """Refuses to load the base where it cannot fit: the worker `serve` starts shares the machine with the
+    server, which holds the model already, and an 8B model loaded twice on 24 GB would send the kernel's OOM
+    killer after one of them (perhaps the server). Better the job fails, saying why."""
+    from app.model.memory import available_bytes, checkpoint_weight_bytes
+
+    weights = checkpoint_weight_bytes(checkpoint_dir, dtype)
+    free = available_bytes(device) if available is None else available
+    if weights is None or free is None:
+        return  # nothing to go by
+    need = weights + max(TRAINING_HEADROOM_BYTES, int(weights * TRAINING_HEADROOM_FRACTION))
+    if need > free:
+        raise NotEnoughMemory(
+            f"training needs about {need / 2**30:.1f} GiB for the base model ({weights / 2**30:.1f} GiB of weights "
+            f"in {str(dtype).removeprefix('torch.')}) and this worker has {free / 2**30:.1f} GiB available: run "
+            "workers on their own (`promptserve worker`, deploy/k8s/components/training-worker) with more memory")
 
 
 @dataclass
@@ -111,6 +139,7 @@ class JobRunner:
             checkpoint_dir, name = resolve_checkpoint(self.settings.model, self.settings.cache_dir)
             device = choose_device(self.settings.device)
             dtype = choose_dtype(self.settings.dtype, device)
+            check_memory(checkpoint_dir, device, dtype)
             model, tokenizer = load_checkpoint(checkpoint_dir, device, dtype)
             self._base = Base(model, tokenizer, model_spec(model, name), device, dtype)
         return self._base
@@ -124,6 +153,10 @@ class JobRunner:
             log.info("job %s: stopped (%s)", job["id"], exc)
         except WorkerStopping:
             self._requeue(job["id"], reporter)
+        except NotEnoughMemory as exc:
+            log.error("job %s: %s", job["id"], exc)
+            self._finish(job["id"], reporter, "failed", error={"code": "insufficient_memory", "param": None,
+                                                                "message": str(exc)})
         except Exception as exc:  # a failure of this job only: recorded on it, the worker goes on
             log.exception("job %s failed", job["id"])
             self._finish(job["id"], reporter, "failed", error={
@@ -158,7 +191,7 @@ class JobRunner:
 
     def _run(self, job: dict, reporter: Reporter) -> None:
         from training.data import build_examples
-        from training.evaluate import tune_binary_threshold, validation_figures
+        from training.evaluate import serving_margin_noise, tune_binary_threshold, validation_figures
         from training.trainer import TrainConfig, TrainHooks, TrainState, train
 
         spec = job["prompt_set"]
@@ -197,6 +230,7 @@ class JobRunner:
         # validation file afterwards (two labels, "auto"): the threshold then does the balancing, and the
         # unweighted loss ranked better (demo spam dev F1 after the threshold: 0.981 unweighted, 0.974 weighted)
         tunes_threshold = positive is not None and val_rows is not None and hyper_auto
+        noise = serving_margin_noise(base.dtype)
         class_weight = "balanced" if task_type == "classify" and not tunes_threshold else None
         started = time.monotonic()
         done_at_start = first_trial * total_steps + (resume.step if resume else 0)
@@ -241,16 +275,21 @@ class JobRunner:
                            hooks=TrainHooks(on_step=on_step, on_eval=on_eval, checkpoint=save,
                                             checkpoint_every_s=self.settings.training_checkpoint_seconds))
             score = max((r["score"] for r in result.dev_scores), default=None)
-            if tunes_threshold:
-                # part of the search: the decision point of the two-label head, chosen on the validation file
-                shift, before, after = tune_binary_threshold(result.module, base.tokenizer, labels, val_rows,
-                                                             positive, base.device)
-                if shift:
-                    score = after
+            if positive is not None and val_rows is not None:
+                # two labels: the score is the F1 expected once served (the serving forward's margins differ
+                # a little); with "auto", the decision point is part of the search, chosen for that F1
+                choice = tune_binary_threshold(result.module, base.tokenizer, labels, val_rows, positive,
+                                               base.device, noise, move=tunes_threshold)
+                score = choice.expected_after
+                if choice.shift:
                     reporter.add(f"Decision threshold moved on the validation file: {positive} margin "
-                                 f"{shift:+.3f}, valid_f1 {before:.4f} -> {after:.4f}",
-                                 data={"trial": trial_no, "threshold_shift": shift, "valid_f1_before": before,
-                                       "valid_f1": after})
+                                 f"{choice.shift:+.3f}, valid_f1 {choice.exact_before:.4f} -> "
+                                 f"{choice.exact_after:.4f} (expected when served, margin noise {noise:.2f}: "
+                                 f"{choice.expected_before:.4f} -> {choice.expected_after:.4f})",
+                                 data={"trial": trial_no, "threshold_shift": choice.shift,
+                                       "valid_f1_before": choice.exact_before, "valid_f1": choice.exact_after,
+                                       "expected_f1_before": choice.expected_before,
+                                       "expected_f1": choice.expected_after, "margin_noise": noise})
             meta = PromptSetMeta(kind=spec["kind"], num_virtual_tokens=spec["virtual_tokens"], task_type=task_type,
                                  labels=tuple(labels), base_model=base.spec.fingerprint,
                                  base_model_name=base.spec.name,
@@ -261,9 +300,10 @@ class JobRunner:
             psf.check_compatible(ps, base.spec)
             trials.append({"lrm": lrm, "score": score, "tokens": result.tokens, "data": ps.to_bytes(base.spec)})
             if len(lrms) > 1:
-                reporter.add(f"Trial {trial_no}/{len(lrms)} (learning rate multiplier {lrm}): best validation "
-                             f"score {score:.4f}", data={"trial": trial_no, "learning_rate_multiplier": lrm,
-                                                         "score": score})
+                what = "expected served valid_f1" if positive is not None and val_rows is not None else \
+                    "best validation score"
+                reporter.add(f"Trial {trial_no}/{len(lrms)} (learning rate multiplier {lrm}): {what} {score:.4f}",
+                             data={"trial": trial_no, "learning_rate_multiplier": lrm, "score": score})
             resume = None
         self._publish(job, trials, reporter, task_type, labels, val_rows, positive)
 
@@ -300,15 +340,29 @@ class JobRunner:
             suffix = job.get("user_provided_suffix")
             name = f"ft-{suffix}-{job['id'][6:14]}" if suffix else f"ft-{job['id'][6:18]}"
             self.store.put(name, best["data"])
+        results = self.files.add_result("step_metrics.csv", self._step_metrics(job["id"], reporter.pending))
         reporter.add(f"The job has successfully completed: {name} is served", data={"fine_tuned_model": name})
-        self._finish(job["id"], reporter, "succeeded", fine_tuned_model=name,
+        self._finish(job["id"], reporter, "succeeded", fine_tuned_model=name, result_files=[results["id"]],
                      trained_tokens=sum(t["tokens"] for t in trials))
+
+    def _step_metrics(self, job_id: str, pending: list[dict]) -> bytes:
+        """The job's metrics events as CSV, a row each (OpenAI's results file): the training loss every few
+        steps, the validation figure after each epoch, by trial."""
+        columns = ("trial", "step", "train_loss", "valid_loss", "valid_f1")
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for e in self.book.get(job_id)["_events"] + pending:
+            if e["type"] == "metrics":
+                writer.writerow(["" if e["data"].get(c) is None else e["data"][c] for c in columns])
+        return out.getvalue().encode()
 
     def _active_score(self, task: str, task_type: str, labels: list[str], val_rows: list[dict],
                       positive: str | None) -> tuple[int, float] | None:
-        """(version, validation score) of the task's active version, on the job's validation rows."""
+        """(version, validation score) of the task's active version, on the job's validation rows, scored as
+        the job's trials are (two labels: the F1 expected once served, at the version's own decision point)."""
         from app.model.forward import DecoderForward
-        from training.evaluate import validation_figures
+        from training.evaluate import serving_margin_noise, tune_binary_threshold, validation_figures
         from training.prompt_module import PromptModule
 
         try:
@@ -318,6 +372,10 @@ class JobRunner:
         base = self.base()
         module = PromptModule.from_prompt_set(DecoderForward(base.model), base.spec, psf.load(info.path))
         module.eval()
+        if positive is not None:
+            return info.version, tune_binary_threshold(module, base.tokenizer, labels, val_rows, positive,
+                                                       base.device, serving_margin_noise(base.dtype),
+                                                       move=False).expected_before
         return info.version, validation_figures(module, base.tokenizer, task_type, labels, val_rows, base.device,
                                                 positive)["score"]
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from app.model.memory import available_bytes
+
 LENGTH_STEP = 256  # positions are allocated in steps of this many
 
 
@@ -217,25 +219,7 @@ class KVCache:
 
 def default_budget_bytes(device: torch.device, fraction: float = 0.25) -> int:
     """A budget from what the machine has free once the model is loaded: `fraction` of the memory
-    available to this process (CPU: MemAvailable, capped by the cgroup's memory.max less what it uses) or
-    of the GPU's free memory. Like vLLM's VLLM_CPU_KVCACHE_SPACE / gpu_memory_utilization, but sized here."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:  # a container's limit (cgroup v2), which /proc/meminfo does not show
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        used = int(open("/sys/fs/cgroup/memory.current").read())
-        if limit != "max":
-            room = max(int(limit) - used, 0)
-            available = room if available is None else min(available, room)
-    except (OSError, ValueError):
-        pass
+    available to this process (app/model/memory.py; 4 GiB where the machine does not say). Like vLLM's
+    VLLM_CPU_KVCACHE_SPACE / gpu_memory_utilization, but sized here."""
+    available = available_bytes(device)
     return int((available if available is not None else 4 << 30) * fraction)

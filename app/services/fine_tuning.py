@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from app.services.errors import Conflict, InvalidRequest, NotFound
 from fine_tuning.data_files import DataFileError, FileSummary, check_labels
-from fine_tuning.files import FileBook, FileNotFoundInStore, new_id, public
+from fine_tuning.files import PURPOSES, FileBook, FileNotFoundInStore, new_id, public
 from fine_tuning.jobs import JobBook, JobFinished, JobNotFound, event
 from prompt_store import TaskNotFound
 
@@ -73,7 +73,7 @@ class FineTuningService:
 
     # -- files -------------------------------------------------------------------------------------
     def upload_file(self, filename: str, purpose: str, data: bytes) -> dict:
-        if purpose != "fine-tune":
+        if purpose not in PURPOSES:
             raise InvalidRequest(f"purpose {purpose!r} is not supported: this server stores files for "
                                  "fine-tuning only ('fine-tune')", param="purpose", code="unsupported_value")
         if len(data) > self.files.limits.max_bytes:
@@ -92,6 +92,14 @@ class FineTuningService:
             return self.files.get(file_id)
         except FileNotFoundInStore as exc:
             raise NotFound(str(exc), param=param, code="file_not_found") from None
+
+    def _data_file(self, file_id: str, param: str) -> dict:
+        """A file a job may train or validate on: an upload (purpose fine-tune), not a job's results."""
+        doc = self._file(file_id, param)
+        if doc["purpose"] not in PURPOSES:
+            raise InvalidRequest(f"{param}: file {file_id} has purpose {doc['purpose']!r}; a job reads files "
+                                 "uploaded with purpose 'fine-tune'", param=param, code="invalid_file")
+        return doc
 
     def file_content(self, file_id: str) -> bytes:
         try:
@@ -123,8 +131,8 @@ class FineTuningService:
         if req.suffix is not None and not SUFFIX.match(req.suffix):
             raise InvalidRequest("suffix: 1-40 letters, digits, '_', '.', '-' (it becomes part of a task name)",
                                  param="suffix")
-        training = self._file(req.training_file, "training_file")
-        validation = self._file(req.validation_file, "validation_file") if req.validation_file else None
+        training = self._data_file(req.training_file, "training_file")
+        validation = self._data_file(req.validation_file, "validation_file") if req.validation_file else None
         promote_to = (req.metadata or {}).get("promote_to")
         if promote_to is not None and validation is None:
             raise InvalidRequest("metadata.promote_to needs a validation_file: the result replaces the task only "

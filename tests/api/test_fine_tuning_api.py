@@ -132,6 +132,15 @@ def test_a_job_trains_and_its_task_is_served(client, server):
                    headers={"Authorization": "Bearer client-key"})
     assert r.status_code == 200 and r.json()["label"] in ("ham", "spam")
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
+    # the results file: the step metrics as CSV, a job's output and never its input
+    (results,) = done.result_files
+    assert client.files.retrieve(results).purpose == "fine-tune-results"
+    lines = client.files.content(results).text.splitlines()
+    assert lines[0] == "trial,step,train_loss,valid_loss,valid_f1"
+    cells = [line.split(",") for line in lines[1:]]
+    assert sum(bool(c[4]) for c in cells) == 2 and sum(bool(c[2]) for c in cells) >= 2  # 2 epochs, losses
+    with pytest.raises(openai.BadRequestError, match="fine-tune-results"):
+        client.fine_tuning.jobs.create(model=server["model"], training_file=results)
 
 
 def test_cancel_stops_a_running_job_within_seconds(client, server):

@@ -150,3 +150,29 @@ def test_a_worker_on_the_object_store(seaweed, tmp_path, tiny, tiny_model_dir):
     assert doc["status"] == "succeeded", doc["error"]
     assert store.resolve(doc["fine_tuned_model"]).meta.task_type == "classify"
     assert records.blobs(f"jobs/{job}/checkpoints")  # its checkpoints are in the bucket too
+
+
+def test_a_base_that_does_not_fit_fails_the_job_saying_why(shop, tmp_path, tiny, tiny_model_dir, monkeypatch):
+    """The worker `serve` starts shares the machine with the server: an 8B base loaded a second time on 24 GB
+    would bring the OOM killer. It checks first, and the job fails with the reason, the worker goes on."""
+    import torch
+
+    import app.model.memory
+    from app.settings import Settings
+    from fine_tuning.runner import check_memory
+    from fine_tuning.worker import Worker
+
+    weights = app.model.memory.checkpoint_weight_bytes(tiny_model_dir, torch.float32)
+    assert weights > 0
+    check_memory(tiny_model_dir, torch.device("cpu"), torch.float32, available=weights + (2 << 30))  # fits
+    monkeypatch.setattr(app.model.memory, "available_bytes", lambda device: weights // 2)
+    job_id = start_job(shop, tiny.spec.name, epochs=1)
+    worker = Worker(Settings(model=str(tiny_model_dir), dtype="float32", store_dir=tmp_path / "store"))
+    assert worker.run_once()
+    job = shop.get_job(job_id)
+    assert job["status"] == "failed" and job["error"]["code"] == "insufficient_memory", job
+    assert "GiB available" in job["error"]["message"] and "promptserve worker" in job["error"]["message"]
+    assert worker.runner._base is None  # nothing loaded
+    monkeypatch.undo()
+    second = start_job(shop, tiny.spec.name, epochs=1)
+    assert worker.run_once() and shop.get_job(second)["status"] == "succeeded"  # room again: it trains

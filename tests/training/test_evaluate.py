@@ -3,6 +3,7 @@
 import asyncio
 
 import httpx
+import pytest
 import torch
 
 from prompt_store.format import PromptSetMeta
@@ -58,10 +59,43 @@ def test_binary_threshold_tuning_moves_only_the_head_biases(tiny):
     with torch.no_grad():
         module.head.bias.copy_(torch.tensor([50.0, -50.0]))  # says ham to everything: spam F1 0
     weight = module.head.weight.clone()
-    shift, before, after = tune_binary_threshold(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu"))
-    assert before == 0.0 and after > 0 and shift > 90  # the margin moved across the -100 offset
+    choice = tune_binary_threshold(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu"))
+    assert choice.exact_before == 0.0 and choice.exact_after > 0 and choice.shift > 90  # across the -100 offset
     assert torch.equal(module.head.weight, weight)
     pred = classify_predictions(module, tiny.tokenizer, labels, [r["text"] for r in rows], torch.device("cpu"))
-    assert abs(class_f1([r["label"] for r in rows], pred, "spam")["f1"] - after) < 1e-9  # what it reported
+    assert abs(class_f1([r["label"] for r in rows], pred, "spam")["f1"] - choice.exact_after) < 1e-9  # as reported
     # tuned already: no further move
-    assert tune_binary_threshold(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu"))[0] == 0.0
+    assert tune_binary_threshold(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu")).shift == 0.0
+    # move=False scores without touching the head
+    bias = module.head.bias.clone()
+    module.head.bias.data += torch.tensor([5.0, -5.0])
+    assert tune_binary_threshold(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu"), move=False).shift
+    assert torch.equal(module.head.bias, bias + torch.tensor([5.0, -5.0]))
+
+
+def test_decision_point_leaves_a_gap_narrower_than_the_serving_noise():
+    from training.evaluate import choose_threshold, serving_margin_noise
+
+    # the two rows at 1.0 (positive) and 0.9 (negative) are split only by a 0.1-wide gap
+    margins, positive = [3.0, 1.0, 0.9, -3.0, -3.5], [True, True, False, False, False]
+    exact = choose_threshold(margins, positive, 0.0)
+    assert exact.exact_after == 1.0 and -1.0 < exact.shift < -0.9  # in the narrow gap
+    # with noise of 0.5 that split is a coin flip (expected F1 0.77 with the point in the gap): a point
+    # below both rows and well above the negatives' -3 is the better bet (0.8 for sure)
+    at_gap = choose_threshold([m - 0.95 for m in margins], positive, 0.5)  # the same rows, the point in the gap
+    assert at_gap.exact_before == 1.0 and at_gap.expected_before < 0.78
+    assert at_gap.shift > 0.5 and at_gap.exact_after == 0.8 and at_gap.expected_after > 0.8
+    assert 0.9 - 0.95 + at_gap.shift > 0.5 and -3.0 - 0.95 + at_gap.shift < -2.0  # well inside the wide gap
+    assert serving_margin_noise(torch.bfloat16) == 0.25 and serving_margin_noise(torch.float32) < 1e-5
+
+
+def test_expected_f1_without_noise_is_the_f1():
+    from training.evaluate import expected_f1
+
+    margins = torch.tensor([2.0, 0.5, -0.2, -1.0], dtype=torch.float64)
+    positive = torch.tensor([True, False, True, False])
+    shifts = torch.tensor([0.0, 0.3, -1.0, 5.0], dtype=torch.float64)
+    # at 0: said positive {2.0, 0.5}: tp 1 fp 1 fn 1 -> 0.5; +0.3: {2.0, 0.5, -0.2(+0.3>0)}: tp 2 fp 1 -> 0.8;
+    # -1.0: {2.0}: tp 1 fn 1 -> 2/3; +5: all: tp 2 fp 2 -> 4/6
+    assert expected_f1(margins, positive, shifts, 0.0).tolist() == pytest.approx([0.5, 0.8, 2 / 3, 2 / 3])
+    assert expected_f1(margins, positive, shifts, 1e-6).tolist() == pytest.approx([0.5, 0.8, 2 / 3, 2 / 3])
