@@ -77,9 +77,12 @@ class Base:
 
 def resolve_hyperparameters(hyper: dict, rows: int, has_validation: bool) -> tuple[int, int, list[float]]:
     """(epochs, batch size, learning-rate multipliers to try) from the job's values or "auto": epochs so a
-    small file still gets ~250 examples' worth of steps (2 to 10), batches of 16 (fewer rows: all of them)."""
+    small file still sees ~4,000 examples, 3 to 10 (OpenAI's "auto" starts at 3 as well; the best epoch on
+    the validation file is kept), batches of 16 (fewer rows: all of them)."""
     epochs = hyper.get("n_epochs", "auto")
-    epochs = min(10, max(2, math.ceil(4000 / max(1, rows)))) if epochs == "auto" else int(epochs)
+    # at least 3: on the demo spam data (3,902 rows) 3 epochs served dev F1 0.981 where 2 served 0.974 (the
+    # best epoch was the second of three both times, with the learning rate decaying over three)
+    epochs = min(10, max(3, math.ceil(4000 / max(1, rows)))) if epochs == "auto" else int(epochs)
     batch = hyper.get("batch_size", "auto")
     batch = min(16, rows) if batch == "auto" else int(batch)
     lrm = hyper.get("learning_rate_multiplier", "auto")
@@ -162,14 +165,16 @@ class JobRunner:
             self._finish(job["id"], reporter, "failed", error={
                 "code": "training_failed", "param": None, "message": f"{type(exc).__name__}: {exc}"})
 
-    def _finish(self, job_id: str, reporter: Reporter, status: str, **fields) -> None:
+    def _finish(self, job_id: str, reporter: Reporter, status: str, **fields) -> bool:
+        """Ends the job (False: it was cancelled or taken over meanwhile, and keeps that end)."""
         events = reporter.take()
         if status == "failed":
             events.append(event(fields["error"]["message"], "error"))
         try:
             self.book.finish(job_id, self.lease, status, events, **fields)
+            return True
         except JobLost:
-            pass
+            return False
 
     def _requeue(self, job_id: str, reporter: Reporter) -> None:
         """Shutting down: the job goes back to the queue at once (not after the lease), this take uncounted."""
@@ -342,8 +347,9 @@ class JobRunner:
             self.store.put(name, best["data"])
         results = self.files.add_result("step_metrics.csv", self._step_metrics(job["id"], reporter.pending))
         reporter.add(f"The job has successfully completed: {name} is served", data={"fine_tuned_model": name})
-        self._finish(job["id"], reporter, "succeeded", fine_tuned_model=name, result_files=[results["id"]],
-                     trained_tokens=sum(t["tokens"] for t in trials))
+        if not self._finish(job["id"], reporter, "succeeded", fine_tuned_model=name, result_files=[results["id"]],
+                            trained_tokens=sum(t["tokens"] for t in trials)):
+            self.files.delete(results["id"])  # no job shows it
 
     def _step_metrics(self, job_id: str, pending: list[dict]) -> bytes:
         """The job's metrics events as CSV, a row each (OpenAI's results file): the training loss every few

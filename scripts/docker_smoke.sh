@@ -108,6 +108,36 @@ for module in pytest playwright litellm; do  # the test suite's dependencies sta
 done
 say "CLI commands and demo data present"
 
+# fine-tuning through the API in the image: the worker `serve` started trains a small job, its task answers
+ft=$(docker exec -e TOKEN="$TOKEN" "$NAME" python3 -c '
+import json, os, time, urllib.request, uuid
+base, auth = "http://127.0.0.1:8000", {"Authorization": "Bearer " + os.environ["TOKEN"]}
+def call(method, path, body=None, headers=None):
+    req = urllib.request.Request(base + path, data=body, method=method, headers={**auth, **(headers or {})})
+    return json.load(urllib.request.urlopen(req, timeout=60))
+rows = [json.loads(line) for line in open("/opt/promptserve/demo/datasets/sms_spam/train.jsonl")][:32]
+data = "\n".join(json.dumps({"text": r["text"], "label": r["label"]}) for r in rows).encode()
+b = uuid.uuid4().hex
+form = (f"--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{b}\r\n"
+        f"Content-Disposition: form-data; name=\"file\"; filename=\"t.jsonl\"\r\n\r\n").encode() + data + \
+       f"\r\n--{b}--\r\n".encode()
+file_id = call("POST", "/v1/files", form, {"Content-Type": "multipart/form-data; boundary=" + b})["id"]
+model = call("GET", "/v1/models")["data"][0]["id"]
+job = call("POST", "/v1/fine_tuning/jobs", json.dumps({"model": model, "training_file": file_id, "suffix": "smoke",
+           "hyperparameters": {"n_epochs": 1, "batch_size": 8}, "prompt_set": {"virtual_tokens": 4}}).encode(),
+           {"Content-Type": "application/json"})
+for _ in range(300):
+    job = call("GET", "/v1/fine_tuning/jobs/" + job["id"])
+    if job["status"] in ("succeeded", "failed", "cancelled"):
+        break
+    time.sleep(1)
+assert job["status"] == "succeeded", job
+out = call("POST", "/v1/tasks/" + job["fine_tuned_model"], json.dumps({"text": "free prize"}).encode(),
+           {"Content-Type": "application/json"})
+print(job["fine_tuned_model"], out["label"], len(job["result_files"]))
+') || fail "a fine-tuning job in the container"
+say "fine-tuning in the image: a job through the API trained by the worker, served: $ft"
+
 # an upload survives the container being re-created on the same volume
 docker exec "$NAME" sh -c 'cd /tmp && promptserve --log-level error train --demo spam --max-steps 1 --limit 8 \
   --virtual-tokens 4 --out /tmp/smoke.safetensors >/dev/null 2>&1' || fail "train in the container"
