@@ -196,7 +196,7 @@ class JobRunner:
 
     def _run(self, job: dict, reporter: Reporter) -> None:
         from training.data import build_examples
-        from training.evaluate import serving_margin_noise, tune_binary_threshold, validation_figures
+        from training.evaluate import served_binary_f1, serving_margin_noise, tune_binary_threshold, validation_figures
         from training.trainer import TrainConfig, TrainHooks, TrainState, train
 
         spec = job["prompt_set"]
@@ -234,7 +234,9 @@ class JobRunner:
         # a classify loss weighted against the labels' imbalance, unless the decision point is chosen on the
         # validation file afterwards (two labels, "auto"): the threshold then does the balancing, and the
         # unweighted loss ranked better (demo spam dev F1 after the threshold: 0.981 unweighted, 0.974 weighted)
-        tunes_threshold = positive is not None and val_rows is not None and hyper_auto
+        # two labels and a validation file: a trial is scored by the F1 expected once served
+        served_f1 = positive is not None and val_rows is not None
+        tunes_threshold = served_f1 and hyper_auto
         noise = serving_margin_noise(base.dtype)
         class_weight = "balanced" if task_type == "classify" and not tunes_threshold else None
         started = time.monotonic()
@@ -280,11 +282,11 @@ class JobRunner:
                            hooks=TrainHooks(on_step=on_step, on_eval=on_eval, checkpoint=save,
                                             checkpoint_every_s=self.settings.training_checkpoint_seconds))
             score = max((r["score"] for r in result.dev_scores), default=None)
-            if positive is not None and val_rows is not None:
-                # two labels: the score is the F1 expected once served (the serving forward's margins differ
-                # a little); with "auto", the decision point is part of the search, chosen for that F1
+            if tunes_threshold:
+                # part of the search: the decision point, chosen for the F1 expected once served (the serving
+                # forward's margins differ a little from these)
                 choice = tune_binary_threshold(result.module, base.tokenizer, labels, val_rows, positive,
-                                               base.device, noise, move=tunes_threshold)
+                                               base.device, noise)
                 score = choice.expected_after
                 if choice.shift:
                     reporter.add(f"Decision threshold moved on the validation file: {positive} margin "
@@ -295,6 +297,9 @@ class JobRunner:
                                        "valid_f1_before": choice.exact_before, "valid_f1": choice.exact_after,
                                        "expected_f1_before": choice.expected_before,
                                        "expected_f1": choice.expected_after, "margin_noise": noise})
+            elif served_f1:  # the set as trained, at its own decision point
+                score = served_binary_f1(result.module, base.tokenizer, labels, val_rows, positive, base.device,
+                                         noise)
             meta = PromptSetMeta(kind=spec["kind"], num_virtual_tokens=spec["virtual_tokens"], task_type=task_type,
                                  labels=tuple(labels), base_model=base.spec.fingerprint,
                                  base_model_name=base.spec.name,
@@ -305,8 +310,7 @@ class JobRunner:
             psf.check_compatible(ps, base.spec)
             trials.append({"lrm": lrm, "score": score, "tokens": result.tokens, "data": ps.to_bytes(base.spec)})
             if len(lrms) > 1:
-                what = "expected served valid_f1" if positive is not None and val_rows is not None else \
-                    "best validation score"
+                what = "expected served valid_f1" if served_f1 else "best validation score"
                 reporter.add(f"Trial {trial_no}/{len(lrms)} (learning rate multiplier {lrm}): {what} {score:.4f}",
                              data={"trial": trial_no, "learning_rate_multiplier": lrm, "score": score})
             resume = None
@@ -368,7 +372,7 @@ class JobRunner:
         """(version, validation score) of the task's active version, on the job's validation rows, scored as
         the job's trials are (two labels: the F1 expected once served, at the version's own decision point)."""
         from app.model.forward import DecoderForward
-        from training.evaluate import serving_margin_noise, tune_binary_threshold, validation_figures
+        from training.evaluate import served_binary_f1, serving_margin_noise, validation_figures
         from training.prompt_module import PromptModule
 
         try:
@@ -379,9 +383,8 @@ class JobRunner:
         module = PromptModule.from_prompt_set(DecoderForward(base.model), base.spec, psf.load(info.path))
         module.eval()
         if positive is not None:
-            return info.version, tune_binary_threshold(module, base.tokenizer, labels, val_rows, positive,
-                                                       base.device, serving_margin_noise(base.dtype),
-                                                       move=False).expected_before
+            return info.version, served_binary_f1(module, base.tokenizer, labels, val_rows, positive, base.device,
+                                                  serving_margin_noise(base.dtype))
         return info.version, validation_figures(module, base.tokenizer, task_type, labels, val_rows, base.device,
                                                 positive)["score"]
 

@@ -255,13 +255,23 @@ def binary_margins(module, tokenizer, labels: list[str], rows: list[dict], posit
 
 
 @torch.no_grad()
+def served_binary_f1(module, tokenizer, labels: list[str], rows: list[dict], positive: str, device,
+                     noise: float) -> float:
+    """The positive label's F1 on these rows expected once served (margin noise as in expected_f1), at the
+    head's own decision point: a two-label set scored as it stands."""
+    margins = torch.tensor(binary_margins(module, tokenizer, labels, rows, positive, device), dtype=torch.float64)
+    gold = torch.tensor([r["label"] == positive for r in rows], dtype=torch.bool)
+    return float(expected_f1(margins, gold, torch.zeros(1, dtype=torch.float64), noise)[0])
+
+
+@torch.no_grad()
 def tune_binary_threshold(module, tokenizer, labels: list[str], rows: list[dict], positive: str, device,
-                          noise: float = 0.0, move: bool = True) -> ThresholdChoice:
-    """Chooses a two-label head's decision point on these rows (choose_threshold) and, with `move`, puts it
-    there by shifting the head's biases (nothing else changes)."""
+                          noise: float = 0.0) -> ThresholdChoice:
+    """Chooses a two-label head's decision point on these rows (choose_threshold) and puts it there by
+    shifting the head's biases (nothing else changes)."""
     margins = binary_margins(module, tokenizer, labels, rows, positive, device)
     choice = choose_threshold(margins, [r["label"] == positive for r in rows], noise)
-    if move and choice.shift:
+    if choice.shift:
         pos = labels.index(positive)
         module.head.bias[pos] += choice.shift / 2
         module.head.bias[1 - pos] -= choice.shift / 2

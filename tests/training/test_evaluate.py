@@ -47,7 +47,13 @@ def test_held_out_answer_loss_through_the_server_equals_the_in_process_one(live_
 
 def test_binary_threshold_tuning_moves_only_the_head_biases(tiny):
     from app.model.forward import DecoderForward
-    from training.evaluate import classify_predictions, tune_binary_threshold
+    from training.evaluate import (
+        binary_margins,
+        choose_threshold,
+        classify_predictions,
+        served_binary_f1,
+        tune_binary_threshold,
+    )
     from training.metrics import class_f1
     from training.prompt_module import PromptModule
 
@@ -66,10 +72,14 @@ def test_binary_threshold_tuning_moves_only_the_head_biases(tiny):
     assert abs(class_f1([r["label"] for r in rows], pred, "spam")["f1"] - choice.exact_after) < 1e-9  # as reported
     # tuned already: no further move
     assert tune_binary_threshold(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu")).shift == 0.0
-    # move=False scores without touching the head
+    # a set scored as it stands: its own decision point's F1, the head untouched (though a shift would help)
     bias = module.head.bias.clone()
     module.head.bias.data += torch.tensor([5.0, -5.0])
-    assert tune_binary_threshold(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu"), move=False).shift
+    margins = binary_margins(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu"))
+    off = choose_threshold(margins, [r["label"] == "spam" for r in rows], 0.25)
+    assert off.shift and off.expected_after > off.expected_before
+    assert served_binary_f1(module, tiny.tokenizer, labels, rows, "spam", torch.device("cpu"), 0.25) == \
+        pytest.approx(off.expected_before)
     assert torch.equal(module.head.bias, bias + torch.tensor([5.0, -5.0]))
 
 
