@@ -42,21 +42,19 @@ class FileBook:
     def upload(self, filename: str, purpose: str, data: bytes) -> dict:
         """Checks every line (DataFileError names the first bad one), stores the bytes, then the record."""
         _, summary = parse_rows(data, self.limits.max_lines)
+        return self._store(filename, purpose, data, summary.__dict__)
+
+    def add_result(self, filename: str, data: bytes) -> dict:
+        """A file a job wrote (its results): stored like an upload, never a training file."""
+        return self._store(filename, RESULTS_PURPOSE, data, None)
+
+    def _store(self, filename: str, purpose: str, data: bytes, summary: dict | None) -> dict:
+        """The bytes, then the record (a reader never finds a record without its bytes)."""
         file_id = new_id("file-")
         self.records.put_blob(f"files/{file_id}", data)
         doc = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
                "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
-               "expires_at": None, "_summary": summary.__dict__}
-        self.records.create(f"files/{file_id}", doc)
-        return doc
-
-    def add_result(self, filename: str, data: bytes) -> dict:
-        """A file a job wrote (its results): stored like an upload, never a training file."""
-        file_id = new_id("file-")
-        self.records.put_blob(f"files/{file_id}", data)
-        doc = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-               "filename": filename, "purpose": RESULTS_PURPOSE, "status": "processed", "status_details": None,
-               "expires_at": None, "_summary": None}
+               "expires_at": None, "_summary": summary}
         self.records.create(f"files/{file_id}", doc)
         return doc
 

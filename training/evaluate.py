@@ -240,9 +240,10 @@ def choose_threshold(margins: list[float], positive: list[bool], noise: float) -
     shifts = torch.cat([torch.zeros(1, dtype=torch.float64), points])
     expected = expected_f1(m, pos, shifts, noise)
     exact = expected_f1(m, pos, shifts, 0.0)
-    order = sorted(range(len(shifts)), key=lambda i: (-round(float(expected[i]), 12), -round(float(exact[i]), 12),
-                                                      abs(float(shifts[i]))))
-    best = order[0] if float(expected[order[0]]) > float(expected[0]) + 1e-12 else 0
+    best = max(range(len(shifts)), key=lambda i: (round(float(expected[i]), 12), round(float(exact[i]), 12),
+                                                  -abs(float(shifts[i]))))
+    if float(expected[best]) <= float(expected[0]) + 1e-12:
+        best = 0
     return ThresholdChoice(float(shifts[best]), float(exact[0]), float(exact[best]), float(expected[0]),
                            float(expected[best]), noise)
 

@@ -115,7 +115,16 @@ def load_checkpoint(checkpoint: Path, device: torch.device, dtype: torch.dtype, 
     return model, tokenizer
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def safetensors_header(f) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensor entries (name -> dtype, shape, data_offsets; its metadata left out) and
+    where their data starts, read from an open binary file at its beginning."""
+    size = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
 
 
 def read_safetensors(checkpoint: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
@@ -132,13 +141,9 @@ def read_safetensors(checkpoint: Path, dtype: torch.dtype) -> dict[str, torch.Te
     state: dict[str, torch.Tensor] = {}
     for path in files:
         with path.open("rb", buffering=0) as f:
-            size = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(size))
-            start = 8 + size
+            header, start = safetensors_header(f)
             for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                stored = _SAFETENSORS_DTYPES.get(info["dtype"])
+                stored = SAFETENSORS_DTYPES.get(info["dtype"])
                 if stored is None:
                     raise UnsupportedModel(f"{path.name}: tensor {name} is stored as {info['dtype']}, "
                                            f"not a floating-point type the forward computes in")

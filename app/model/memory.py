@@ -4,9 +4,7 @@ server (fine_tuning/runner.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from pathlib import Path
 
 import torch
@@ -41,14 +39,16 @@ def available_bytes(device: torch.device) -> int | None:
 def checkpoint_weight_bytes(checkpoint: Path, dtype: torch.dtype) -> int | None:
     """The bytes of a checkpoint's floating-point weights once held in dtype, from its safetensors headers
     (nothing else is read); None without safetensors files."""
+    from app.model.loader import SAFETENSORS_DTYPES, safetensors_header
+
     files = sorted(Path(checkpoint).glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for path in files:
         with path.open("rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        for name, info in header.items():
-            if name != "__metadata__" and info["dtype"] in ("BF16", "F16", "F32", "F64"):
+            header, _ = safetensors_header(f)
+        for info in header.values():
+            if info["dtype"] in SAFETENSORS_DTYPES:  # what the loader converts to dtype
                 total += math.prod(info["shape"]) * dtype.itemsize
     return total
