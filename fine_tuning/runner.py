@@ -231,13 +231,13 @@ class JobRunner:
                 return _plain(validation_figures(module, base.tokenizer, task_type, labels, val_rows, base.device,
                                                  positive))
 
-        # a classify loss weighted against the labels' imbalance, unless the decision point is chosen on the
-        # validation file afterwards (two labels, "auto"): the threshold then does the balancing, and the
-        # unweighted loss ranked better (demo spam dev F1 after the threshold: 0.981 unweighted, 0.974 weighted)
         # two labels and a validation file: a trial is scored by the F1 expected once served
         served_f1 = positive is not None and val_rows is not None
         tunes_threshold = served_f1 and hyper_auto
         noise = serving_margin_noise(base.dtype)
+        # a classify loss weighted against the labels' imbalance, unless the decision point is chosen on the
+        # validation file afterwards (two labels, "auto"): the threshold then does the balancing, and the
+        # unweighted loss ranked better (demo spam dev F1 after the threshold: 0.981 unweighted, 0.974 weighted)
         class_weight = "balanced" if task_type == "classify" and not tunes_threshold else None
         started = time.monotonic()
         done_at_start = first_trial * total_steps + (resume.step if resume else 0)
