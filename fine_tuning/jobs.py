@@ -22,6 +22,9 @@ from fine_tuning.files import new_id
 from prompt_store.records import RecordConflict, RecordNotFound, RecordStore, update
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# A marker with no job is one a crash left between its two writes -- or one whose job is being written this
+# moment (the marker goes first): it is removed only once older than this, never under a job's creation.
+ORPHAN_MARKER_S = 300.0
 KEPT_CHECKPOINTS = 3  # OpenAI keeps the last three epochs' checkpoints too
 
 
@@ -88,7 +91,8 @@ class JobBook:
 
     # -- writing -----------------------------------------------------------------------------------
     def create(self, doc: dict) -> dict:
-        self.records.create(f"open/{doc['id']}", {})  # first: a job is never open without its marker
+        # first: a job is never open without its marker (its time: see ORPHAN_MARKER_S)
+        self.records.create(f"open/{doc['id']}", {"created_at": time.time()})
         self.records.create(self._key(doc["id"]), doc)
         return doc
 
@@ -97,19 +101,29 @@ class JobBook:
         self.records.delete(f"open/{job_id}")
 
     def open_jobs(self) -> list[dict]:
-        """The jobs that have not ended, oldest first; markers of jobs that ended (or never were) removed."""
+        """The jobs that have not ended, oldest first; markers of jobs that ended removed, and those of jobs
+        that never were once ORPHAN_MARKER_S old."""
         docs = []
         for key in self.records.records("open"):
             job_id = key.split("/", 1)[1]
             try:
                 doc = self.get(job_id)
             except JobNotFound:
-                doc = None
-            if doc is None or doc["status"] in TERMINAL:
+                if self._marker_age(key) > ORPHAN_MARKER_S:
+                    self.closed(job_id)
+                continue
+            if doc["status"] in TERMINAL:
                 self.closed(job_id)
                 continue
             docs.append(doc)
         return sorted(docs, key=lambda d: (d["created_at"], d["id"]))
+
+    def _marker_age(self, key: str) -> float:
+        try:
+            marker = self.records.read(key)[0]
+        except RecordNotFound:
+            return 0.0  # removed meanwhile: nothing to do
+        return time.time() - marker.get("created_at", 0.0)  # markers written before it had a time: old
 
     def update(self, job_id: str, change) -> dict:
         try:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from fine_tuning.files import new_id
-from fine_tuning.jobs import JobBook, JobFinished, JobLost, Lease, event
+from fine_tuning.jobs import ORPHAN_MARKER_S, JobBook, JobFinished, JobLost, Lease, event
 from prompt_store.records import FileRecordStore
 
 
@@ -92,12 +92,24 @@ def test_checkpoints_keep_the_last_three(book, tmp_path):
     assert book.records.blobs(f"jobs/{job['id']}/ck") == [f"jobs/{job['id']}/ck/{s}" for s in (3, 4, 5)]
 
 
+def test_a_job_being_created_is_never_lost_to_a_worker_looking_at_that_moment(book):
+    """Its marker is written first and the job a moment later: a worker polling between the two writes must
+    not remove the marker as one a crash left (the job would stay queued forever; seen once in CI)."""
+    job = queued(book, 3000)
+    book.records.delete(f"jobs/{job['id']}")
+    assert book.open_jobs() == [] and book.claim(Lease("w", seconds=60)) is None  # between the two writes
+    assert book.records.records("open") == [f"open/{job['id']}"]
+    book.records.create(f"jobs/{job['id']}", job)  # the second write
+    assert book.claim(Lease("w", seconds=60))["id"] == job["id"]
+
+
 def test_workers_look_only_at_open_jobs(book):
     done, waiting = queued(book, 1000)["id"], queued(book, 2000)["id"]
     book.cancel(done)
     assert book.records.records("open") == [f"open/{waiting}"]  # the ended job's marker is gone
-    book.records.create(f"open/{done}", {})  # a marker a crash left behind: removed when seen
-    book.records.create("open/ftjob-vanished", {})
+    book.records.create(f"open/{done}", {"created_at": time.time()})  # left by a crash: its job has ended
+    book.records.create("open/ftjob-vanished", {"created_at": time.time() - ORPHAN_MARKER_S - 1})  # no job
+    book.records.create("open/ftjob-older", {})  # no job, written before markers had a time
     assert [d["id"] for d in book.open_jobs()] == [waiting]
     assert book.records.records("open") == [f"open/{waiting}"]
     lease = Lease("w", seconds=60)
