@@ -340,7 +340,7 @@ class Engine:
                 return
             log.exception("prefill of %d sequences failed; retrying them one by one", len(seqs))
             for seq in seqs:
-                if seq.prefill_range[0] == 0:  # rows of the failed attempt are rebuilt from scratch
+                if seq.num_computed_tokens == 0:  # rows of the failed attempt are rebuilt from scratch
                     self.runner.release(seq.request_id)
             for seq in seqs:
                 self._prefill([seq])

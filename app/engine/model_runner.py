@@ -106,7 +106,7 @@ class ModelRunner:
         first: dict[tuple, Sequence] = {}
         for seq in seqs:
             req = seq.request
-            if req.mode != "generate" or seq.prefill_range != (0, seq.prompt_len):
+            if req.mode != "generate" or not seq.prefill_is_whole:
                 leaders.append(seq)
                 continue
             key = (req.prompt_set.key if req.prompt_set else None, tuple(req.prompt_token_ids))
@@ -137,17 +137,16 @@ class ModelRunner:
         consecutively, so the batch reads cache[r0:r0+B]; a chunked prompt (alone in its step, see the
         scheduler) lives in the staging row until its last chunk."""
         cache = self.cache
-        if len(seqs) > 1 and any(s.prefill_range != (0, s.prompt_len) for s in seqs):
+        if len(seqs) > 1 and not all(s.prefill_is_whole for s in seqs):
             raise RuntimeError("a chunked prompt must be prefilled alone")
         leaders, copies = self._share_identical(seqs)
         ready = []
-        starting = [s for s in seqs if s.prefill_range[0] == 0]  # later chunks have their row already
-        cache.ensure(cache.num_used + sum(s.prefill_range[1] >= s.prompt_len for s in starting),
+        starting = [s for s in seqs if s.num_computed_tokens == 0]  # later chunks have their row already
+        cache.ensure(cache.num_used + sum(s.prefill_ends_prompt for s in starting),
                      max([cache.longest_reserved] + [s.reserved_len for s in starting]))
         for seq in leaders + [c for c, _ in copies]:  # leaders' rows first: the forward reads them contiguously
             req = seq.request
-            start, end = seq.prefill_range
-            if start > 0:  # a later chunk: the prefix is in the row already
+            if seq.num_computed_tokens > 0:  # a later chunk: the prefix and the prompt so far are in the row
                 ready.append((seq, cache.row_of(req.request_id), None))
                 continue
             try:
@@ -156,7 +155,7 @@ class ModelRunner:
                 log.warning("prefill of %s failed: %s", req.request_id, exc)
                 errors[req.request_id] = EngineError(str(exc), ErrorKind.UNAVAILABLE)
                 continue
-            staged = end < seq.prompt_len
+            staged = not seq.prefill_ends_prompt
             row = cache.allocate_staging(req.request_id, seq.reserved_len) if staged else \
                 cache.allocate(req.request_id, seq.reserved_len)
             if prefix is not None and seq in leaders:
@@ -205,7 +204,7 @@ class ModelRunner:
             cache.set_length(row, int(starts[k]) + lens[k])
             if req.sampling.prompt_logprobs is not None:
                 self._score_prompt(seq, hidden[k, :lens[k]])
-            if not seq.chunk_is_last:
+            if not seq.prefill_ends_prompt:
                 continue  # more chunks to come: nothing to sample yet
             if row == cache.staging_row:
                 cache.commit_staging()

@@ -83,13 +83,13 @@ class Scheduler:
             self._finish(seq, FinishReason.ABORT)
         out.decodes = list(self.running)
         if self.partial is not None:  # a long prompt goes on, one chunk a step; the queue waits behind it
-            start = self.partial.chunk[1] if self.partial.chunk else 0  # where the last chunk ended
-            self.partial.chunk = (start, min(self.partial.prompt_len, start + self.max_prefill_tokens))
-            out.prefills = [self.partial]
+            seq = self.partial
+            seq.num_scheduled_tokens = min(seq.prompt_len - seq.num_computed_tokens, self.max_prefill_tokens)
+            out.prefills = [seq]
             return out
         for seq in admitted:
             seq.status = SeqStatus.RUNNING
-            seq.chunk = None  # all of it
+            seq.num_scheduled_tokens = seq.prompt_len  # all of it
             self.running.append(seq)
         out.prefills = admitted
         return out
@@ -121,11 +121,15 @@ class Scheduler:
         return admitted
 
     def prefilled(self, seqs: list[Sequence]) -> None:
-        """The step ran these sequences' chunks: a partial sequence whose last chunk ran joins the running
-        batch (before its first token is appended by update_from_output)."""
+        """The step ran these sequences' scheduled prompt tokens: they count as computed, and a partial
+        sequence whose prompt is now all in the cache joins the running batch (before its first token is
+        appended by update_from_output)."""
+        for seq in seqs:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
         seq = self.partial
         ran = seq is not None and any(s is seq for s in seqs)
-        if ran and seq.chunk_is_last and seq.status is SeqStatus.RUNNING:
+        if ran and seq.num_computed_tokens >= seq.prompt_len and seq.status is SeqStatus.RUNNING:
             self.partial = None
             self.running.append(seq)
 

@@ -153,9 +153,11 @@ class Sequence:
     error: str | None = None
     error_kind: ErrorKind | None = None
     result: dict | None = None  # classify/tag output
-    # The slice [start, end) of the prompt this step prefills (None: all of it). A prompt longer than a
-    # step's token budget is prefilled in chunks over several steps, each starting where the last ended.
-    chunk: tuple[int, int] | None = None
+    # Prompt tokens whose keys and values are in the cache, and how many of the rest this step prefills
+    # (vLLM's num_computed_tokens / num_scheduled_tokens): the scheduler sets the second, and adds it to the
+    # first once the step ran. A prompt longer than a step's token budget takes several steps this way.
+    num_computed_tokens: int = 0
+    num_scheduled_tokens: int = 0
     # the log-probabilities asked for: of the token sampled last (sent with it), and of the prompt's tokens
     # (filled chunk by chunk in prefill; the first prompt token has none)
     last_logprob: TokenLogprob | None = None
@@ -181,16 +183,23 @@ class Sequence:
 
     @property
     def prefill_range(self) -> tuple[int, int]:
-        return self.chunk or (0, self.prompt_len)
+        """The slice [start, end) of the prompt this step prefills."""
+        return self.num_computed_tokens, self.num_computed_tokens + self.num_scheduled_tokens
 
     @property
-    def chunk_is_last(self) -> bool:
-        return self.prefill_range[1] >= self.prompt_len
+    def prefill_is_whole(self) -> bool:
+        """This step prefills the whole prompt (not one chunk of a long one)."""
+        return self.num_computed_tokens == 0 and self.num_scheduled_tokens == self.prompt_len
+
+    @property
+    def prefill_ends_prompt(self) -> bool:
+        """After this step the whole prompt is in the cache: the sequence can sample its first token."""
+        return self.num_computed_tokens + self.num_scheduled_tokens >= self.prompt_len
 
 
 @dataclass
 class SchedulerOutput:
-    # to run their prompt (each its .chunk of it) now, then sample those whose chunk ends the prompt
+    # to run their scheduled prompt tokens now, then sample those whose prefill ends the prompt
     prefills: list[Sequence] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)  # running: one token each
     aborted: list[Sequence] = field(default_factory=list)  # to free before the step

@@ -107,12 +107,14 @@ def test_a_prompt_over_the_budget_is_prefilled_in_chunks_while_the_batch_decodes
         out = s.schedule()
         assert [x.request_id for x in out.decodes] == ["a"]  # the running stream keeps going
         assert [x.request_id for x in out.prefills] == ["long"]  # and b waits behind the long prompt
-        chunks.append(out.prefills[0].chunk)
+        chunks.append(out.prefills[0].prefill_range)
         s.prefilled(out.prefills)
         s.update_from_output({"a": 8} if len(chunks) < 3 else {"a": 8, "long": 9})
         if len(chunks) == 1:
             s.abort("nobody")
     assert chunks == [(0, 4), (4, 8), (8, 10)]
+    # the computed-token count is the prompt's once it ran, and nothing is scheduled for it any more
+    assert (s.running[1].num_computed_tokens, s.running[1].num_scheduled_tokens) == (10, 0)
     assert s.partial is None and [x.request_id for x in s.running] == ["a", "long"]
     assert s.running[1].output_ids == [9] and s.running[0].output_ids == [7, 8, 8, 8]
     out = s.schedule()
