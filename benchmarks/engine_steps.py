@@ -43,7 +43,8 @@ def _median_ms(fn, n: int = 20, skip: int = 4) -> float:
 def running_sequences(runner, batch: int, prompt_len: int = 150) -> list[Sequence]:
     """`batch` sequences prefilled (8 at a time) and holding their first token, ready to decode."""
     seqs = [Sequence(GenerationRequest(f"r{i}", list(range(1000, 1000 + prompt_len)),
-                                       SamplingParams(max_tokens=1 << 30, ignore_eos=True))) for i in range(batch)]
+                                       SamplingParams(max_tokens=1 << 30, ignore_eos=True)),
+                     num_scheduled_tokens=prompt_len) for i in range(batch)]  # whole prompts, as the scheduler
     for k in range(0, batch, 8):
         sampled, _, _ = runner.prefill(seqs[k:k + 8])
         for s in seqs[k:k + 8]:
@@ -67,7 +68,8 @@ def _prefill_ms(runner, ids: list[int]) -> float:
     count = iter(range(1 << 30))
 
     def one():
-        seq = Sequence(GenerationRequest(f"p{next(count)}", ids, SamplingParams(max_tokens=1)))
+        seq = Sequence(GenerationRequest(f"p{next(count)}", ids, SamplingParams(max_tokens=1)),
+                       num_scheduled_tokens=len(ids))
         runner.prefill([seq])
         runner.release(seq.request_id)
     return _median_ms(one, n=8, skip=2)

@@ -21,13 +21,16 @@ from contextlib import contextmanager
 import app.engine.model_runner as model_runner
 import app.model.forward as llama
 from app.engine.engine import Engine, EngineConfig
+from app.model.linear import SMALL_BATCH_ROWS
 from app.model.loader import load_model
 from app.settings import Settings
 from benchmarks.engine_steps import running_sequences
 from benchmarks.roofline import cpu_name, measure_machine, roofline
 
+# "decode layers (one native op)": every layer of a 1-2 row bf16 step at once (kernels/decode_layers.cpp),
+# which the parts inside it cannot be told apart in; `layer_by_layer_ms` is the same step without it
 PARTS = ["projections", "lm_head", "attention", "cache writes", "norms+adds", "rotary", "rotary+cache writes",
-         "sampling"]
+         "decode layers (one native op)", "sampling"]
 
 
 SPENT: dict[str, float] = {}
@@ -73,6 +76,8 @@ def instrumented(runner):
     patch(llama, "apply_rotary", "rotary")
     if runner._rotary_cache_write is not None:  # the native rotary, which writes the cache too
         patch(runner, "_rotary_cache_write", "rotary+cache writes")
+    if forward._decode_layers is not None:
+        patch(forward, "_decode_layers", "decode layers (one native op)")
     patch(model_runner, "sample", "sampling")
     patch(runner, "_write_kv", "cache writes")
     try:
@@ -92,13 +97,24 @@ def step_breakdown(runner, batch: int, steps: int) -> dict:
         out, _ = runner.decode(seqs)
         for s in seqs:
             s.output_ids.append(out[s.request_id])
-    for _ in range(3):
-        step()
-    plain = []
-    for _ in range(steps):  # the step's own time, no timers
-        t = time.perf_counter()
-        step()
-        plain.append(time.perf_counter() - t)
+    def median_ms() -> float:  # the step's own time, no timers
+        for _ in range(3):
+            step()
+        plain = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            plain.append(time.perf_counter() - t)
+        return 1000 * sorted(plain)[len(plain) // 2]
+    wall_ms = median_ms()
+    layer_by_layer_ms = None
+    native = runner.forward._decode_layers
+    if native is not None and batch <= SMALL_BATCH_ROWS:  # the same steps without the one native op
+        runner.forward._decode_layers = None
+        try:
+            layer_by_layer_ms = median_ms()
+        finally:
+            runner.forward._decode_layers = native
     SPENT.clear()
     timed = []
     with instrumented(runner):
@@ -108,12 +124,11 @@ def step_breakdown(runner, batch: int, steps: int) -> dict:
             timed.append(time.perf_counter() - t)
     for s in seqs:
         runner.release(s.request_id)
-    wall_ms = 1000 * sorted(plain)[len(plain) // 2]
     # the parts' shares of the timed steps, applied to the untimed median step
     scale = wall_ms / (1000 * sum(timed) / steps)
     parts = {k: 1000 * SPENT.get(k, 0.0) / steps * scale for k in PARTS}
     parts["other"] = max(wall_ms - sum(parts.values()), 0.0)
-    return {"batch": batch, "step_ms": wall_ms, "parts_ms": parts}
+    return {"batch": batch, "step_ms": wall_ms, "parts_ms": parts, "layer_by_layer_ms": layer_by_layer_ms}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,12 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batches:
         r = step_breakdown(runner, batch, args.steps)
         parts = r["parts_ms"]
-        non_matmul = 1 - (parts["projections"] + parts["lm_head"]) / r["step_ms"]
+        fused = parts["decode layers (one native op)"] > 0  # its projections are inside it, not told apart
+        matmuls = (parts["projections"] + parts["lm_head"]) / r["step_ms"]
+        non_matmul = "" if fused else f"not matmuls {100 * (1 - matmuls):.0f}%; "
         ceiling = roofline(loaded, machine, batch)
         achieved = batch / (r["step_ms"] / 1000)
         print(f"batch {batch}: step {r['step_ms']:.1f} ms = " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
-              + f" ms; not matmuls {100 * non_matmul:.0f}%; {achieved:.0f} tok/s of a roofline {ceiling:.0f} "
+              + f" ms; {non_matmul}{achieved:.0f} tok/s of a roofline {ceiling:.0f} "
               f"({100 * achieved / ceiling:.0f}%)")
+        if r["layer_by_layer_ms"] is not None:
+            layered = r["layer_by_layer_ms"]
+            print(f"batch {batch}: without the native decode op (layer by layer, same run): step {layered:.1f} ms; "
+                  f"the op makes the step {layered / r['step_ms']:.2f}x faster")
     return 0
 
 

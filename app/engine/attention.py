@@ -51,6 +51,15 @@ class CacheAttention:
             return c.k[i, m.start:m.start + m.count, :, :m.width], c.v[i, m.start:m.start + m.count, :, :m.width]
         return c.k[i][m.gather, :, :m.width], c.v[i][m.gather, :, :m.width]
 
+    def decode_cache(self) -> tuple | None:
+        """For the native decode op (DecoderForward.hidden's decode_cache): the cache, each token's row and
+        position, and the contiguous rows and width read, when this pass is a decode on the native path
+        reading contiguous rows; else None."""
+        m = self.meta
+        if self.joined is None or m.gather is not None or m.mask is not None or m.token_in_batch is not None:
+            return None
+        return self.cache.k, self.cache.v, m.token_rows, m.token_at, m.start, m.count, m.width
+
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """torch's path: q, k, v [B, heads, T, D], rotated."""
         m, f = self.meta, self.f

@@ -57,7 +57,8 @@ class ModelRunner:
             small = None
         self.forward = DecoderForward(model, pack_weights=self.packed_weights, small_linear=small,
                                       add_rms_norm=native.add_rms_norm if bf16 else None,
-                                      release_model_weights=release_model_weights)
+                                      release_model_weights=release_model_weights,
+                                      decode_layers=native.decode_layers if small is not None else None)
         # with the native attention, rotary and the cache write of decode and prefill tokens as one native op
         # (bit-identical to torch's); it turns whole heads only (no partial rotary factor)
         full_rotary = self.forward.rotary_dim == self.forward.head_dim
@@ -307,7 +308,7 @@ class ModelRunner:
         lengths = torch.tensor([cache.lengths[r] for r in sorted_rows], device=self.device)
         attention = self._attention(self._prepare_decode(sorted_rows, lengths))
         hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attention.attend,
-                                     attend_joined=attention.joined)
+                                     attend_joined=attention.joined, decode_cache=attention.decode_cache())
         logits = self.forward.logits(hidden[:, -1])
         tokens = sample(logits, self._rows(seqs))
         # only now: a step that raised before here is retried over the same positions

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from app.model.families import Family, family_of
-from app.model.linear import Linear, PackedLinear, SmallBatchLinear, linear, release_weight
+from app.model.linear import SMALL_BATCH_ROWS, Linear, PackedLinear, SmallBatchLinear, linear, release_weight
 
 # attend(layer_index, q [B, H, T, D], k [B, KVH, T, D], v) -> attention output [B, H, T, D]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,6 +62,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 # (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)): the native kernel (kernels/add_rms_norm.cpp)
 AddRmsNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+# every decoder layer of a 1-2 token decode step in one native op (kernels/decode_layers.cpp; its arguments there)
+DecodeLayers = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _joined(modules: list[torch.nn.Module]) -> Linear:
@@ -84,8 +86,10 @@ class _LayerLinears:
             # q, k and v side by side in one tensor [..., q + k + v]
             self.qkv_joined: Linear = PackedLinear.concat(qkv, small)
             fused = PackedLinear.concat(gate_up, small)
+            self.gate_up_joined: PackedLinear | None = fused
             self._gate_up: Callable[[torch.Tensor], tuple] = lambda x: fused(x).chunk(2, dim=-1)
         else:
+            self.gate_up_joined = None
             self.qkv_joined = _joined(qkv)
             if len(gate_up) == 1:
                 self._gate_up = lambda x: gate_up[0](x).chunk(2, dim=-1)
@@ -98,6 +102,14 @@ class _LayerLinears:
                 release_weight(module)
         self.act = getattr(mlp, family.act)
 
+    def plain_weights(self) -> list[torch.Tensor] | None:
+        """The weights the native small-batch kernel reads, in the order of kernels/decode_layers.cpp (q/k/v,
+        o, gate/up, down), when every projection of the layer runs on it; else None."""
+        linears = [self.qkv_joined, self.o, self.gate_up_joined, self.down]
+        if not all(isinstance(lin, PackedLinear) and lin.small_batch_weight is not None for lin in linears):
+            return None
+        return [lin.small_batch_weight for lin in linears]
+
     def mlp(self, x: torch.Tensor) -> torch.Tensor:  # LlamaMLP.forward (Phi3MLP's product, same factors)
         gate, up = self._gate_up(x)
         return self.down(self.act(gate) * up)
@@ -105,13 +117,15 @@ class _LayerLinears:
 
 class DecoderForward:
     def __init__(self, model: torch.nn.Module, pack_weights: bool = False, small_linear: SmallBatchLinear | None = None,
-                 add_rms_norm: AddRmsNorm | None = None, release_model_weights: bool = False):
+                 add_rms_norm: AddRmsNorm | None = None, release_model_weights: bool = False,
+                 decode_layers: DecodeLayers | None = None):
         """pack_weights: use oneDNN-packed copies of the linear weights (CPU; see linear.py); small_linear:
         with them, the native kernel for bfloat16 inputs of 1-2 rows; add_rms_norm: the native residual
         add + RMSNorm (kernels/); release_model_weights: with pack_weights, the model's own linear weights
         are dropped as their packed copies are made (one copy held, and the loading peak stays one layer
         above the weights), so the model's own forward no longer runs: for an owner that serves only
-        through this class (the server)."""
+        through this class (the server); decode_layers: the native op that runs every layer of a 1-2 token
+        decode step (kernels/decode_layers.cpp), used where this model's layers are what it implements."""
         cfg = model.config
         self.family = family_of(cfg)
         # the native fused add + norm implements Llama's rounding only
@@ -136,6 +150,30 @@ class DecoderForward:
         self.rotary = model.model.rotary_emb
         # dimensions of each head that rotate (Phi-3's partial_rotary_factor; all of them elsewhere)
         self.rotary_dim = 2 * int(self.rotary.inv_freq.numel())
+        self._decode_layers = self._native_decode(decode_layers)
+
+    def _native_decode(self, op: DecodeLayers | None) -> Callable | None:
+        """The native decode op bound to this model's weights, when its layers are what the op implements:
+        Llama's norm (the native add + norm), no q/k norm, SiLU, whole-head rotary, every projection on
+        the small-batch kernel. None otherwise (the layer-by-layer path)."""
+        weights = [lin.plain_weights() for lin in self.linears]
+        act_is_silu = all(type(lin.act).__name__ in ("SiLU", "SiLUActivation") for lin in self.linears)
+        if (op is None or self._add_rms_norm is None or self.family.qk_norm or not act_is_silu
+                or self.rotary_dim != self.head_dim or any(w is None for w in weights)):
+            return None
+        flat = [w for layer in weights for w in layer]
+        norms = self._norms_after()
+        norm_weights, eps = [m.weight for m in norms], [_eps(m) for m in norms]
+
+        def run(x, h, cos, sin, cache):
+            return op(x, h, flat, norm_weights, eps, cos, sin, *cache, self.num_heads, self.num_kv_heads, self.scale)
+        return run
+
+    def _norms_after(self) -> list[torch.nn.Module]:
+        """The norm each sublayer's residual add feeds: the layer's post-attention norm, then the next
+        layer's input norm (the model's final norm after the last)."""
+        norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        return norms[1:] + [self.norm]
 
     def norm_of(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(module, x, self.family.norm)
@@ -150,14 +188,18 @@ class DecoderForward:
         return torch.cat([q, k, v], dim=-1)
 
     def hidden(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend | None,
-               packed: torch.Tensor | None = None, attend_joined: AttendJoined | None = None) -> torch.Tensor:
+               packed: torch.Tensor | None = None, attend_joined: AttendJoined | None = None,
+               decode_cache: tuple | None = None) -> torch.Tensor:
         """Run all layers on embeddings x [B, T, hidden] at rotary positions [B, T]; final norm applied.
 
         packed: when some rows are padded, the indices of the real tokens in the flattened [B*T]. All but
         attention then runs on those tokens only, packed into one [N, hidden] matrix (a prefill of prompts
         of 40 to 130 tokens padded to the longest spends a third of its matmuls on pads); `attend` sees
         the padded layout, `attend_joined` the packed one. The pads' outputs are zeros.
-        attend_joined, instead of attend: takes each layer's projection unrotated (the native path)."""
+        attend_joined, instead of attend: takes each layer's projection unrotated (the native path).
+        decode_cache: with attend_joined, for a decode step of one token a row read from contiguous cache
+        rows, the cache as the native decode op reads it (k, v, token rows, positions, start, count, width):
+        1-2 such tokens in bfloat16 run all layers in that op, the same kernels in the same order."""
         cos, sin = self.rotary(x, positions)
         b, t, c = x.shape
         if packed is not None:
@@ -167,9 +209,11 @@ class DecoderForward:
             if packed is not None:
                 cos, sin = cos[packed], sin[packed]
         # each residual add is fused with the norm that reads its result: the next sublayer's input norm
-        norms_after = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
-        norms_after = norms_after[1:] + [self.norm]
+        norms_after = self._norms_after()
         h = self.norm_of(self.layers[0].input_layernorm, x)
+        if (decode_cache is not None and attend_joined is not None and self._decode_layers is not None
+                and packed is None and x.dtype == torch.bfloat16 and b * t <= SMALL_BATCH_ROWS):
+            return self._decode_layers(x, h, cos, sin, decode_cache)[1]
         for i, lin in enumerate(self.linears):
             qkv = lin.qkv_joined(h)
             if self.family.qk_norm:

@@ -59,6 +59,11 @@ class PackedLinear:
         self._small = small if usable else None
         self._plain = weight.contiguous() if usable else None
 
+    @property
+    def small_batch_weight(self) -> torch.Tensor | None:
+        """The plain weight the native small-batch kernel reads (None where it does not run)."""
+        return self._plain
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1]).contiguous()

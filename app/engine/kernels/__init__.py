@@ -10,6 +10,9 @@
   operations, each mostly dispatch overhead at decode sizes).
 - `rotary_cache_write` (rotary_cache_write.cpp): rotary embedding and KV-cache write of a decode step's or
   a prefill's tokens in one pass, bit-identical to transformers' rotary (float32 and bfloat16).
+- `decode_layers` (decode_layers.cpp): every decoder layer of a 1-2 token bfloat16 decode step in one op,
+  the kernels above called from C++ in the layer-by-layer path's order (bit-identical to it): at batch 1
+  the ~300 operations a step dispatched from Python cost a quarter of the step.
 
 They are one library. An image or an installation without a compiler carries it prebuilt for the x86
 levels it may meet (`python -m app.engine.kernels.prebuild DIR`, run when the image is built): at start the
@@ -40,8 +43,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "small_batch_linear.cpp", "add_rms_norm.cpp",
-                        "rotary_cache_write.cpp")]
-HEADERS = [Path(__file__).with_name("avx512_bf16.h")]  # included by the sources: part of the build's key
+                        "rotary_cache_write.cpp", "decode_layers.cpp")]
+# included by the sources: part of the build's key
+HEADERS = [Path(__file__).with_name(name) for name in ("avx512_bf16.h", "kernels.h")]
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so elementwise kernels round as
 # torch's own operations do (rotary_cache_write is bit-identical to transformers' rotary, float32 and bf16)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
@@ -98,6 +102,9 @@ class NativeKernels:
     # (qkv [n, (h + 2 kvh) d], cos, sin [n, d], k_cache, v_cache [R, kvh, L, d], rows, at [n], h, kvh)
     #   -> q [n, h, d] rotated; k rotated and v written into the cache at (rows, at)
     rotary_cache_write: Callable | None = None
+    # every decoder layer of a 1-2 token bfloat16 decode step in one op, calling the kernels above from C++
+    # (DecoderForward._native_decode: its arguments); only with small_batch_linear
+    decode_layers: Callable | None = None
 
 
 def load(cache_dir: Path | str) -> NativeKernels:
@@ -107,7 +114,8 @@ def load(cache_dir: Path | str) -> NativeKernels:
     ops = torch.ops.promptserve
     return NativeKernels(decode_attention=ops.decode_attention,
                          small_batch_linear=ops.small_batch_linear if ops.small_batch_linear_supported() else None,
-                         add_rms_norm=ops.add_rms_norm, rotary_cache_write=ops.rotary_cache_write)
+                         add_rms_norm=ops.add_rms_norm, rotary_cache_write=ops.rotary_cache_write,
+                         decode_layers=ops.decode_layers if ops.small_batch_linear_supported() else None)
 
 
 def _library(cache_dir: Path) -> bool:

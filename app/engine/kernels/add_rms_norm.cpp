@@ -50,6 +50,11 @@ void add_rms_norm_row(const c10::BFloat16* __restrict x, const c10::BFloat16* __
   }
 }
 
+}  // namespace
+
+// the entry points, declared in kernels.h: decode_layers.cpp calls them directly
+namespace promptserve {
+
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta,
                                                 const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && delta.scalar_type() == at::kBFloat16 &&
@@ -74,10 +79,10 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return {sum, normed};
 }
 
-}  // namespace
+}  // namespace promptserve
 
 TORCH_LIBRARY_FRAGMENT(promptserve, m) {
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("add_rms_norm", &add_rms_norm); }
+TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("add_rms_norm", &promptserve::add_rms_norm); }

@@ -278,6 +278,11 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   });
 }
 
+}  // namespace
+
+// the entry points, declared in kernels.h: decode_layers.cpp calls them directly
+namespace promptserve {
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& lengths, double scale, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d");
@@ -307,10 +312,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-}  // namespace
+}  // namespace promptserve
 
 TORCH_LIBRARY(promptserve, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale, Tensor? rows=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("decode_attention", &promptserve::decode_attention); }

@@ -74,6 +74,11 @@ void rotary_cache_write_impl(const at::Tensor& qkv, const at::Tensor& cos, const
   });
 }
 
+}  // namespace
+
+// the entry points, declared in kernels.h: decode_layers.cpp calls them directly
+namespace promptserve {
+
 at::Tensor rotary_cache_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
                        at::Tensor v_cache, const at::Tensor& rows, const at::Tensor& at_, int64_t h, int64_t kvh) {
   TORCH_CHECK(qkv.dim() == 2 && cos.dim() == 2 && sin.dim() == 2, "qkv [n, (h + 2 kvh) d], cos and sin [n, d]");
@@ -106,11 +111,11 @@ at::Tensor rotary_cache_write(const at::Tensor& qkv, const at::Tensor& cos, cons
   return q;
 }
 
-}  // namespace
+}  // namespace promptserve
 
 TORCH_LIBRARY_FRAGMENT(promptserve, m) {
   m.def("rotary_cache_write(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
         "Tensor at, int h, int kvh) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("rotary_cache_write", &rotary_cache_write); }
+TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("rotary_cache_write", &promptserve::rotary_cache_write); }

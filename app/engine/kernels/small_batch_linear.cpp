@@ -62,6 +62,11 @@ void linear_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t n, int6
 }
 #endif
 
+}  // namespace
+
+// the entry points, declared in kernels.h: decode_layers.cpp calls them directly
+namespace promptserve {
+
 bool small_batch_linear_supported() {
 #ifdef PROMPTSERVE_AVX512_BF16
   return true;
@@ -92,11 +97,11 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-}  // namespace
+}  // namespace promptserve
 
 TORCH_LIBRARY_FRAGMENT(promptserve, m) {
-  m.def("small_batch_linear_supported() -> bool", [] { return small_batch_linear_supported(); });
+  m.def("small_batch_linear_supported() -> bool", [] { return promptserve::small_batch_linear_supported(); });
   m.def("small_batch_linear(Tensor x, Tensor w) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("small_batch_linear", &small_batch_linear); }
+TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("small_batch_linear", &promptserve::small_batch_linear); }
