@@ -150,6 +150,7 @@ class DecoderForward:
         self.rotary = model.model.rotary_emb
         # dimensions of each head that rotate (Phi-3's partial_rotary_factor; all of them elsewhere)
         self.rotary_dim = 2 * int(self.rotary.inv_freq.numel())
+        self.norms_after = self._norms_after()  # fixed modules: listed once, not on every forward pass
         self._decode_layers = self._native_decode(decode_layers)
 
     def _native_decode(self, op: DecodeLayers | None) -> Callable | None:
@@ -162,7 +163,7 @@ class DecoderForward:
                 or self.rotary_dim != self.head_dim or any(w is None for w in weights)):
             return None
         flat = [w for layer in weights for w in layer]
-        norms = self._norms_after()
+        norms = self.norms_after
         norm_weights, eps = [m.weight for m in norms], [_eps(m) for m in norms]
 
         def run(x, h, cos, sin, cache):
@@ -209,7 +210,7 @@ class DecoderForward:
             if packed is not None:
                 cos, sin = cos[packed], sin[packed]
         # each residual add is fused with the norm that reads its result: the next sublayer's input norm
-        norms_after = self._norms_after()
+        norms_after = self.norms_after
         h = self.norm_of(self.layers[0].input_layernorm, x)
         if (decode_cache is not None and attend_joined is not None and self._decode_layers is not None
                 and packed is None and x.dtype == torch.bfloat16 and b * t <= SMALL_BATCH_ROWS):

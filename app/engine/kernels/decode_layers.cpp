@@ -2,8 +2,9 @@
 // over the cache, o, SiLU-gated MLP), bfloat16, as one op.
 //
 // At batch 1 a step's arithmetic is reading the weights (~10 ms for SmolLM2 on 2 cores); what surrounds it
-// was ~300 operations dispatched from Python (projections, norms, rotary, attention, the MLP's product),
-// each costing microseconds of interpreter and dispatcher time: ~4 ms of a 14 ms step on the AMD EPYC.
+// was hundreds of operations dispatched from Python (projections, norms, rotary, attention, the MLP's
+// product), each costing microseconds of interpreter and dispatcher time: running them from here made the
+// step 12.2 instead of 13.9 ms (AMD EPYC, benchmarks/step_profile.py prints both).
 // This runs the same kernels in the same order from C++ (the projections, the fused residual add + norm,
 // rotary + cache write and attention are this library's; SiLU and the product are ATen's own ops, as the
 // model's modules call them), so its output is bit-identical to the layer-by-layer path.
