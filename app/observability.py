@@ -39,6 +39,11 @@ class _EngineCollector:
         kv = GaugeMetricFamily("promptserve_kv_cache_bytes", "KV cache allocated now (it grows as admitted "
                                "sequences need, within its budget)")
         kv_budget = GaugeMetricFamily("promptserve_kv_cache_budget_bytes", "the KV cache's memory budget")
+        prompt_tokens = CounterMetricFamily("promptserve_prompt_cache_prompt_tokens", "prompt tokens of the "
+                                            "generate requests that could start from the prompt cache")
+        prompt_hits = CounterMetricFamily("promptserve_prompt_cache_hit_tokens", "prompt tokens copied from the "
+                                          "prompt cache instead of prefilled")
+        prompt_bytes = GaugeMetricFamily("promptserve_prompt_cache_bytes", "keys and values the prompt cache holds")
         if stats is not None:
             steps.add_metric([], stats.steps)
             busy.add_metric([], stats.busy_seconds)
@@ -47,7 +52,10 @@ class _EngineCollector:
             threads.add_metric([], stats.threads)
             kv.add_metric([], stats.kv_cache_bytes)
             kv_budget.add_metric([], stats.kv_cache_budget_bytes)
-        yield from (steps, busy, hits, misses, threads, kv, kv_budget)
+            prompt_tokens.add_metric([], stats.prompt_cache_prompt_tokens)
+            prompt_hits.add_metric([], stats.prompt_cache_hit_tokens)
+            prompt_bytes.add_metric([], stats.prompt_cache_bytes)
+        yield from (steps, busy, hits, misses, threads, kv, kv_budget, prompt_tokens, prompt_hits, prompt_bytes)
 
 
 class Metrics:

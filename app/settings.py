@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(1024, ge=16)
     prefix_cache_size: int = 4096  # device-resident prompt sets kept (LRU), bounded by count...
     prefix_cache_mb: int = 1024  # ...and by memory
+    # keys and values of prompt beginnings (the chat template's system prompt, a task's instructions) kept in
+    # MiB for later generate prompts that begin with the same tokens after the same prompt set; 0 = off
+    prompt_cache_mb: int = Field(128, ge=0)
     default_max_tokens: int = 256
     # Structured outputs: compiled grammars kept (by their measured memory), and what one grammar may cost
     # to compile and take its first tokens; beyond that a request is refused (400 invalid_grammar)

@@ -65,15 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-sets", action="store_true",
                         help="each request with its task's benchmark prompt set (BENCH_SETS), as `promptserve bench`")
     parser.add_argument("--ner-set", help="with --prompt-sets: this file as the ner set instead")
+    parser.add_argument("--prompt-cache-mb", type=int, default=Settings().prompt_cache_mb,
+                        help="the prompt cache's size (0: off; default: the server's)")
     args = parser.parse_args(argv)
     settings = Settings()
     loaded = load_model(settings)
-    per_task = load_prompts(args.requests)
+    # each wave (the warm-up too) draws its own prompts, as the server's clients send new ones: the same
+    # prompts again would be found whole in the prompt cache
+    per_task = load_prompts(args.requests * (args.waves + 1))
     tasks = [task for _ in range(args.requests) for task in ("chat", "ner", "spam")][:args.requests]
-    messages = [per_task[task][i // 3] for i, task in enumerate(tasks)]
-    prompts = [_encode(loaded.tokenizer, m) for m in messages]
+    waves = [[_encode(loaded.tokenizer, per_task[task][w * args.requests + i // 3]) for i, task in enumerate(tasks)]
+             for w in range(args.waves + 1)]
     refs = _prompt_set_refs(loaded.spec.fingerprint, args.ner_set) if args.prompt_sets else {}
     engine = Engine(loaded, EngineConfig(max_num_seqs=args.requests, max_model_len=1024,
+                                         prompt_cache_bytes=args.prompt_cache_mb << 20,
                                          kernel_cache_dir=str(settings.cache_dir) if settings.native_kernels
                                          else None))
     log: list = []
@@ -85,18 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         async for _ in engine.generate(EngineRequest(ids, sampling, ref)):
             pass
 
-    async def wave():
+    async def wave(prompts):
         await asyncio.gather(*(one(ids, refs.get(task)) for ids, task in zip(prompts, tasks)))
 
     walls: list[float] = []
 
     def drive():
         try:
-            asyncio.run(wave())  # warm-up
-            for _ in range(args.waves):
+            asyncio.run(wave(waves[0]))  # warm-up
+            for prompts in waves[1:]:
                 log.clear()
                 started = time.perf_counter()
-                asyncio.run(wave())
+                asyncio.run(wave(prompts))
                 walls.append(time.perf_counter() - started)
         finally:
             engine.stop()
@@ -114,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"last wave: {len(prefill)} prefill passes {sum(e[2] for e in prefill):.2f} s "
           f"(prompts per pass: {[e[1] for e in prefill]}), {len(decode)} decode steps "
           f"{sum(e[2] for e in decode):.2f} s")
+    cache = engine.runner.prompts
+    print(f"prompt cache ({args.prompt_cache_mb} MiB): {cache.hit_tokens} of {cache.prompt_tokens} prompt tokens "
+          f"copied from it instead of prefilled, {len(cache)} blocks held")
     return 0
 
 

@@ -81,6 +81,8 @@ class EngineConfig:
     # the KV cache's memory budget: sequences are admitted while their reserved lengths fit it; None: room
     # for max_num_seqs rows of the full context (the cache still grows only as far as they need)
     kv_cache_bytes: int | None = None
+    # keys and values of prompt beginnings kept for later prompts that begin the same way (0: off)
+    prompt_cache_bytes: int = 128 << 20
     # CPU: where the native decode-attention kernel is built and cached (app/engine/kernels); None: SDPA only
     kernel_cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
 
@@ -97,6 +99,11 @@ class EngineStats:
     threads: int  # CPU threads the model runs on now
     kv_cache_bytes: int = 0  # allocated now
     kv_cache_budget_bytes: int = 0
+    # the prompt cache: prompt tokens of the requests that could reuse blocks, those copied instead of
+    # prefilled, and its memory
+    prompt_cache_prompt_tokens: int = 0
+    prompt_cache_hit_tokens: int = 0
+    prompt_cache_bytes: int = 0
 
 
 def _failure_message(exc: Exception) -> str:
@@ -136,8 +143,9 @@ class Engine:
                                   config.max_num_seqs, self.max_model_len, config.prefix_cache_size,
                                   config.prefix_cache_bytes, config.pack_weights, config.kernel_cache_dir,
                                   config.release_model_weights, config.small_batch_copy_bytes,
-                                  config.kv_cache_bytes)
+                                  config.kv_cache_bytes, config.prompt_cache_bytes)
         self.scheduler.fits = self.runner.cache.fits  # admission within the KV cache's budget
+        self.scheduler.match_prompt = self.runner.match_prompt  # prompt beginnings already computed
         self._subs: dict[str, _Subscriber] = {}
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # outputs of this phase, by event loop
         self._wake = threading.Event()
@@ -340,7 +348,7 @@ class Engine:
                 return
             log.exception("prefill of %d sequences failed; retrying them one by one", len(seqs))
             for seq in seqs:
-                if seq.num_computed_tokens == 0:  # rows of the failed attempt are rebuilt from scratch
+                if seq.starts_row:  # rows of the failed attempt are rebuilt from scratch
                     self.runner.release(seq.request_id)
             for seq in seqs:
                 self._prefill([seq])
@@ -499,7 +507,10 @@ class Engine:
                            prefixes_resident=len(prefixes),
                            threads=self.threads.threads if self.threads is not None else torch.get_num_threads(),
                            kv_cache_bytes=self.runner.cache.allocated_bytes,
-                           kv_cache_budget_bytes=self.runner.cache.budget_bytes)
+                           kv_cache_budget_bytes=self.runner.cache.budget_bytes,
+                           prompt_cache_prompt_tokens=self.runner.prompts.prompt_tokens,
+                           prompt_cache_hit_tokens=self.runner.prompts.hit_tokens,
+                           prompt_cache_bytes=self.runner.prompts.resident_bytes())
 
     @property
     def num_waiting(self) -> int:

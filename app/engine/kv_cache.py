@@ -196,6 +196,14 @@ class KVCache:
         self.v[:, row, :, :p] = values
         self.set_length(row, p)
 
+    def write_positions(self, row: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Place keys/values [L, kvh, n, hd] at positions start..start+n of a row (a prompt's beginning from
+        the prompt cache, after its prompt set's prefix); the row's length becomes start + n."""
+        end = start + keys.shape[2]
+        self.k[:, row, :, start:end] = keys
+        self.v[:, row, :, start:end] = values
+        self.set_length(row, end)
+
     def release(self, owner: str) -> None:
         self.reserved.pop(owner, None)
         if owner == self._staging_owner:

@@ -14,6 +14,7 @@ from app.engine import kernels
 from app.engine.attention import CacheAttention, StepMetadata
 from app.engine.kv_cache import KVCache
 from app.engine.prefix_cache import PrefixCache
+from app.engine.prompt_cache import CachedPrompt, PromptCache
 from app.engine.sampling import RowState, SamplingError, make_generator, sample, token_logprobs
 from app.engine.types import EngineError, ErrorKind, FinishReason, Mode, Sequence
 from app.model.forward import DecoderForward
@@ -38,7 +39,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, shape, device: torch.device, dtype: torch.dtype,
                  max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30,
                  pack_weights: bool = True, kernel_cache_dir: str | None = None, release_model_weights: bool = False,
-                 small_batch_copy_bytes: int = 1 << 30, kv_cache_bytes: int | None = None):
+                 small_batch_copy_bytes: int = 1 << 30, kv_cache_bytes: int | None = None,
+                 prompt_cache_bytes: int = 0):
         self.device = device
         self.packed_weights = pack_weights and packing_works(device, dtype)
         native = kernels.load(kernel_cache_dir) if kernel_cache_dir is not None and device.type == "cpu" \
@@ -68,6 +70,7 @@ class ModelRunner:
         self.cache = KVCache(len(f.layers), max_num_seqs, f.num_kv_heads, max_model_len, f.head_dim,
                              dtype, device, kv_cache_bytes)
         self.prefixes = PrefixCache(f, shape, device, dtype, prefix_cache_size, prefix_cache_bytes)
+        self.prompts = PromptCache(prompt_cache_bytes)
         self._generators: dict[str, torch.Generator | None] = {}
         self._positions = torch.arange(max_model_len, device=device)
 
@@ -92,6 +95,31 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.cache.release(request_id)
         self._generators.pop(request_id, None)
+
+    @staticmethod
+    def _reuses_prompt(seq: Sequence) -> bool:
+        """Whether a sequence may start from, and add to, the prompt cache: a generate request that needs
+        nothing of its prompt's positions but their keys and values (no prompt log-probabilities; heads read
+        the prompt's hidden states)."""
+        req = seq.request
+        return req.mode == Mode.GENERATE and req.sampling.prompt_logprobs is None and req.sampling.max_tokens > 0
+
+    def match_prompt(self, seq: Sequence) -> CachedPrompt | None:
+        """The beginning of this sequence's prompt already in the prompt cache (the scheduler asks at admission)."""
+        if not self._reuses_prompt(seq):
+            return None
+        req = seq.request
+        return self.prompts.match(req.prompt_set.key if req.prompt_set else None, req.prompt_token_ids)
+
+    def _keep_prompt(self, seq: Sequence) -> None:
+        """After the prompt's last chunk: its whole blocks go into the prompt cache for later prompts."""
+        if not self.prompts.enabled or not self._reuses_prompt(seq):
+            return
+        req = seq.request
+        row, p = self.cache.row_of(req.request_id), req.prefix_len
+        end = p + seq.prompt_len
+        self.prompts.store(req.prompt_set.key if req.prompt_set else None, req.prompt_token_ids,
+                           self.cache.k[:, row, :, p:end], self.cache.v[:, row, :, p:end])
 
     def _rows(self, seqs: list[Sequence]) -> list[RowState]:
         return [RowState(s.request.sampling, self._generators.get(s.request_id), s.request.prompt_token_ids,
@@ -138,16 +166,16 @@ class ModelRunner:
         consecutively, so the batch reads cache[r0:r0+B]; a chunked prompt (alone in its step, see the
         scheduler) lives in the staging row until its last chunk."""
         cache = self.cache
-        if len(seqs) > 1 and not all(s.prefill_is_whole for s in seqs):
+        if len(seqs) > 1 and not all(s.starts_row and s.prefill_ends_prompt for s in seqs):
             raise RuntimeError("a chunked prompt must be prefilled alone")
         leaders, copies = self._share_identical(seqs)
         ready = []
-        starting = [s for s in seqs if s.num_computed_tokens == 0]  # later chunks have their row already
+        starting = [s for s in seqs if s.starts_row]  # later chunks have their row already
         cache.ensure(cache.num_used + sum(s.prefill_ends_prompt for s in starting),
                      max([cache.longest_reserved] + [s.reserved_len for s in starting]))
         for seq in leaders + [c for c, _ in copies]:  # leaders' rows first: the forward reads them contiguously
             req = seq.request
-            if seq.num_computed_tokens > 0:  # a later chunk: the prefix and the prompt so far are in the row
+            if not seq.starts_row:  # a later chunk: the prefix and the prompt so far are in the row
                 ready.append((seq, cache.row_of(req.request_id), None))
                 continue
             try:
@@ -161,6 +189,11 @@ class ModelRunner:
                 cache.allocate(req.request_id, seq.reserved_len)
             if prefix is not None and seq in leaders:
                 cache.write_prefix(row, prefix.keys, prefix.values)
+            if self._reuses_prompt(seq):
+                self.prompts.prompt_tokens += seq.prompt_len
+            if seq.cached_prompt is not None:  # the prompt's beginning, computed by an earlier request
+                cache.write_positions(row, req.prefix_len, seq.cached_prompt.keys, seq.cached_prompt.values)
+                self.prompts.hit_tokens += seq.cached_prompt.tokens
             ready.append((seq, row, prefix))
         copy_of = {id(copy): leader for copy, leader in copies}
         runs = [r for r in ready if id(r[0]) not in copy_of]
@@ -209,6 +242,7 @@ class ModelRunner:
                 continue  # more chunks to come: nothing to sample yet
             if row == cache.staging_row:
                 cache.commit_staging()
+            self._keep_prompt(seq)
             if req.mode == Mode.GENERATE and req.sampling.max_tokens == 0:  # scoring the prompt only
                 results[req.request_id] = {"finish_reason": FinishReason.LENGTH}
                 continue

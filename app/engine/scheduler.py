@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from app.engine.types import FinishReason, Mode, SchedulerOutput, SeqStatus, Sequence
+
+if TYPE_CHECKING:
+    from app.engine.prompt_cache import CachedPrompt
 
 
 class QueueFull(Exception):
@@ -22,11 +25,15 @@ class QueueFull(Exception):
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_queue: int, max_prefills_per_step: int = 16,
                  stop_token_ids: frozenset[int] = frozenset(), max_prefill_tokens: int = 1024,
-                 fits: Callable[[int, int], bool] | None = None):
+                 fits: Callable[[int, int], bool] | None = None,
+                 match_prompt: Callable[[Sequence], CachedPrompt | None] | None = None):
         self.max_num_seqs = max_num_seqs
         # fits(rows, longest reservation): whether the KV cache's budget holds that many sequences (None: any
         # number up to max_num_seqs); a sequence waits, in order, until it does
         self.fits = fits
+        # match_prompt(seq): the beginning of its prompt already computed (the prompt cache), or None; those
+        # tokens count as computed from admission on, so the step's token budget holds only the rest
+        self.match_prompt = match_prompt
         # prefills of one step run as one padded forward pass: bound its size by count and by tokens
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
@@ -89,33 +96,39 @@ class Scheduler:
             return out
         for seq in admitted:
             seq.status = SeqStatus.RUNNING
-            seq.num_scheduled_tokens = seq.prompt_len  # all of it
+            seq.num_scheduled_tokens = seq.prompt_len - seq.num_computed_tokens  # the rest of it
             self.running.append(seq)
         out.prefills = admitted
         return out
 
     def _admit(self) -> list[Sequence]:
-        """Whole prompts from the head of the queue while the padded batch (longest x count) fits the
-        step's token budget. A generate prompt over the budget on its own becomes the partial sequence,
-        prefilled in chunks of the budget (it joins the running batch after its last chunk)."""
+        """Prompts from the head of the queue, all of each but what the prompt cache holds of it, while the
+        padded batch (longest x count) fits the step's token budget. A generate prompt over the budget on its
+        own becomes the partial sequence, prefilled in chunks of the budget (it joins the running batch after
+        its last chunk)."""
         admitted: list[Sequence] = []
         free = self.max_num_seqs - len(self.running)
         longest = 0
         reserved = max((s.reserved_len for s in self.running), default=0)
         while self.waiting and free > 0 and len(admitted) < self.max_prefills_per_step:
             nxt = self.waiting[0]
-            size = nxt.request.prefix_len + nxt.prompt_len
+            cached = self.match_prompt(nxt) if self.match_prompt is not None else None
+            computed = cached.tokens if cached is not None else 0
+            size = nxt.request.prefix_len + nxt.prompt_len - computed
             if self.fits is not None and not self.fits(len(self.running) + len(admitted) + 1,
                                                        max(reserved, nxt.reserved_len)):
                 break  # the KV cache's budget is spoken for: it waits until running sequences finish
             reserved = max(reserved, nxt.reserved_len)
-            if not admitted and nxt.prompt_len > self.max_prefill_tokens and nxt.request.mode == Mode.GENERATE:
+            long_prompt = nxt.prompt_len - computed > self.max_prefill_tokens
+            if not admitted and long_prompt and nxt.request.mode == Mode.GENERATE:
                 self.partial = self.waiting.popleft()
                 self.partial.status = SeqStatus.RUNNING
+                self.partial.cached_prompt, self.partial.num_computed_tokens = cached, computed
                 return []
             longest = max(longest, size)
             if admitted and longest * (len(admitted) + 1) > self.max_prefill_tokens:
                 break  # the padded batch would be too large: the rest waits for the next step
+            nxt.cached_prompt, nxt.num_computed_tokens = cached, computed
             admitted.append(self.waiting.popleft())
             free -= 1
         return admitted

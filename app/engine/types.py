@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the grammar engine's matcher; types.py stays importable without it
     from app.engine.constraints import Constraint
+    from app.engine.prompt_cache import CachedPrompt
 
 
 # Below this temperature, scaling can only change the result by rounding: the request is greedy (vLLM draws
@@ -158,6 +159,9 @@ class Sequence:
     # first once the step ran. A prompt longer than a step's token budget takes several steps this way.
     num_computed_tokens: int = 0
     num_scheduled_tokens: int = 0
+    # the beginning of the prompt found in the prompt cache (app/engine/prompt_cache.py) when it was admitted:
+    # counted as computed, copied into the row by the step that starts it
+    cached_prompt: CachedPrompt | None = None
     # the log-probabilities asked for: of the token sampled last (sent with it), and of the prompt's tokens
     # (filled chunk by chunk in prefill; the first prompt token has none)
     last_logprob: TokenLogprob | None = None
@@ -185,6 +189,12 @@ class Sequence:
     def prefill_range(self) -> tuple[int, int]:
         """The slice [start, end) of the prompt this step prefills."""
         return self.num_computed_tokens, self.num_computed_tokens + self.num_scheduled_tokens
+
+    @property
+    def starts_row(self) -> bool:
+        """This step's prefill begins the sequence's cache row (no chunk of it ran before; tokens found in
+        the prompt cache count as computed but are copied into the row by this same step)."""
+        return self.num_computed_tokens == (self.cached_prompt.tokens if self.cached_prompt is not None else 0)
 
     @property
     def prefill_is_whole(self) -> bool:

@@ -129,7 +129,9 @@ def test_metrics_and_request_ids(client, tiny):
                  f'promptserve_request_latency_seconds_bucket{{le="+Inf",task="{name}"}}',
                  'promptserve_prompt_set_uploads_total{task="t"} 1.0', "promptserve_queue_depth",
                  "promptserve_running_batch_size", "promptserve_prompt_set_cache_misses_total 1.0",
-                 "promptserve_prompt_sets_resident 1.0", "promptserve_engine_threads "]:
+                 "promptserve_prompt_sets_resident 1.0", "promptserve_engine_threads ",
+                 "promptserve_prompt_cache_prompt_tokens_total ", "promptserve_prompt_cache_hit_tokens_total ",
+                 "promptserve_prompt_cache_bytes "]:
         assert line in text, line
 
 
