@@ -140,6 +140,7 @@ class Scheduler:
         for seq in seqs:
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
+            seq.cached_prompt = None  # copied into its row: the sequence no longer holds the cache's tensors
         seq = self.partial
         ran = seq is not None and any(s is seq for s in seqs)
         if ran and seq.num_computed_tokens >= seq.prompt_len and seq.status is SeqStatus.RUNNING:

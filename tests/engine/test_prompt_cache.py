@@ -2,6 +2,7 @@
 
 import asyncio
 
+import pytest
 import torch
 
 from app.engine.prompt_cache import PromptCache
@@ -78,9 +79,12 @@ async def _tokens(engine, ids, ref, n=10, **sampling):
     return out
 
 
-def test_a_prompt_that_begins_like_an_earlier_one_decodes_exactly_as_without_the_cache(tiny, tmp_path):
+@pytest.mark.parametrize("step_tokens", [1024, 5], ids=["whole", "chunked"])
+def test_a_prompt_that_begins_like_an_earlier_one_decodes_exactly_as_without_the_cache(tiny, tmp_path, step_tokens):
     """float32: the second prompt's first blocks come from the first prompt's prefill, and its tokens are
-    those of an engine without the cache; another prompt set's request with the same text reuses nothing."""
+    those of an engine without the cache; another prompt set's request with the same text reuses nothing.
+    chunked: a 5-token step budget, so the rest after the cached blocks is still prefilled in chunks (in the
+    staging row, which starts with the copied blocks)."""
     spec, tok = tiny.spec, tiny.tokenizer
     ref = save_ref(tmp_path, "deep", random_deep_prompt_set(spec, 4, seed=3, scale=0.5), spec)
     other = save_ref(tmp_path, "other", random_deep_prompt_set(spec, 4, seed=4, scale=0.5), spec)
@@ -93,7 +97,7 @@ def test_a_prompt_that_begins_like_an_earlier_one_decodes_exactly_as_without_the
         expected = [asyncio.run(_tokens(plain, ids, r)) for ids, r in ((first, ref), (second, ref), (second, other))]
     finally:
         plain.stop()
-    engine = make_engine(tiny)
+    engine = make_engine(tiny, max_prefill_tokens=step_tokens)
     try:
         cache = engine.runner.prompts
         assert asyncio.run(_tokens(engine, first, ref)) == expected[0]
