@@ -31,7 +31,7 @@ def _serve(args) -> int:
     if settings.training_worker:  # fine-tuning jobs train in a process of their own, at low priority
         from fine_tuning.supervisor import WorkerSupervisor
 
-        supervisor = WorkerSupervisor()
+        supervisor = WorkerSupervisor(nice=settings.training_nice)
         supervisor.start()
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
