@@ -466,7 +466,10 @@ def main(args) -> int:
                 print(phase_line(f"{s['concurrency']} clients", s))
             return 0
         first = next(iter(mix))
-        single = [Job(tasks[first], prompts[first][i]) for i in range(n)]
+        # the mixed phase's own prompts, all sent to one task: the ratio then isolates mixing prompt sets in
+        # a batch. (Its own task's prompts differed in length and, drawn from the chat task's 50, repeated
+        # more often, which the prompt cache finds whole.)
+        single = [Job(tasks[first], job.messages) for job in jobs]
         report["single_task"] = asyncio.run(closed_loop(url, single, top, args.output_len))
         print(f"single task ({first}): {report['single_task']['output_tok_s']:.1f} tok/s", flush=True)
         if args.neighbours:  # the same mixed closed loop with busy processes on the same cores
