@@ -14,8 +14,8 @@ requests for the new bytes, and wait in the LRU until evicted.
 Only the blocks of generate requests that need nothing from the prompt's own positions are reused (no
 prompt log-probabilities; classify and extract heads read the prompt's hidden states, which a copied
 block does not have). At least the prompt's last token is always computed: its hidden state gives the first
-token. Bounded by bytes, least recently used first out; a match holds its tensors, so an eviction
-between the match and the copy cannot take them away.
+token. Bounded by bytes, least recently used first out, one prompt's blocks at most a quarter of it; a
+match holds its tensors, so an eviction between the match and the copy cannot take them away.
 """
 
 from __future__ import annotations
@@ -91,13 +91,18 @@ class PromptCache:
 
     def store(self, prompt_set_key: str | None, tokens: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep the whole blocks of a computed prompt: keys/values [L, kvh, >= len(tokens), hd], the prompt's
-        positions only (the prompt set's prefix excluded). Blocks already cached are left as they are."""
+        positions only (the prompt set's prefix excluded). Blocks already cached are left as they are.
+
+        One prompt keeps at most its first quarter of the cache's bytes: the beginnings are what later prompts
+        share, and one long prompt (an 8B model's 2,000 tokens are ~260 MB) would otherwise push out every
+        other block, and cost a copy of all of it, for a tail nobody repeats."""
         if not self.enabled:
             return
-        blocks = len(tokens) // self.block_tokens
-        if blocks == 0:
-            return
         b = self.block_tokens
+        block_bytes = 2 * keys[:, :, :b].numel() * keys.element_size()
+        blocks = min(len(tokens) // b, self.max_bytes // 4 // block_bytes)
+        if blocks <= 0:
+            return
         chain = self._chain(prompt_set_key, tokens, blocks)
         with self._lock:
             missing = [i for i, key in enumerate(chain) if key not in self._blocks]
@@ -105,8 +110,6 @@ class PromptCache:
             k = keys[:, :, i * b:(i + 1) * b].clone()
             v = values[:, :, i * b:(i + 1) * b].clone()
             size = 2 * k.numel() * k.element_size()
-            if size > self.max_bytes:
-                return
             with self._lock:
                 if chain[i] in self._blocks:
                     continue

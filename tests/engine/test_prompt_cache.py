@@ -39,14 +39,27 @@ def test_blocks_are_found_only_behind_the_same_prompt_set_and_the_same_tokens():
 
 def test_least_recently_used_blocks_leave_first_within_the_byte_bound():
     block_bytes = 2 * LAYERS * KVH * 4 * HD * 4  # keys and values of one 4-token block, float32
-    cache = PromptCache(3 * block_bytes, block_tokens=4)
-    a, b = list(range(9)), list(range(50, 59))
-    cache.store("s", a, *kv(9))  # 2 blocks
-    assert cache.match("s", a).tokens == 8
-    cache.store("s", b, *kv(9))  # 2 more: the least recently used, a's first block, makes room
-    assert len(cache) == 3 and cache.resident_bytes() <= 3 * block_bytes
-    assert cache.match("s", b).tokens == 8
-    assert cache.match("s", a) is None  # a's second block is still held, but nothing leads to it
+    cache = PromptCache(8 * block_bytes, block_tokens=4)
+    prompts = [list(range(100 * i, 100 * i + 9)) for i in range(5)]  # 2 blocks each
+    for p in prompts[:4]:
+        cache.store("s", p, *kv(9))
+    assert len(cache) == 8
+    assert cache.match("s", prompts[0]).tokens == 8  # the first prompt's blocks are now the most recent
+    cache.store("s", prompts[4], *kv(9))  # 2 more: the least recently used, the second prompt's, make room
+    assert len(cache) == 8 and cache.resident_bytes() <= 8 * block_bytes
+    assert cache.match("s", prompts[1]) is None
+    assert all(cache.match("s", p).tokens == 8 for p in (prompts[0], prompts[2], prompts[3], prompts[4]))
+
+
+def test_one_prompt_keeps_at_most_its_first_quarter_of_the_cache():
+    block_bytes = 2 * LAYERS * KVH * 4 * HD * 4
+    cache = PromptCache(8 * block_bytes, block_tokens=4)
+    cache.store("s", list(range(50, 90)), *kv(40))  # 10 blocks: only the first 2 are kept
+    cache.store("s", list(range(40)), *kv(40))
+    assert len(cache) == 4 and cache.match("s", list(range(40))).tokens == 8
+    small = PromptCache(3 * block_bytes, block_tokens=4)  # a quarter of it is less than one block
+    small.store("s", list(range(40)), *kv(40))
+    assert len(small) == 0
 
 
 def test_an_empty_budget_turns_the_cache_off():
