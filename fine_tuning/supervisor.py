@@ -16,6 +16,12 @@ log = logging.getLogger("promptserve.worker")
 RESTART_DELAY_S = 5.0
 
 
+def renice(nice: int) -> None:
+    """Raise this process's nice value to `nice` (never lower it: an unprivileged process may not)."""
+    if nice:
+        os.nice(max(0, nice - os.nice(0)))
+
+
 def _child_setup(nice: int) -> None:
     """In the child, before exec: Linux sends it SIGTERM when the server process dies, even by SIGKILL, so
     no orphaned worker keeps training (its job goes back to the queue); and its CPU priority is lowered
@@ -26,8 +32,7 @@ def _child_setup(nice: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-    if nice:
-        os.nice(max(0, nice - os.nice(0)))
+    renice(nice)
 
 
 class WorkerSupervisor:

@@ -25,8 +25,9 @@ def lower_priority(nice: int, threads: int, gpu_memory_fraction: float) -> None:
     """The worker's budget: its CPU priority, its torch threads, and on a GPU its share of the memory."""
     import torch
 
-    if nice:
-        os.nice(max(0, nice - os.nice(0)))
+    from fine_tuning.supervisor import renice
+
+    renice(nice)  # already done before exec when `serve` started this worker; not when run on its own
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)

@@ -108,17 +108,16 @@ class ModelRunner:
         """The beginning of this sequence's prompt already in the prompt cache (the scheduler asks at admission)."""
         if not self._reuses_prompt(seq):
             return None
-        req = seq.request
-        return self.prompts.match(req.prompt_set.key if req.prompt_set else None, req.prompt_token_ids)
+        return self.prompts.match(seq.request.prompt_set_key, seq.request.prompt_token_ids)
 
     def _keep_prompt(self, seq: Sequence) -> None:
         """After the prompt's last chunk: its whole blocks go into the prompt cache for later prompts."""
-        if not self.prompts.enabled or not self._reuses_prompt(seq):
+        if not self._reuses_prompt(seq):
             return
         req = seq.request
         row, p = self.cache.row_of(req.request_id), req.prefix_len
         end = p + seq.prompt_len
-        self.prompts.store(req.prompt_set.key if req.prompt_set else None, req.prompt_token_ids,
+        self.prompts.store(req.prompt_set_key, req.prompt_token_ids,
                            self.cache.k[:, row, :, p:end], self.cache.v[:, row, :, p:end])
 
     def _rows(self, seqs: list[Sequence]) -> list[RowState]:
@@ -138,7 +137,7 @@ class ModelRunner:
             if req.mode != "generate" or not seq.prefill_is_whole:
                 leaders.append(seq)
                 continue
-            key = (req.prompt_set.key if req.prompt_set else None, tuple(req.prompt_token_ids))
+            key = (req.prompt_set_key, tuple(req.prompt_token_ids))
             if key in first:
                 copies.append((seq, first[key]))
             else:

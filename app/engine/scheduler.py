@@ -112,13 +112,14 @@ class Scheduler:
         reserved = max((s.reserved_len for s in self.running), default=0)
         while self.waiting and free > 0 and len(admitted) < self.max_prefills_per_step:
             nxt = self.waiting[0]
-            cached = self.match_prompt(nxt) if self.match_prompt is not None else None
-            computed = cached.tokens if cached is not None else 0
-            size = nxt.request.prefix_len + nxt.prompt_len - computed
             if self.fits is not None and not self.fits(len(self.running) + len(admitted) + 1,
                                                        max(reserved, nxt.reserved_len)):
                 break  # the KV cache's budget is spoken for: it waits until running sequences finish
             reserved = max(reserved, nxt.reserved_len)
+            # asked only once the sequence has room: a queue held up by the budget is not hashed every step
+            cached = self.match_prompt(nxt) if self.match_prompt is not None else None
+            computed = cached.tokens if cached is not None else 0
+            size = nxt.request.prefix_len + nxt.prompt_len - computed
             long_prompt = nxt.prompt_len - computed > self.max_prefill_tokens
             if not admitted and long_prompt and nxt.request.mode == Mode.GENERATE:
                 self.partial = self.waiting.popleft()

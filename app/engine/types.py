@@ -121,6 +121,11 @@ class GenerationRequest:
     def prefix_len(self) -> int:
         return self.prompt_set.num_virtual_tokens if self.prompt_set else 0
 
+    @property
+    def prompt_set_key(self) -> str | None:
+        """The identity of what precedes the prompt (its prompt set's content hash; None: the bare model)."""
+        return self.prompt_set.key if self.prompt_set else None
+
 
 class ErrorKind(enum.StrEnum):
     """Why a request failed in the engine; the caller maps it to its own status codes."""
