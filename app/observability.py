@@ -44,6 +44,10 @@ class _EngineCollector:
         prompt_hits = CounterMetricFamily("promptserve_prompt_cache_hit_tokens", "prompt tokens copied from the "
                                           "prompt cache instead of prefilled")
         prompt_bytes = GaugeMetricFamily("promptserve_prompt_cache_bytes", "keys and values the prompt cache holds")
+        drafted = CounterMetricFamily("promptserve_speculative_draft_tokens", "tokens proposed by speculative "
+                                      "decoding and checked by the model")
+        accepted = CounterMetricFamily("promptserve_speculative_accepted_tokens", "proposed tokens the model chose "
+                                       "too (each a decode step saved)")
         if stats is not None:
             steps.add_metric([], stats.steps)
             busy.add_metric([], stats.busy_seconds)
@@ -55,7 +59,10 @@ class _EngineCollector:
             prompt_tokens.add_metric([], stats.prompt_cache_prompt_tokens)
             prompt_hits.add_metric([], stats.prompt_cache_hit_tokens)
             prompt_bytes.add_metric([], stats.prompt_cache_bytes)
-        yield from (steps, busy, hits, misses, threads, kv, kv_budget, prompt_tokens, prompt_hits, prompt_bytes)
+            drafted.add_metric([], stats.speculative_draft_tokens)
+            accepted.add_metric([], stats.speculative_accepted_tokens)
+        yield from (steps, busy, hits, misses, threads, kv, kv_budget, prompt_tokens, prompt_hits, prompt_bytes,
+                    drafted, accepted)
 
 
 class Metrics:

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # keys and values of prompt beginnings (the chat template's system prompt, a task's instructions) kept in
     # MiB for later generate prompts that begin with the same tokens after the same prompt set; 0 = off
     prompt_cache_mb: int = Field(128, ge=0)
+    # speculative decoding: tokens proposed from a sequence's own prompt and output (prompt lookup) that a
+    # decode step of one or two sequences checks in the same pass; only where the check is exact (the native
+    # bf16 decode op on CPUs with AVX-512 BF16), so outputs are the same as without it; 0 = off
+    speculative_tokens: int = Field(3, ge=0)
     default_max_tokens: int = 256
     # Structured outputs: compiled grammars kept (by their measured memory), and what one grammar may cost
     # to compile and take its first tokens; beyond that a request is refused (400 invalid_grammar)

@@ -48,7 +48,7 @@ def running_sequences(runner, batch: int, prompt_len: int = 150) -> list[Sequenc
     for k in range(0, batch, 8):
         sampled, _, _ = runner.prefill(seqs[k:k + 8])
         for s in seqs[k:k + 8]:
-            s.output_ids.append(sampled[s.request_id])
+            s.output_ids.extend(sampled[s.request_id])
     return seqs
 
 
@@ -57,7 +57,7 @@ def _decode_ms(runner, seqs) -> float:
     def step():
         out, _ = runner.decode(seqs)
         for s in seqs:
-            s.output_ids.append(out[s.request_id])
+            s.output_ids.extend(out[s.request_id])
     ms = _median_ms(step)
     for s in seqs:
         runner.release(s.request_id)
@@ -76,7 +76,7 @@ def _prefill_ms(runner, ids: list[int]) -> float:
 
 
 def second_openmp_team(loaded) -> None:
-    runner = Engine(loaded, EngineConfig(max_num_seqs=2, max_model_len=512)).runner
+    runner = Engine(loaded, EngineConfig(max_num_seqs=2, max_model_len=512, speculative_tokens=0)).runner
     alone = _decode_ms(runner, running_sequences(runner, 1))
     release = threading.Event()
 
@@ -98,7 +98,8 @@ def packed_weights(loaded, tokenizer) -> None:
     short_ids = tokenizer.encode(short, add_special_tokens=False)
     figures = {}
     for pack in (False, True):
-        runner = Engine(loaded, EngineConfig(max_num_seqs=64, max_model_len=512, pack_weights=pack)).runner
+        runner = Engine(loaded, EngineConfig(max_num_seqs=64, max_model_len=512, pack_weights=pack,
+                                             speculative_tokens=0)).runner
         row = {f"decode batch {b}": _decode_ms(runner, running_sequences(runner, b)) for b in (1, 16, 63)}
         row[f"prefill {len(short_ids)} tokens"] = _prefill_ms(runner, short_ids)
         figures[pack] = row
@@ -111,7 +112,7 @@ def decode_profile(loaded) -> None:
     """Where a batch-1 decode step's time goes (packed weights), by operator."""
     from torch.profiler import profile
 
-    runner = Engine(loaded, EngineConfig(max_num_seqs=2, max_model_len=512)).runner
+    runner = Engine(loaded, EngineConfig(max_num_seqs=2, max_model_len=512, speculative_tokens=0)).runner
     seqs = running_sequences(runner, 1)
     for _ in range(3):
         seqs[0].output_ids.append(runner.decode(seqs)[0][seqs[0].request_id])

@@ -96,7 +96,7 @@ def step_breakdown(runner, batch: int, steps: int) -> dict:
     def step():
         out, _ = runner.decode(seqs)
         for s in seqs:
-            s.output_ids.append(out[s.request_id])
+            s.output_ids.extend(out[s.request_id])
     def median_ms() -> float:  # the step's own time, no timers
         for _ in range(3):
             step()
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(Settings(model=args.model))
     batches = [int(b) for b in args.batches.split(",")]
     # as the server builds it: the engine owns the model, so its packed copies replace the weights
-    runner = Engine(loaded, EngineConfig(max_num_seqs=max(batches), max_model_len=512,
+    runner = Engine(loaded, EngineConfig(max_num_seqs=max(batches), max_model_len=512, speculative_tokens=0,
                                          release_model_weights=True)).runner
     machine = measure_machine()
     print(f"CPU: {cpu_name()}; model {loaded.spec.name} in {loaded.dtype}; read {machine['read_gb_s']:.1f} GB/s, "

@@ -39,7 +39,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, owns_model: bool = Tru
         release_model_weights=owns_model, small_batch_copy_bytes=settings.small_batch_copy_mb << 20,
         adaptive_threads=settings.adaptive_threads,
         kv_cache_bytes=(settings.kv_cache_mb << 20) or default_budget_bytes(loaded.device),
-        prompt_cache_bytes=settings.prompt_cache_mb << 20,
+        prompt_cache_bytes=settings.prompt_cache_mb << 20, speculative_tokens=settings.speculative_tokens,
         kernel_cache_dir=str(settings.cache_dir) if settings.native_kernels else None))
 
 

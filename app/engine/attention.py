@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from app.model.forward import DecodeCache
+
 
 @dataclass
 class StepMetadata:
@@ -29,7 +31,8 @@ class StepMetadata:
     gather: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # torch's path with SDPA; None: the native kernel (one token per row)
     # the native kernel: each token's cache row, its position (= what it may see up to) and, when a row runs
-    # several tokens (prefill), its row within the batch; decode runs one token per row, in row order
+    # several tokens (prefill, a speculative check), its row within the batch; decode runs one token per row,
+    # in row order
     token_rows: torch.Tensor | None = None
     token_at: torch.Tensor | None = None
     token_in_batch: torch.Tensor | None = None
@@ -51,14 +54,15 @@ class CacheAttention:
             return c.k[i, m.start:m.start + m.count, :, :m.width], c.v[i, m.start:m.start + m.count, :, :m.width]
         return c.k[i][m.gather, :, :m.width], c.v[i][m.gather, :, :m.width]
 
-    def decode_cache(self) -> tuple | None:
-        """For the native decode op (DecoderForward.hidden's decode_cache): the cache, each token's row and
-        position, and the contiguous rows and width read, when this pass is a decode on the native path
-        reading contiguous rows; else None."""
+    def decode_cache(self) -> DecodeCache | None:
+        """For the native decode op (DecoderForward.hidden's decode_cache): the cache as it reads it, when this
+        pass is a decode on the native path reading contiguous rows (one token a row, or a speculative check's
+        several); else None. Prefill passes never ask."""
         m = self.meta
-        if self.joined is None or m.gather is not None or m.mask is not None or m.token_in_batch is not None:
+        if self.joined is None or m.gather is not None or m.mask is not None:
             return None
-        return self.cache.k, self.cache.v, m.token_rows, m.token_at, m.start, m.count, m.width
+        return DecodeCache(self.cache.k, self.cache.v, m.token_rows, m.token_at, m.start, m.count, m.width,
+                           m.token_in_batch)
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """torch's path: q, k, v [B, heads, T, D], rotated."""

@@ -83,6 +83,9 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     # keys and values of prompt beginnings kept for later prompts that begin the same way (0: off)
     prompt_cache_bytes: int = 128 << 20
+    # speculative decoding (speculation.py): tokens proposed from the sequence's own prompt and output that a
+    # decode step of one or two sequences checks at once, where the check changes no output (0: off)
+    speculative_tokens: int = 3
     # CPU: where the native decode-attention kernel is built and cached (app/engine/kernels); None: SDPA only
     kernel_cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
 
@@ -104,6 +107,9 @@ class EngineStats:
     prompt_cache_prompt_tokens: int = 0
     prompt_cache_hit_tokens: int = 0
     prompt_cache_bytes: int = 0
+    # speculative decoding: proposed tokens checked, and those the model chose too (each one a step saved)
+    speculative_draft_tokens: int = 0
+    speculative_accepted_tokens: int = 0
 
 
 def _failure_message(exc: Exception) -> str:
@@ -143,7 +149,8 @@ class Engine:
                                   config.max_num_seqs, self.max_model_len, config.prefix_cache_size,
                                   config.prefix_cache_bytes, config.pack_weights, config.kernel_cache_dir,
                                   config.release_model_weights, config.small_batch_copy_bytes,
-                                  config.kv_cache_bytes, config.prompt_cache_bytes)
+                                  config.kv_cache_bytes, config.prompt_cache_bytes, config.speculative_tokens,
+                                  loaded.stop_token_ids)
         self.scheduler.fits = self.runner.cache.fits  # admission within the KV cache's budget
         self.scheduler.match_prompt = self.runner.match_prompt  # prompt beginnings already computed
         self._subs: dict[str, _Subscriber] = {}
@@ -363,8 +370,8 @@ class Engine:
         self._advance(seqs, sampled)
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        """One token for each running sequence. When the step fails, it is retried on each half of the
-        batch, down to the single sequence that fails alone: log2(batch) extra steps, once."""
+        """The next token (or tokens: speculation) of each running sequence. When the step fails, it is retried
+        on each half of the batch, down to the single sequence that fails alone: log2(batch) extra steps, once."""
         try:
             sampled, errors = self._timed(self.runner.decode, seqs)
         except Exception as exc:
@@ -392,7 +399,7 @@ class Engine:
         seq.error_kind = error.kind
         self._retire(seq, FinishReason.ERROR, error.message)
 
-    def _advance(self, seqs: list[Sequence], sampled: dict[str, int]) -> None:
+    def _advance(self, seqs: list[Sequence], sampled: dict[str, list[int]]) -> None:
         """Append the sampled tokens, stream them, and retire the sequences that finished."""
         finished = self.scheduler.update_from_output(sampled)
         done = {s.request_id for s in finished}
@@ -424,20 +431,39 @@ class Engine:
         sub = self._subs.get(seq.request_id)
         if sub is None:
             return
-        token = seq.output_ids[-1]
-        text = sub.detok.step([token])
-        logprobs = [seq.last_logprob] if seq.last_logprob is not None else None
+        text, new, logprobs = self._detokenize_new(seq, sub, final=False)
         constraint = seq.request.constraint
         grammar_done = constraint is not None and constraint.finished and not sub.detok.stopped
         if grammar_done:  # nothing can follow: what was held back (a possible stop-string start) goes out
             text += sub.detok.step([], final=True)
         if sub.detok.stopped or grammar_done:
             # a stop string completed, or the output's grammar is complete: the sequence ends here
-            self._put(sub, RequestOutput(seq.request_id, text, [token], logprobs=logprobs))
+            self._put(sub, RequestOutput(seq.request_id, text, new, logprobs=logprobs))
             self._retire(seq, FinishReason.STOP, already_detokenized=True)
             return
-        self._put(sub, RequestOutput(seq.request_id, text, [token], prompt_tokens=len(seq.request.prompt_token_ids),
+        self._put(sub, RequestOutput(seq.request_id, text, new, prompt_tokens=len(seq.request.prompt_token_ids),
                                      completion_tokens=len(seq.output_ids), logprobs=logprobs))
+
+    @staticmethod
+    def _detokenize_new(seq: Sequence, sub: _Subscriber, final: bool) -> tuple[str, list[int], list | None]:
+        """The text, tokens and log-probabilities of what the last step appended (several tokens after a
+        speculative check), fed to the detokenizer one token at a time as steps of their own would feed
+        them: when a stop string completes at one of them, the output ends there and the tokens after it
+        are taken off the sequence, as if never generated. final: the sequence ends with these tokens."""
+        n = seq.num_new_tokens
+        new = seq.output_ids[len(seq.output_ids) - n:] if n else []
+        if not new:
+            return sub.detok.step([], final=final), [], None
+        parts = []
+        for j, token in enumerate(new):
+            parts.append(sub.detok.step([token], final=final and j == n - 1))
+            if sub.detok.stopped and j < n - 1:
+                del seq.output_ids[len(seq.output_ids) - (n - 1 - j):]
+                new = new[:j + 1]
+                seq.num_new_tokens = len(new)
+                break
+        logprobs = seq.new_logprobs[:len(new)] if seq.new_logprobs is not None else None
+        return "".join(parts), new, logprobs
 
     def _retire(self, seq: Sequence, reason: str | None = None, error: str | None = None,
                 already_detokenized: bool = False) -> None:
@@ -454,16 +480,14 @@ class Engine:
             return
         text, new, logprobs = "", [], None
         if not already_detokenized and seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and seq.output_ids:
-            new = [seq.output_ids[-1]]
-            logprobs = [seq.last_logprob] if seq.last_logprob is not None else None
             try:
-                text = sub.detok.step(new, final=True)
+                text, new, logprobs = self._detokenize_new(seq, sub, final=True)
             except Exception as exc:  # the subscriber is already taken off: answer it with the error
                 log.exception("detokenizing the end of %s failed", seq.request_id)
                 text, new, logprobs = "", [], None
                 seq.finish_reason, seq.error_kind = FinishReason.ERROR, ErrorKind.INTERNAL
                 seq.error = _failure_message(exc)
-            if sub.detok.stopped:  # the last token completed a stop string
+            if sub.detok.stopped:  # one of the last tokens completed a stop string
                 seq.finish_reason = FinishReason.STOP
         self._put(sub, RequestOutput(seq.request_id, text, new, finished=True, finish_reason=seq.finish_reason,
                                      prompt_tokens=len(seq.request.prompt_token_ids),
@@ -510,7 +534,9 @@ class Engine:
                            kv_cache_budget_bytes=self.runner.cache.budget_bytes,
                            prompt_cache_prompt_tokens=self.runner.prompts.prompt_tokens,
                            prompt_cache_hit_tokens=self.runner.prompts.hit_tokens,
-                           prompt_cache_bytes=self.runner.prompts.resident_bytes())
+                           prompt_cache_bytes=self.runner.prompts.resident_bytes(),
+                           speculative_draft_tokens=self.runner.draft_tokens,
+                           speculative_accepted_tokens=self.runner.accepted_draft_tokens)
 
     @property
     def num_waiting(self) -> int:

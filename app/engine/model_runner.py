@@ -15,7 +15,8 @@ from app.engine.attention import CacheAttention, StepMetadata
 from app.engine.kv_cache import KVCache
 from app.engine.prefix_cache import PrefixCache
 from app.engine.prompt_cache import CachedPrompt, PromptCache
-from app.engine.sampling import RowState, SamplingError, make_generator, sample, token_logprobs
+from app.engine.sampling import RowState, Sampled, SamplingError, make_generator, sample, token_logprobs
+from app.engine.speculation import NgramDrafter
 from app.engine.types import EngineError, ErrorKind, FinishReason, Mode, Sequence
 from app.model.forward import DecoderForward
 from app.model.linear import linear_weight_bytes, packing_works
@@ -24,15 +25,18 @@ from prompt_store import format as psf
 log = logging.getLogger(__name__)
 
 
-def _sort_sampled(seqs: list[Sequence], tokens: list, sampled: dict, errors: dict) -> None:
-    """A token goes to `sampled` (its log-probabilities, when asked for, onto the sequence); a row that
-    could not be sampled fails its request alone."""
-    for seq, token in zip(seqs, tokens):
-        if isinstance(token, SamplingError):
-            errors[seq.request_id] = EngineError(str(token), ErrorKind.GRAMMAR if token.grammar else ErrorKind.INVALID)
+def _sort_sampled(seqs: list[Sequence], tokens: list[list[Sampled] | SamplingError], sampled: dict,
+                  errors: dict) -> None:
+    """Each sequence's new tokens (one, or several after a speculative check) go to `sampled` (their
+    log-probabilities, when asked for, onto the sequence); a row that could not be sampled fails its request
+    alone."""
+    for seq, chosen in zip(seqs, tokens):
+        if isinstance(chosen, SamplingError):
+            kind = ErrorKind.GRAMMAR if chosen.grammar else ErrorKind.INVALID
+            errors[seq.request_id] = EngineError(str(chosen), kind)
         else:
-            sampled[seq.request_id] = token.token
-            seq.last_logprob = token.logprob
+            sampled[seq.request_id] = [c.token for c in chosen]
+            seq.new_logprobs = [c.logprob for c in chosen] if seq.request.sampling.logprobs is not None else None
 
 
 class ModelRunner:
@@ -40,7 +44,8 @@ class ModelRunner:
                  max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30,
                  pack_weights: bool = True, kernel_cache_dir: str | None = None, release_model_weights: bool = False,
                  small_batch_copy_bytes: int = 1 << 30, kv_cache_bytes: int | None = None,
-                 prompt_cache_bytes: int = 0):
+                 prompt_cache_bytes: int = 0, speculative_tokens: int = 0,
+                 stop_token_ids: frozenset[int] = frozenset()):
         self.device = device
         self.packed_weights = pack_weights and packing_works(device, dtype)
         native = kernels.load(kernel_cache_dir) if kernel_cache_dir is not None and device.type == "cpu" \
@@ -73,10 +78,17 @@ class ModelRunner:
         self.prompts = PromptCache(prompt_cache_bytes)
         self._generators: dict[str, torch.Generator | None] = {}
         self._positions = torch.arange(max_model_len, device=device)
+        # speculative decoding (speculation.py): proposed tokens a sequence's decode step may check, where the
+        # check is exact (forward.speculative_rows); each speculating sequence's n-gram index
+        self.speculative_tokens = speculative_tokens if self.forward.speculative_rows > 1 else 0
+        self.stop_token_ids = stop_token_ids
+        self._drafters: dict[str, NgramDrafter] = {}
+        self.draft_tokens = 0  # proposed tokens checked, and those the model chose too
+        self.accepted_draft_tokens = 0
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> tuple[dict[str, int], dict[str, EngineError], dict[str, dict]]:
-        """Run newly admitted sequences. Returns (first sampled token per request id, error per request id
+    def prefill(self, seqs: list[Sequence]) -> tuple[dict[str, list[int]], dict[str, EngineError], dict[str, dict]]:
+        """Run newly admitted sequences. Returns ([first sampled token] per request id, error per request id
         that could not run, head results of classify/tag requests, which are done after their prefill)."""
         sampled: dict[str, int] = {}
         errors: dict[str, EngineError] = {}
@@ -85,9 +97,10 @@ class ModelRunner:
         return sampled, errors, results
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> tuple[dict[str, int], dict[str, EngineError]]:
-        """One token for each of these running sequences (all of them: one contiguous view of rows
-        0..n-1; a subset, when the engine retries a failed step: rows gathered)."""
+    def decode(self, seqs: list[Sequence]) -> tuple[dict[str, list[int]], dict[str, EngineError]]:
+        """The next tokens of each of these running sequences: one, or with speculation the proposed tokens
+        the model chose too and the one after them (all of them: one contiguous view of rows 0..n-1; a
+        subset, when the engine retries a failed step: rows gathered, one token each)."""
         sampled, errors = {}, {}
         _sort_sampled(seqs, self._decode(seqs), sampled, errors)
         return sampled, errors
@@ -95,6 +108,7 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.cache.release(request_id)
         self._generators.pop(request_id, None)
+        self._drafters.pop(request_id, None)
 
     @staticmethod
     def _reuses_prompt(seq: Sequence) -> bool:
@@ -260,7 +274,8 @@ class ModelRunner:
             for seq in chosen:
                 self._generators[seq.request_id] = make_generator(seq.request.sampling, self.device)
             last = hidden[[k for _, k in generate], [lens[k] - 1 for _, k in generate]]
-            _sort_sampled(chosen, sample(self.forward.logits(last), self._rows(chosen)), sampled, errors)
+            first = sample(self.forward.logits(last), self._rows(chosen))
+            _sort_sampled(chosen, [t if isinstance(t, SamplingError) else [t] for t in first], sampled, errors)
 
     @staticmethod
     def _apply_head(req, prefix, hidden: torch.Tensor) -> dict:
@@ -327,7 +342,7 @@ class ModelRunner:
             meta.mask = self.forward.group_mask(allowed, self.cache.k.dtype)
         return meta
 
-    def _decode(self, seqs: list[Sequence]) -> list[int | SamplingError]:
+    def _decode(self, seqs: list[Sequence]) -> list[list[Sampled] | SamplingError]:
         cache = self.cache
         n = len(seqs)
         rows = [cache.row_of(s.request_id) for s in seqs]
@@ -337,17 +352,97 @@ class ModelRunner:
         order = sorted(range(n), key=rows.__getitem__)
         seqs = [seqs[i] for i in order]
         sorted_rows = [rows[i] for i in order]
-        last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device).unsqueeze(1)
         lengths = torch.tensor([cache.lengths[r] for r in sorted_rows], device=self.device)
-        attention = self._attention(self._prepare_decode(sorted_rows, lengths))
-        hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attention.attend,
-                                     attend_joined=attention.joined, decode_cache=attention.decode_cache())
-        logits = self.forward.logits(hidden[:, -1])
-        tokens = sample(logits, self._rows(seqs))
+        drafts = self._drafts(seqs) if sorted_rows == list(range(n)) else None
+        if drafts is not None and any(drafts):
+            chosen = self._check_drafts(seqs, sorted_rows, lengths, drafts)
+        else:
+            last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device).unsqueeze(1)
+            attention = self._attention(self._prepare_decode(sorted_rows, lengths))
+            hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attention.attend,
+                                         attend_joined=attention.joined, decode_cache=attention.decode_cache())
+            logits = self.forward.logits(hidden[:, -1])
+            chosen = [t if isinstance(t, SamplingError) else [t] for t in sample(logits, self._rows(seqs))]
         # only now: a step that raised before here is retried over the same positions
-        for r in sorted_rows:
-            cache.lengths[r] += 1
-        back: list[int | SamplingError] = [0] * n
+        for r, tokens in zip(sorted_rows, chosen):
+            cache.lengths[r] += 1 if isinstance(tokens, SamplingError) else len(tokens)
+        back: list[list[Sampled] | SamplingError] = [[]] * n
         for pos, i in enumerate(order):
-            back[i] = tokens[pos]
+            back[i] = chosen[pos]
         return back
+
+    # -- speculative decoding (speculation.py) ------------------------------------------------------------
+    def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Tokens proposed for each sequence (maybe none): at most speculative_tokens each, the batch's pass
+        within forward.speculative_rows tokens, and never past a sequence's max_tokens."""
+        k = min(self.speculative_tokens, self.forward.speculative_rows // len(seqs) - 1)
+        if k <= 0:
+            return [[] for _ in seqs]
+        drafts = []
+        for seq in seqs:
+            req = seq.request
+            drafter = self._drafters.get(req.request_id)
+            if drafter is None:
+                drafter = self._drafters[req.request_id] = NgramDrafter(req.prompt_token_ids)
+            drafter.extend(seq.output_ids[len(drafter) - len(req.prompt_token_ids):])
+            drafts.append(drafter.propose(min(k, req.sampling.max_tokens - len(seq.output_ids) - 1)))
+        return drafts
+
+    def _check_drafts(self, seqs: list[Sequence], rows: list[int], lengths: torch.Tensor,
+                      drafts: list[list[int]]) -> list[list[Sampled] | SamplingError]:
+        """One pass over each sequence's last token and its proposed tokens, at consecutive positions of its
+        row (rows 0..n-1), each attending up to its own position; then each sequence's tokens as decoding
+        one at a time would choose them (exact_rows: every position's logits are those of a pass of its own)."""
+        counts = [1 + len(d) for d in drafts]
+        ids = torch.tensor([t for seq, d in zip(seqs, drafts) for t in (seq.output_ids[-1], *d)],
+                           device=self.device).unsqueeze(1)
+        in_batch = torch.repeat_interleave(torch.arange(len(seqs), device=self.device),
+                                           torch.tensor(counts, device=self.device))
+        at = torch.cat([self._positions[int(n):int(n) + c] for n, c in zip(lengths, counts)])
+        token_rows = torch.tensor(rows, device=self.device)[in_batch]
+        meta = StepMetadata(start=0, count=len(seqs), width=int(at.max()) + 1, write_rows=token_rows.unsqueeze(1),
+                            write_at=at.unsqueeze(1), token_rows=token_rows, token_at=at, token_in_batch=in_batch)
+        attention = self._attention(meta)
+        hidden = self.forward.hidden(self.forward.embed(ids), at.unsqueeze(1), attention.attend,
+                                     attend_joined=attention.joined, decode_cache=attention.decode_cache())
+        logits = self.forward.logits(hidden[:, -1], exact_rows=True)
+        chosen, offset = [], 0
+        for seq, draft, count in zip(seqs, drafts, counts):
+            chosen.append(self._accept(seq, logits[offset:offset + count], draft))
+            offset += count
+        return chosen
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> list[Sampled] | SamplingError:
+        """The tokens chosen at a checked sequence's positions, in order: position j's logits were computed
+        after draft[:j], so they count only while every earlier choice was the proposed token. Each position
+        is sampled as a step of its own would sample it (its penalties see the tokens chosen before it, its
+        grammar has accepted them, its generator draws once per token kept), so speculation changes no
+        output, seeded ones included; it stops at a token that ends the sequence."""
+        row = self._rows([seq])[0]
+        params = seq.request.sampling
+        # greedy without transforms: one argmax over all positions (nothing depends on the earlier choices)
+        batched = sample(logits, [row] * len(logits)) if params.greedy and not row.special else None
+        chosen: list[Sampled] = []
+        for j in range(len(logits)):
+            if batched is not None:
+                token = batched[j]
+            else:
+                row.output_ids = seq.output_ids + [c.token for c in chosen]
+                token = sample(logits[j:j + 1], [row])[0]
+            if isinstance(token, SamplingError):
+                # after a kept token the next step computes this position again and meets the error there
+                return chosen or token
+            chosen.append(token)
+            if j == len(draft) or token.token != draft[j] or self._ends(seq, row, token.token, len(chosen)):
+                break
+        self.draft_tokens += len(draft)
+        self.accepted_draft_tokens += len(chosen) - 1
+        return chosen
+
+    def _ends(self, seq: Sequence, row: RowState, token: int, new: int) -> bool:
+        """Whether the sequence ends with this token (the scheduler's and the grammar's rules), so nothing
+        after it is sampled."""
+        params = seq.request.sampling
+        return ((not params.ignore_eos and token in self.stop_token_ids)
+                or len(seq.output_ids) + new >= params.max_tokens
+                or (row.constraint is not None and row.constraint.finished))

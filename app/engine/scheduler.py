@@ -148,21 +148,26 @@ class Scheduler:
             self.partial = None
             self.running.append(seq)
 
-    def update_from_output(self, sampled: dict[str, int]) -> list[Sequence]:
-        """Append each sequence's new token; return those that finished on it (eos or length)."""
+    def update_from_output(self, sampled: dict[str, list[int]]) -> list[Sequence]:
+        """Append each sequence's new tokens (one, or several after a speculative check) in order, up to the
+        one it finishes on (eos or length: any after it are dropped); return those that finished."""
         finished = []
         for seq in self.running:
-            token = sampled.get(seq.request_id)
-            if token is None:
+            tokens = sampled.get(seq.request_id)
+            if not tokens:
                 continue
-            seq.output_ids.append(token)
             params = seq.request.sampling
-            if not params.ignore_eos and token in self.stop_token_ids:
-                self._finish(seq, FinishReason.STOP)
-            elif len(seq.output_ids) >= params.max_tokens:
-                self._finish(seq, FinishReason.LENGTH)
-            if seq.status is SeqStatus.FINISHED:
-                finished.append(seq)
+            seq.num_new_tokens = 0
+            for token in tokens:
+                seq.output_ids.append(token)
+                seq.num_new_tokens += 1
+                if not params.ignore_eos and token in self.stop_token_ids:
+                    self._finish(seq, FinishReason.STOP)
+                elif len(seq.output_ids) >= params.max_tokens:
+                    self._finish(seq, FinishReason.LENGTH)
+                if seq.status is SeqStatus.FINISHED:
+                    finished.append(seq)
+                    break
         self.running = [s for s in self.running if s.status is not SeqStatus.FINISHED]
         return finished
 

@@ -167,9 +167,11 @@ class Sequence:
     # the beginning of the prompt found in the prompt cache (app/engine/prompt_cache.py) when it was admitted:
     # counted as computed, copied into the row by the step that starts it
     cached_prompt: CachedPrompt | None = None
-    # the log-probabilities asked for: of the token sampled last (sent with it), and of the prompt's tokens
+    # tokens the last step appended to output_ids (several after a speculative check), set by the scheduler,
+    # and the log-probabilities asked for: of those tokens (sent with them), and of the prompt's tokens
     # (filled chunk by chunk in prefill; the first prompt token has none)
-    last_logprob: TokenLogprob | None = None
+    num_new_tokens: int = 0
+    new_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
@@ -216,7 +218,7 @@ class Sequence:
 class SchedulerOutput:
     # to run their scheduled prompt tokens now, then sample those whose prefill ends the prompt
     prefills: list[Sequence] = field(default_factory=list)
-    decodes: list[Sequence] = field(default_factory=list)  # running: one token each
+    decodes: list[Sequence] = field(default_factory=list)  # running: their next token (or tokens: speculation)
     aborted: list[Sequence] = field(default_factory=list)  # to free before the step
 
     @property

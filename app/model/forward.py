@@ -10,13 +10,21 @@ changes between releases. Weights are the loaded model's; with packing, packed c
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from app.model.families import Family, family_of
-from app.model.linear import SMALL_BATCH_ROWS, Linear, PackedLinear, SmallBatchLinear, linear, release_weight
+from app.model.linear import (
+    SMALL_BATCH_MAX_ROWS,
+    SMALL_BATCH_ROWS,
+    Linear,
+    PackedLinear,
+    SmallBatchLinear,
+    linear,
+    release_weight,
+)
 
 # attend(layer_index, q [B, H, T, D], k [B, KVH, T, D], v) -> attention output [B, H, T, D]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,8 +70,22 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 # (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)): the native kernel (kernels/add_rms_norm.cpp)
 AddRmsNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
-# every decoder layer of a 1-2 token decode step in one native op (kernels/decode_layers.cpp; its arguments there)
+# every decoder layer of a 1-4 token decode step in one native op (kernels/decode_layers.cpp; its arguments there)
 DecodeLayers = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+class DecodeCache(NamedTuple):
+    """The KV cache as the native decode op reads it: the cache tensors, each token's row and position, the
+    contiguous rows [start, start + count) and positions [0, width) attention reads, and (a speculative check,
+    several tokens of a row) each token's row within them; None: token i is row start + i."""
+    k: torch.Tensor
+    v: torch.Tensor
+    rows: torch.Tensor
+    at: torch.Tensor
+    start: int
+    count: int
+    width: int
+    in_batch: torch.Tensor | None = None
 
 
 def _joined(modules: list[torch.nn.Module]) -> Linear:
@@ -166,9 +188,20 @@ class DecoderForward:
         norms = self.norms_after
         norm_weights, eps = [m.weight for m in norms], [_eps(m) for m in norms]
 
-        def run(x, h, cos, sin, cache):
-            return op(x, h, flat, norm_weights, eps, cos, sin, *cache, self.num_heads, self.num_kv_heads, self.scale)
+        def run(x, h, cos, sin, cache: DecodeCache):
+            return op(x, h, flat, norm_weights, eps, cos, sin, cache.k, cache.v, cache.rows, cache.at, cache.start,
+                      cache.count, cache.width, self.num_heads, self.num_kv_heads, self.scale, cache.in_batch)
         return run
+
+    @property
+    def speculative_rows(self) -> int:
+        """Tokens one decode pass may check at once such that each token's logits are bit-identical to a pass
+        of its own (the native decode op and the head's small-batch kernel compute every row alone, in a fixed
+        order): SMALL_BATCH_MAX_ROWS there; 1 elsewhere (no speculation: oneDNN's and torch's matmuls may
+        round a row differently beside other rows, and speculation must not change an output)."""
+        head = self.lm_head
+        exact_head = isinstance(head, PackedLinear) and head.small_batch_weight is not None
+        return SMALL_BATCH_MAX_ROWS if self._decode_layers is not None and exact_head else 1
 
     def _norms_after(self) -> list[torch.nn.Module]:
         """The norm each sublayer's residual add feeds: the layer's post-attention norm, then the next
@@ -198,9 +231,9 @@ class DecoderForward:
         of 40 to 130 tokens padded to the longest spends a third of its matmuls on pads); `attend` sees
         the padded layout, `attend_joined` the packed one. The pads' outputs are zeros.
         attend_joined, instead of attend: takes each layer's projection unrotated (the native path).
-        decode_cache: with attend_joined, for a decode step of one token a row read from contiguous cache
-        rows, the cache as the native decode op reads it (k, v, token rows, positions, start, count, width):
-        1-2 such tokens in bfloat16 run all layers in that op, the same kernels in the same order."""
+        decode_cache: with attend_joined, for a decode step reading contiguous cache rows, the cache as the
+        native decode op reads it: 1-2 tokens in bfloat16 (up to SMALL_BATCH_MAX_ROWS for a speculative check,
+        which must run there) run all layers in that op, the same kernels in the same order."""
         cos, sin = self.rotary(x, positions)
         b, t, c = x.shape
         if packed is not None:
@@ -213,7 +246,8 @@ class DecoderForward:
         norms_after = self.norms_after
         h = self.norm_of(self.layers[0].input_layernorm, x)
         if (decode_cache is not None and attend_joined is not None and self._decode_layers is not None
-                and packed is None and x.dtype == torch.bfloat16 and b * t <= SMALL_BATCH_ROWS):
+                and packed is None and x.dtype == torch.bfloat16
+                and b * t <= (SMALL_BATCH_ROWS if decode_cache.in_batch is None else SMALL_BATCH_MAX_ROWS)):
             return self._decode_layers(x, h, cos, sin, decode_cache)[1]
         for i, lin in enumerate(self.linears):
             qkv = lin.qkv_joined(h)
@@ -251,7 +285,11 @@ class DecoderForward:
         x = x + delta
         return x, self.norm_of(norm, x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, exact_rows: bool = False) -> torch.Tensor:
+        """exact_rows: each row's logits as a pass of its own gives them (a speculative check; see
+        speculative_rows), on the small-batch kernel."""
+        if exact_rows:
+            return self.lm_head(hidden, small_rows=SMALL_BATCH_MAX_ROWS).float()
         return self.lm_head(hidden).float()
 
     def group_mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,9 @@ SmallBatchLinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # rows up to which the native kernel runs: faster than oneDNN for every SmolLM2 projection at 1-2 rows,
 # not at 4 (gate/up 147 vs 141 us, lm_head 1978 vs 1759 us; a per-shape timing on the AMD EPYC machine)
 SMALL_BATCH_ROWS = 2
+# rows the kernel takes at most: a speculative step's check of proposed tokens runs them all on it, since its
+# rows are computed alone in a fixed order (each row's result is what a pass of its own gives)
+SMALL_BATCH_MAX_ROWS = 4
 
 
 class PackedLinear:
@@ -64,10 +67,11 @@ class PackedLinear:
         """The plain weight the native small-batch kernel reads (None where it does not run)."""
         return self._plain
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, small_rows: int = SMALL_BATCH_ROWS) -> torch.Tensor:
+        """small_rows: inputs of at most this many rows go to the small-batch kernel (where it runs)."""
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        if self._small is not None and rows.shape[0] <= SMALL_BATCH_ROWS and x.dtype == torch.bfloat16:
+        if self._small is not None and rows.shape[0] <= small_rows and x.dtype == torch.bfloat16:
             y = self._small(rows, self._plain)
         else:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")

@@ -70,7 +70,7 @@ def test_the_scheduler_admits_while_the_budget_holds_and_in_order():
     for r in "abcd":
         s.add(Sequence(GenerationRequest(r, [5, 6], SamplingParams(max_tokens=3))))
     assert [x.request_id for x in s.schedule().prefills] == ["a", "b"]
-    s.update_from_output({"a": 7, "b": 7})
+    s.update_from_output({"a": [7], "b": [7]})
     assert not s.schedule().prefills  # no room: c waits
     s.finish(s.running[0], "stop")
     assert [x.request_id for x in s.schedule().prefills] == ["c"]

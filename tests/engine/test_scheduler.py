@@ -23,7 +23,7 @@ def test_admits_up_to_batch_size_then_decodes():
         s.add(seq(r))
     out = s.schedule()
     assert [x.request_id for x in out.prefills] == ["a", "b"] and not out.decodes
-    s.update_from_output({"a": 7, "b": 7})
+    s.update_from_output({"a": [7], "b": [7]})
     out = s.schedule()
     assert not out.prefills and [x.request_id for x in out.decodes] == ["a", "b"]
     assert s.num_waiting == 1
@@ -35,10 +35,10 @@ def test_finishes_on_length_and_eos_and_frees_rows():
     s.add(seq("b"))
     s.add(seq("c"))
     s.schedule()
-    assert [f.request_id for f in s.update_from_output({"a": 7, "b": EOS})] == ["b"]
+    assert [f.request_id for f in s.update_from_output({"a": [7], "b": [EOS]})] == ["b"]
     out = s.schedule()
     assert [x.request_id for x in out.prefills] == ["c"]  # b's eos freed a row
-    finished = s.update_from_output({"a": 8, "c": 9})
+    finished = s.update_from_output({"a": [8], "c": [9]})
     assert [f.request_id for f in finished] == ["a"] and finished[0].finish_reason == "length"
 
 
@@ -47,7 +47,7 @@ def test_eos_reason_and_ignore_eos():
     s.add(seq("a"))
     s.add(seq("b", ignore_eos=True))
     s.schedule()
-    finished = s.update_from_output({"a": EOS, "b": EOS})
+    finished = s.update_from_output({"a": [EOS], "b": [EOS]})
     assert [(f.request_id, f.finish_reason) for f in finished] == [("a", "stop")]
     assert s.running[0].request_id == "b" and s.running[0].output_ids == [EOS]
 
@@ -99,7 +99,7 @@ def test_a_prompt_over_the_budget_is_prefilled_in_chunks_while_the_batch_decodes
     s.add(seq("a", max_tokens=10))
     out = s.schedule()
     s.prefilled(out.prefills)
-    s.update_from_output({"a": 7})
+    s.update_from_output({"a": [7]})
     s.add(long_seq("long", 10))
     s.add(seq("b"))
     chunks = []
@@ -109,7 +109,7 @@ def test_a_prompt_over_the_budget_is_prefilled_in_chunks_while_the_batch_decodes
         assert [x.request_id for x in out.prefills] == ["long"]  # and b waits behind the long prompt
         chunks.append(out.prefills[0].prefill_range)
         s.prefilled(out.prefills)
-        s.update_from_output({"a": 8} if len(chunks) < 3 else {"a": 8, "long": 9})
+        s.update_from_output({"a": [8]} if len(chunks) < 3 else {"a": [8], "long": [9]})
         if len(chunks) == 1:
             s.abort("nobody")
     assert chunks == [(0, 4), (4, 8), (8, 10)]

@@ -12,7 +12,8 @@
   a prefill's tokens in one pass, bit-identical to transformers' rotary (float32 and bfloat16).
 - `decode_layers` (decode_layers.cpp): every decoder layer of a 1-2 token bfloat16 decode step in one op,
   the kernels above called from C++ in the layer-by-layer path's order (bit-identical to it): at batch 1
-  the operations dispatched from Python one by one cost ~1.7 ms of a 13.9 ms step (AMD EPYC).
+  the operations dispatched from Python one by one cost ~1.7 ms of a 13.9 ms step (AMD EPYC). It also runs
+  speculative decoding's checks (up to 4 tokens, several of one row: speculation.py).
 
 They are one library. An image or an installation without a compiler carries it prebuilt for the x86
 levels it may meet (`python -m app.engine.kernels.prebuild DIR`, run when the image is built): at start the
@@ -102,7 +103,7 @@ class NativeKernels:
     # (qkv [n, (h + 2 kvh) d], cos, sin [n, d], k_cache, v_cache [R, kvh, L, d], rows, at [n], h, kvh)
     #   -> q [n, h, d] rotated; k rotated and v written into the cache at (rows, at)
     rotary_cache_write: Callable | None = None
-    # every decoder layer of a 1-2 token bfloat16 decode step in one op, calling the kernels above from C++
+    # every decoder layer of a 1-4 token bfloat16 decode step in one op, calling the kernels above from C++
     # (DecoderForward._native_decode: its arguments); only with small_batch_linear
     decode_layers: Callable | None = None
 

@@ -1,4 +1,4 @@
-// All decoder layers of a decode step of 1-2 tokens (Llama's layer: RMSNorm, fused q/k/v, rotary, attention
+// All decoder layers of a decode step of 1-4 tokens (Llama's layer: RMSNorm, fused q/k/v, rotary, attention
 // over the cache, o, SiLU-gated MLP), bfloat16, as one op.
 //
 // At batch 1 a step's arithmetic is reading the weights (~10 ms for SmolLM2 on 2 cores); what surrounds it
@@ -16,6 +16,9 @@
 //   cos, sin    [n, d] the tokens' rotary tables; k_cache, v_cache [layers, rows, kvh, positions, d]
 //   rows, at    [n] each token's cache row and position; the attention reads rows [start, start + count),
 //               positions [0, width)
+//   in_batch    [n] or None: token i's row within [start, start + count) (None: row start + i); several
+//               tokens of one row at consecutive positions are a speculative step's check of proposed tokens,
+//               each attending up to its own position (speculation.py)
 //   returns (x, h): the residual stream and the final norm's output
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -41,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(at::Tensor x, at::Tensor h, at:
                                                  const at::Tensor& sin, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache, const at::Tensor& rows,
                                                  const at::Tensor& at_, int64_t start, int64_t count, int64_t width,
-                                                 int64_t heads, int64_t kv_heads, double scale) {
+                                                 int64_t heads, int64_t kv_heads, double scale,
+                                                 const std::optional<at::Tensor>& in_batch) {
   const int64_t layers = static_cast<int64_t>(weights.size()) / 4;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 4 * layers && static_cast<int64_t>(norms.size()) == 2 * layers &&
                   eps.size() == norms.size() && k_cache.size(0) == layers,
@@ -57,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(at::Tensor x, at::Tensor h, at:
     const at::Tensor keys = k_cache[i].slice(0, start, start + count).slice(2, 0, width);
     const at::Tensor values = v_cache[i].slice(0, start, start + count).slice(2, 0, width);
     const at::Tensor o =
-        decode_attention(q.view({-1, kv_heads, group, d}), keys, values, at_, scale, std::nullopt).view({q.size(0), -1});
+        decode_attention(q.view({-1, kv_heads, group, d}), keys, values, at_, scale, in_batch).view({q.size(0), -1});
     std::tie(x, h) = add_rms_norm(x.contiguous(), projection(o.view(lead), weights[4 * i + 1]).contiguous(),
                                   norms[2 * i], eps[2 * i]);
     const std::vector<at::Tensor> gate_up = projection(h, weights[4 * i + 2]).chunk(2, -1);
@@ -72,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(at::Tensor x, at::Tensor h, at:
 TORCH_LIBRARY_FRAGMENT(promptserve, m) {
   m.def("decode_layers(Tensor x, Tensor h, Tensor[] weights, Tensor[] norms, float[] eps, Tensor cos, Tensor sin, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor at, int start, int count, int width, int heads, "
-        "int kv_heads, float scale) -> (Tensor, Tensor)");
+        "int kv_heads, float scale, Tensor? in_batch=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("decode_layers", &promptserve::decode_layers); }
