@@ -54,11 +54,12 @@ def bf16_gguf(binary: Path, checkpoint: Path, cache_dir: Path) -> Path:
     return out
 
 
-def start(binary: Path, gguf: Path, slots: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start(binary: Path, gguf: Path, slots: int, threads: int, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """extra: more llama-server arguments (e.g. its own speculative decoding)."""
     port = free_port()
     args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
             "-c", str(slots * SLOT_CONTEXT), "-t", str(threads), "-tb", str(threads), "--cont-batching",
-            "--jinja", "--no-webui"]
+            "--jinja", "--no-webui", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300

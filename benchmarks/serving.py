@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -392,7 +393,8 @@ def llama_baseline(args, jobs: list[Job], concurrencies: list[int]) -> dict:
         llama_server.bf16_gguf(binary, resolve_checkpoint(settings.model, settings.cache_dir)[0], settings.cache_dir)
     out = {}
     for c in sorted({min(concurrencies), max(concurrencies)}):
-        proc, url = llama_server.start(binary, gguf, slots=max(c, 1), threads=usable_cpus())
+        proc, url = llama_server.start(binary, gguf, slots=max(c, 1), threads=usable_cpus(),
+                                       extra=shlex.split(args.llama_args))
         try:
             batch = jobs if c > 1 else jobs[:4]
             asyncio.run(closed_loop(url, batch[:2], 2, 4, _llama_request))  # warm it up
@@ -400,7 +402,7 @@ def llama_baseline(args, jobs: list[Job], concurrencies: list[int]) -> dict:
         finally:
             proc.terminate()
             proc.wait(30)
-        out[c] = {**stats, "slots": max(c, 1), "gguf": str(gguf)}
+        out[c] = {**stats, "slots": max(c, 1), "gguf": str(gguf), "args": args.llama_args}
         print(f"llama-server c={c}: {stats['output_tok_s']:.1f} tok/s, decode "
               f"{stats['decode_tok_s_per_request']:.1f} tok/s per request, failed {stats['failed']}", flush=True)
     return out
@@ -569,7 +571,8 @@ def main(args) -> int:
                        ("hf_inputs_embeds", "HF generate per request, inputs_embeds")):
         print(f"| {label} | {report[key]['output_tok_s']:.1f} |")
     for c, stats in (report.get("llama_server") or {}).items():
-        print(f"| llama.cpp llama-server bf16, {c} clients (bare model, {stats['slots']} slots) | "
+        extra = f", {stats['args']}" if stats.get("args") else ""
+        print(f"| llama.cpp llama-server bf16, {c} clients (bare model, {stats['slots']} slots{extra}) | "
               f"{stats['output_tok_s']:.1f} (decode {stats['decode_tok_s_per_request']:.1f} per request) |")
     print("\n| ratio | value | goal |\n|---|---|---|")
     # the first key a ratio's name contains gives its goal ("batch 1" before the wider "HF generate batch")
