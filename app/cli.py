@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                     "baseline (benchmarks/llama_server.py; bare model, bf16 GGUF converted beside its sources)")
     be.add_argument("--llama-gguf", help="--llama-server: the GGUF to serve (default: the served checkpoint "
                     "converted to bf16 with the convert_hf_to_gguf.py of the binary's source tree)")
+    be.add_argument("--bare", action="store_true", help="the closed loops on the bare model through "
+                    "/v1/chat/completions, the same requests llama-server gets (no prompt sets: the phases about "
+                    "them are skipped), e.g. to compare one client with --llama-server on identical requests")
     be.add_argument("--llama-args", default="", help="--llama-server: more of its arguments, e.g. '--spec-type "
                     "ngram-simple' (its own prompt-lookup speculation, to compare with ours)")
     be.add_argument("--seed", type=int, default=0)

@@ -76,11 +76,12 @@ def start(binary: Path, gguf: Path, slots: int, threads: int, extra: list[str] =
     raise RuntimeError("llama-server did not become ready in 300 s")
 
 
-async def one_chat_request(client: httpx.AsyncClient, messages: list[dict], output_len: int) -> dict:
+async def one_chat_request(client: httpx.AsyncClient, messages: list[dict], output_len: int,
+                           model: str = "baseline") -> dict:
     """One streamed chat completion on an OpenAI endpoint; tokens from the usage chunk, else one per delta."""
     start = time.perf_counter()
     first, deltas, usage = None, 0, None
-    body = {"model": "baseline", "messages": messages, "max_tokens": output_len, "ignore_eos": True,
+    body = {"model": model, "messages": messages, "max_tokens": output_len, "ignore_eos": True,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -413,6 +414,18 @@ async def _llama_request(client: httpx.AsyncClient, job: Job, output_len: int) -
     return await one_chat_request(client, job.messages, output_len)
 
 
+async def _openai_request(client: httpx.AsyncClient, job: Job, output_len: int, model: str) -> dict:
+    """A job's messages as a chat completion of `model` (--bare: this server's bare model)."""
+    from benchmarks.llama_server import one_chat_request
+    return await one_chat_request(client, job.messages, output_len, model=model)
+
+
+def bare_model(url: str) -> str:
+    """The id this server gives its bare model (GET /v1/models: the card without a `root`; tasks have one)."""
+    listed = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+    return next(m["id"] for m in listed if "root" not in m)
+
+
 def phase_line(name: str, stats: dict) -> str:
     """One table row: throughput, then TTFT / TPOT / end-to-end latency at p50, p90, p99."""
     def ps(key: str, scale: float = 1.0) -> str:
@@ -422,8 +435,6 @@ def phase_line(name: str, stats: dict) -> str:
 
 
 def main(args) -> int:
-    from app.model.loader import load_model
-    from app.settings import Settings
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     top = max(concurrencies)
@@ -453,8 +464,10 @@ def main(args) -> int:
                 sweep.append({"rate": rate, **stats})
                 progress(f"sweep rate={rate:g}/s", stats)
         closed = []  # the ratios' closed loops: the sweep itself, or only the top concurrency after a rate sweep
+        # --bare: the same messages to the bare model, as an OpenAI client (and llama-server's baseline) sends them
+        request = functools.partial(_openai_request, model=bare_model(url)) if args.bare else None
         for c in [top] if args.rate else concurrencies:
-            stats = asyncio.run(closed_loop(url, jobs if c > 1 else jobs[:4], c, args.output_len))
+            stats = asyncio.run(closed_loop(url, jobs if c > 1 else jobs[:4], c, args.output_len, request))
             closed.append({"concurrency": c, **stats})
             progress(f"closed loop c={c}", stats)
         sweep = sweep or closed
@@ -467,50 +480,66 @@ def main(args) -> int:
             for s in closed:
                 print(phase_line(f"{s['concurrency']} clients", s))
             return 0
-        first = next(iter(mix))
-        # the mixed phase's own prompts, all sent to one task: the ratio then isolates mixing prompt sets in
-        # a batch. (Its own task's prompts differed in length and, drawn from the chat task's 50, repeated
-        # more often, which the prompt cache finds whole.)
-        single = [Job(tasks[first], job.messages) for job in jobs]
-        report["single_task"] = asyncio.run(closed_loop(url, single, top, args.output_len))
-        print(f"single task ({first}): {report['single_task']['output_tok_s']:.1f} tok/s", flush=True)
-        if args.neighbours:  # the same mixed closed loop with busy processes on the same cores
-            with busy_neighbours(args.neighbours, seconds=1800):
-                report["neighbours"] = asyncio.run(closed_loop(url, jobs, top, args.output_len))
-            print(f"{top} clients beside {args.neighbours} busy processes: "
-                  f"{report['neighbours']['output_tok_s']:.1f} tok/s", flush=True)
-
-        if args.many:
-            async def register_many():
-                async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-                    names = []
-                    for name, data in many_prompt_sets(sets["bench-ner"], args.many, args.seed):
-                        await upload(client, name, data)
-                        names.append(name)
-                    return names
-            t0 = time.perf_counter()
-            names = asyncio.run(register_many())
-            report["many_register_s"] = time.perf_counter() - t0
-            rng = random.Random(args.seed)
-            many_jobs = [Job(rng.choice(names), prompts["ner"][i]) for i in range(n)]
-            one_jobs = [Job(tasks.get("ner", tasks[first]), prompts["ner"][i]) for i in range(n)]
-            report["one_prompt_set"] = asyncio.run(closed_loop(url, one_jobs, top, args.output_len))
-            report["many_prompt_sets"] = asyncio.run(closed_loop(url, many_jobs, top, args.output_len))
-            print(f"1 prompt set: {report['one_prompt_set']['output_tok_s']:.1f} tok/s; {args.many} prompt sets: "
-                  f"{report['many_prompt_sets']['output_tok_s']:.1f} tok/s", flush=True)
-        report["upload_under_load"] = asyncio.run(upload_under_load(
-            url, jobs, min(top, 16), args.output_len, sets["bench-chat"]))
-        u = report["upload_under_load"]
-        print(f"upload under load ({u['concurrency']} clients, {len(u['trials'])} uploads): first request ran the "
-              f"new version: {u['all_served_new_version']}; its first token {u['first_token_p50_s'] * 1000:.0f} ms "
-              f"after the answer vs {u['control_first_token_p50_s'] * 1000:.0f} ms for an unchanged task "
-              f"(p50 difference {u['extra_p50_s'] * 1000:+.0f} ms); "
-              f"{u['failed_requests']} of {u['load_requests']} load requests failed", flush=True)
+        if not args.bare:
+            _prompt_set_phases(args, url, report, jobs, prompts, tasks, sets, n, top)
     finally:
         if proc is not None:
             stop(proc, timeout=60)
+    _baselines_and_report(args, report, jobs, closed, sweep, concurrencies, top)
+    return 0
 
-    # Baselines, with the server stopped so they have the machine to themselves.
+
+def _prompt_set_phases(args, url: str, report: dict, jobs: list[Job], prompts, tasks: dict, sets: dict, n: int,
+                       top: int) -> None:
+    """The phases about prompt sets: one task alone, busy neighbours, many prompt sets, an upload under load."""
+    first = next(iter(tasks))
+    # the mixed phase's own prompts, all sent to one task: the ratio then isolates mixing prompt sets in
+    # a batch. (Its own task's prompts differed in length and, drawn from the chat task's 50, repeated
+    # more often, which the prompt cache finds whole.)
+    single = [Job(tasks[first], job.messages) for job in jobs]
+    report["single_task"] = asyncio.run(closed_loop(url, single, top, args.output_len))
+    print(f"single task ({first}): {report['single_task']['output_tok_s']:.1f} tok/s", flush=True)
+    if args.neighbours:  # the same mixed closed loop with busy processes on the same cores
+        with busy_neighbours(args.neighbours, seconds=1800):
+            report["neighbours"] = asyncio.run(closed_loop(url, jobs, top, args.output_len))
+        print(f"{top} clients beside {args.neighbours} busy processes: "
+              f"{report['neighbours']['output_tok_s']:.1f} tok/s", flush=True)
+
+    if args.many:
+        async def register_many():
+            async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+                names = []
+                for name, data in many_prompt_sets(sets["bench-ner"], args.many, args.seed):
+                    await upload(client, name, data)
+                    names.append(name)
+                return names
+        t0 = time.perf_counter()
+        names = asyncio.run(register_many())
+        report["many_register_s"] = time.perf_counter() - t0
+        rng = random.Random(args.seed)
+        many_jobs = [Job(rng.choice(names), prompts["ner"][i]) for i in range(n)]
+        one_jobs = [Job(tasks.get("ner", tasks[first]), prompts["ner"][i]) for i in range(n)]
+        report["one_prompt_set"] = asyncio.run(closed_loop(url, one_jobs, top, args.output_len))
+        report["many_prompt_sets"] = asyncio.run(closed_loop(url, many_jobs, top, args.output_len))
+        print(f"1 prompt set: {report['one_prompt_set']['output_tok_s']:.1f} tok/s; {args.many} prompt sets: "
+              f"{report['many_prompt_sets']['output_tok_s']:.1f} tok/s", flush=True)
+    report["upload_under_load"] = asyncio.run(upload_under_load(
+        url, jobs, min(top, 16), args.output_len, sets["bench-chat"]))
+    u = report["upload_under_load"]
+    print(f"upload under load ({u['concurrency']} clients, {len(u['trials'])} uploads): first request ran the "
+          f"new version: {u['all_served_new_version']}; its first token {u['first_token_p50_s'] * 1000:.0f} ms "
+          f"after the answer vs {u['control_first_token_p50_s'] * 1000:.0f} ms for an unchanged task "
+          f"(p50 difference {u['extra_p50_s'] * 1000:+.0f} ms); "
+          f"{u['failed_requests']} of {u['load_requests']} load requests failed", flush=True)
+
+
+def _baselines_and_report(args, report: dict, jobs: list[Job], closed: list[dict], sweep: list[dict],
+                          concurrencies: list[int], top: int) -> None:
+    """The baselines, with the server stopped so they have the machine to themselves; then the ratios, the
+    tables and the files."""
+    from app.model.loader import load_model
+    from app.settings import Settings
+
     if args.llama_server:
         report["llama_server"] = llama_baseline(args, jobs, concurrencies)
     loaded = load_model(Settings())
@@ -525,11 +554,11 @@ def main(args) -> int:
     top_stats = next(s for s in closed if s["concurrency"] == top)
     one = next((s for s in closed if s["concurrency"] == 1), None)
     rate = top_stats["output_tok_s"]
-    ratios = {
-        f"server {top} clients mixed / HF generate batch {top}": rate / report["hf_batch"]["output_tok_s"],
-        "mixed / single task (same concurrency)": rate / report["single_task"]["output_tok_s"],
-        f"server {top} clients / per-request inputs_embeds": rate / report["hf_inputs_embeds"]["output_tok_s"],
-    }
+    ratios = {f"server {top} clients {'bare model' if args.bare else 'mixed'} / HF generate batch {top}":
+              rate / report["hf_batch"]["output_tok_s"]}
+    if "single_task" in report:
+        ratios["mixed / single task (same concurrency)"] = rate / report["single_task"]["output_tok_s"]
+    ratios[f"server {top} clients / per-request inputs_embeds"] = rate / report["hf_inputs_embeds"]["output_tok_s"]
     if one:
         ratios["one client decode / HF generate batch 1"] = \
             one["decode_tok_s_per_request"] / report["hf_batch1"]["output_tok_s"]
@@ -540,10 +569,10 @@ def main(args) -> int:
                 ours["decode_tok_s_per_request"] / stats["decode_tok_s_per_request"]
         elif ours is not None:
             ratios[f"server {c} clients / llama-server {c} clients"] = ours["output_tok_s"] / stats["output_tok_s"]
-    if args.neighbours:
+    if "neighbours" in report:
         ratios[f"{top} clients beside {args.neighbours} busy processes / alone"] = (
             report["neighbours"]["output_tok_s"] / top_stats["output_tok_s"])
-    if args.many:
+    if "many_prompt_sets" in report:
         ratios[f"{args.many} prompt sets / one prompt set"] = (report["many_prompt_sets"]["output_tok_s"]
                                                                / report["one_prompt_set"]["output_tok_s"])
     report["ratios"] = ratios
@@ -554,16 +583,18 @@ def main(args) -> int:
         ceilings = {b: roofline(loaded, machine, b) for b in sorted({1, top})}
         report["roofline"] = {**machine, "cpu": cpu_name(), "ceiling_tok_s": ceilings}
 
-    print("\n| server phase (mixed tasks unless said) | output tok/s | req/s | TTFT p50/p90/p99 (s) | "
+    phases = "the bare model" if args.bare else "mixed tasks unless said"
+    print(f"\n| server phase ({phases}) | output tok/s | req/s | TTFT p50/p90/p99 (s) | "
           "TPOT p50/p90/p99 (ms) | end-to-end p50/p90/p99 (s) | failed |\n|---|---|---|---|---|---|---|")
     for s in sweep if args.rate else []:
         print(phase_line(f"Poisson {s['rate']:g} req/s", s))
     for s in closed:
         print(phase_line(f"{s['concurrency']} clients", s))
-    print(phase_line(f"{top} clients, one task", report["single_task"]))
-    if args.neighbours:
+    if "single_task" in report:
+        print(phase_line(f"{top} clients, one task", report["single_task"]))
+    if "neighbours" in report:
         print(phase_line(f"{top} clients beside {args.neighbours} busy processes", report["neighbours"]))
-    if args.many:
+    if "many_prompt_sets" in report:
         print(phase_line(f"{top} clients, one prompt set", report["one_prompt_set"]))
         print(phase_line(f"{top} clients, {args.many} prompt sets", report["many_prompt_sets"]))
     print("\n| baseline (in-process, server stopped) | output tok/s |\n|---|---|")
@@ -596,4 +627,3 @@ def main(args) -> int:
     Path(args.json).write_text(json.dumps(report, indent=2))
     plot(sweep, Path(args.plot))
     print(f"\nwrote {args.json} and {args.plot}")
-    return 0

@@ -39,6 +39,11 @@ def _sort_sampled(seqs: list[Sequence], tokens: list[list[Sampled] | SamplingErr
             seq.new_logprobs = [c.logprob for c in chosen] if seq.request.sampling.logprobs is not None else None
 
 
+def _one_each(tokens: list[Sampled | SamplingError]) -> list[list[Sampled] | SamplingError]:
+    """One sampled token per sequence as the list of its new tokens (a speculative check gives several)."""
+    return [t if isinstance(t, SamplingError) else [t] for t in tokens]
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, shape, device: torch.device, dtype: torch.dtype,
                  max_num_seqs: int, max_model_len: int, prefix_cache_size: int, prefix_cache_bytes: int = 1 << 30,
@@ -90,7 +95,7 @@ class ModelRunner:
     def prefill(self, seqs: list[Sequence]) -> tuple[dict[str, list[int]], dict[str, EngineError], dict[str, dict]]:
         """Run newly admitted sequences. Returns ([first sampled token] per request id, error per request id
         that could not run, head results of classify/tag requests, which are done after their prefill)."""
-        sampled: dict[str, int] = {}
+        sampled: dict[str, list[int]] = {}
         errors: dict[str, EngineError] = {}
         results: dict[str, dict] = {}
         self._prefill(seqs, sampled, errors, results)
@@ -274,8 +279,7 @@ class ModelRunner:
             for seq in chosen:
                 self._generators[seq.request_id] = make_generator(seq.request.sampling, self.device)
             last = hidden[[k for _, k in generate], [lens[k] - 1 for _, k in generate]]
-            first = sample(self.forward.logits(last), self._rows(chosen))
-            _sort_sampled(chosen, [t if isinstance(t, SamplingError) else [t] for t in first], sampled, errors)
+            _sort_sampled(chosen, _one_each(sample(self.forward.logits(last), self._rows(chosen))), sampled, errors)
 
     @staticmethod
     def _apply_head(req, prefix, hidden: torch.Tensor) -> dict:
@@ -362,7 +366,7 @@ class ModelRunner:
             hidden = self.forward.hidden(self.forward.embed(last), lengths.unsqueeze(1), attention.attend,
                                          attend_joined=attention.joined, decode_cache=attention.decode_cache())
             logits = self.forward.logits(hidden[:, -1])
-            chosen = [t if isinstance(t, SamplingError) else [t] for t in sample(logits, self._rows(seqs))]
+            chosen = _one_each(sample(logits, self._rows(seqs)))
         # only now: a step that raised before here is retried over the same positions
         for r, tokens in zip(sorted_rows, chosen):
             cache.lengths[r] += 1 if isinstance(tokens, SamplingError) else len(tokens)
