@@ -57,6 +57,21 @@ def _prompt_set_refs(fingerprint: str, ner_set: str | None) -> dict[str, PromptS
     return refs
 
 
+def run_beside_engine(engine: Engine, work) -> None:
+    """work() on a thread of its own while the engine loop runs on this (the main) thread, as `promptserve
+    serve` runs it (a second thread running torch kernels slows the steps); the engine stops when work ends."""
+    def drive():
+        try:
+            work()
+        finally:
+            engine.stop()
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    engine.run_forever()
+    driver.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--waves", type=int, default=3)
@@ -96,20 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     walls: list[float] = []
 
     def drive():
-        try:
-            asyncio.run(wave(waves[0]))  # warm-up
-            for prompts in waves[1:]:
-                log.clear()
-                started = time.perf_counter()
-                asyncio.run(wave(prompts))
-                walls.append(time.perf_counter() - started)
-        finally:
-            engine.stop()
+        asyncio.run(wave(waves[0]))  # warm-up
+        for prompts in waves[1:]:
+            log.clear()
+            started = time.perf_counter()
+            asyncio.run(wave(prompts))
+            walls.append(time.perf_counter() - started)
 
-    driver = threading.Thread(target=drive)
-    driver.start()
-    engine.run_forever()
-    driver.join()
+    run_beside_engine(engine, drive)
     tokens = args.requests * args.output_len
     print(f"CPU: {cpu_name()}; {loaded.spec.name} in {loaded.dtype}; {args.requests} requests x "
           f"{args.output_len} tokens at once, in process")

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import threading
 import time
 
 from app.engine.engine import Engine, EngineConfig
 from app.engine.types import EngineRequest, SamplingParams
 from app.model.loader import load_model
 from app.settings import Settings
-from benchmarks.engine_wave import _prompt_set_refs
+from benchmarks.engine_wave import _prompt_set_refs, run_beside_engine
 from benchmarks.roofline import cpu_name
 from benchmarks.serving import _encode, load_prompts
 
@@ -63,24 +62,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def drive():
         nonlocal accepted, drafted
-        try:
-            for round_ in range(args.rounds + 1):  # round 0 warms up
-                for k in results:
-                    engine.runner.speculative_tokens = k
-                    before = engine.stats()
-                    runs = [asyncio.run(one(ids, refs.get(task))) for ids, task in zip(prompts, tasks)]
-                    if round_:
-                        results[k].append(runs)
-                        after = engine.stats()
-                        accepted += after.speculative_accepted_tokens - before.speculative_accepted_tokens
-                        drafted += after.speculative_draft_tokens - before.speculative_draft_tokens
-        finally:
-            engine.stop()
+        for round_ in range(args.rounds + 1):  # round 0 warms up
+            for k in results:
+                engine.runner.speculative_tokens = k
+                before = engine.stats()
+                runs = [asyncio.run(one(ids, refs.get(task))) for ids, task in zip(prompts, tasks)]
+                if round_:
+                    results[k].append(runs)
+                    after = engine.stats()
+                    accepted += after.speculative_accepted_tokens - before.speculative_accepted_tokens
+                    drafted += after.speculative_draft_tokens - before.speculative_draft_tokens
 
-    driver = threading.Thread(target=drive)
-    driver.start()
-    engine.run_forever()
-    driver.join()
+    run_beside_engine(engine, drive)
     off, on = 0, args.tokens
     print(f"CPU: {cpu_name()}; {loaded.spec.name} in {loaded.dtype}; {args.prompts} bench prompts "
           f"{'on the bare model' if args.bare else 'with their prompt sets'}, one at a time, "

@@ -1,6 +1,9 @@
 """The benchmark's measurements themselves, against a live server on the tiny model."""
 
 import asyncio
+import functools
+
+import httpx
 
 from benchmarks import serving
 from benchmarks.serving import Job, closed_loop, percentile, summarize, upload_under_load
@@ -35,6 +38,18 @@ def test_closed_loop_and_upload_under_load(live_server, tiny, monkeypatch):
     assert [t["new_version"] for t in u["trials"]] == [2, 3]
     assert u["all_served_new_version"] and u["failed_requests"] == 0 and u["load_requests"] > 0
     assert all(t["first_token_s"] > 0 and t["control_first_token_s"] > 0 for t in u["trials"])
+
+
+def test_bare_requests_reach_the_bare_model_as_openai_chat_completions(live_server, tiny):
+    """--bare: the closed loops send the jobs' messages to the server's bare model (what llama-server gets)."""
+    url, _ = live_server
+    model = serving.bare_model(url)
+    cards = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+    assert model == cards[0]["id"] and all(c.get("root") == model for c in cards[1:])  # the base model's card
+    jobs = [Job("ignored", [{"role": "user", "content": f"Say something about {i}"}]) for i in range(3)]
+    request = functools.partial(serving._openai_request, model=model)
+    stats = asyncio.run(closed_loop(url, jobs, 1, 4, request))
+    assert stats["requests"] == 3 and stats["failed"] == 0 and stats["decode_tok_s_per_request"] > 0
 
 
 def test_the_benchmark_mixes_both_kinds_from_files_in_the_project():
