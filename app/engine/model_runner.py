@@ -444,9 +444,7 @@ class ModelRunner:
         return chosen
 
     def _ends(self, seq: Sequence, row: RowState, token: int, new: int) -> bool:
-        """Whether the sequence ends with this token (the scheduler's and the grammar's rules), so nothing
-        after it is sampled."""
-        params = seq.request.sampling
-        return ((not params.ignore_eos and token in self.stop_token_ids)
-                or len(seq.output_ids) + new >= params.max_tokens
-                or (row.constraint is not None and row.constraint.finished))
+        """Whether the sequence ends with this token, its new-th this step (the scheduler's rule, or a finished
+        grammar), so nothing after it is sampled."""
+        ends = seq.request.sampling.ends_on(token, len(seq.output_ids) + new, self.stop_token_ids)
+        return ends is not None or (row.constraint is not None and row.constraint.finished)

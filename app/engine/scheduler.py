@@ -161,11 +161,9 @@ class Scheduler:
             for token in tokens:
                 seq.output_ids.append(token)
                 seq.num_new_tokens += 1
-                if not params.ignore_eos and token in self.stop_token_ids:
-                    self._finish(seq, FinishReason.STOP)
-                elif len(seq.output_ids) >= params.max_tokens:
-                    self._finish(seq, FinishReason.LENGTH)
-                if seq.status is SeqStatus.FINISHED:
+                reason = params.ends_on(token, len(seq.output_ids), self.stop_token_ids)
+                if reason is not None:
+                    self._finish(seq, reason)
                     finished.append(seq)
                     break
         self.running = [s for s in self.running if s.status is not SeqStatus.FINISHED]

@@ -44,6 +44,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
 
+    def ends_on(self, token: int, length: int, stop_token_ids: frozenset[int]) -> FinishReason | None:
+        """Why a sequence with these parameters ends on `token`, its output then `length` tokens long (a stop
+        token unless ignore_eos, else max_tokens), or None: the scheduler finishes it for this reason, and a
+        speculative check samples nothing after such a token."""
+        if not self.ignore_eos and token in stop_token_ids:
+            return FinishReason.STOP
+        if length >= self.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
     @property
     def transforms_logits(self) -> bool:
         """Whether this request changes the logits before choosing (else the batch's plain path serves it)."""
