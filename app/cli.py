@@ -101,6 +101,12 @@ def _worker(args) -> int:
 
 
 def _bench(args) -> int:
+    # --bare measures the closed loops on the bare model: refused beside what measures something else
+    other = [flag for flag, on in (("--rate", args.rate), ("--neighbours", args.neighbours),
+                                   ("--during-training", args.during_training), ("--model", args.model)) if on]
+    if args.bare and other:
+        raise ValueError(f"--bare runs the closed loops on the bare model only; {', '.join(other)} measures "
+                         "something else: drop one or the other")
     if args.during_training:
         from benchmarks.training_interference import main as interference
 

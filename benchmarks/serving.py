@@ -480,7 +480,10 @@ def main(args) -> int:
             for s in closed:
                 print(phase_line(f"{s['concurrency']} clients", s))
             return 0
-        if not args.bare:
+        if args.bare:
+            print("--bare: the phases about prompt sets (one task, many prompt sets, an upload under load) are "
+                  "not run", flush=True)
+        else:
             _prompt_set_phases(args, url, report, jobs, prompts, tasks, sets, n, top)
     finally:
         if proc is not None:
@@ -491,7 +494,8 @@ def main(args) -> int:
 
 def _prompt_set_phases(args, url: str, report: dict, jobs: list[Job], prompts, tasks: dict, sets: dict, n: int,
                        top: int) -> None:
-    """The phases about prompt sets: one task alone, busy neighbours, many prompt sets, an upload under load."""
+    """The phases beside the mixed closed loops: one task alone, busy neighbours, many prompt sets, an upload
+    under load (none with --bare: they send the task mix)."""
     first = next(iter(tasks))
     # the mixed phase's own prompts, all sent to one task: the ratio then isolates mixing prompt sets in
     # a batch. (Its own task's prompts differed in length and, drawn from the chat task's 50, repeated

@@ -11,6 +11,8 @@ import pytest
     (["train", "--data", "/no/such/file.jsonl", "--task-type", "generate", "--out", "x.safetensors"],
      "/no/such/file.jsonl"),
     (["import-peft", "/no/such/adapter", "--out", "x.safetensors"], "adapter_config.json"),
+    (["bench", "--bare", "--neighbours", "2"], "--neighbours measures something else"),
+    (["bench", "--bare", "--rate", "1"], "--rate measures something else"),
 ])
 def test_user_errors_are_one_line(args, says, tmp_path):
     r = subprocess.run([sys.executable, "-m", "app.cli", "--log-level", "error", *args], cwd=tmp_path,
