@@ -58,11 +58,15 @@ class ModelRunner:
         # decode attention: the native CPU kernel when it builds here, else torch's SDPA with a mask
         self.decode_attention = native.decode_attention
         bf16 = dtype == torch.bfloat16  # float32 keeps torch's ops: bit-identical to the model's own modules
-        # projections of 1-2 rows: the native kernel where the CPU has AVX-512 BF16, else oneDNN. The kernel
-        # reads the plain weights, oneDNN its packed copy: both are held only while the plain copy is small
-        # enough (SmolLM2's 0.27 GB: its single-client speed); a larger model keeps its weights once, packed
-        small = native.small_batch_linear if bf16 and self.packed_weights else None
-        plain_bytes = linear_weight_bytes(model) if small is not None else 0
+        # projections of 1-2 rows: the native kernel where the CPU has AVX-512, else oneDNN. The kernel reads the
+        # plain weights, oneDNN its packed copy: both are held only while the plain copy is small enough
+        # (SmolLM2's 0.27 GB: its single-client speed); a larger model keeps its weights once, packed. On AVX-512
+        # CPUs without BF16 the native bf16_linear takes every projection (oneDNN emulates bf16 there, at less
+        # than half its float32 speed): weights held once, plain, and no budget to keep
+        any_rows = bf16 and self.packed_weights and native.bf16_linear is not None
+        small = native.bf16_linear if any_rows else native.small_batch_linear if bf16 and self.packed_weights \
+            else None
+        plain_bytes = linear_weight_bytes(model) if small is not None and not any_rows else 0
         if plain_bytes > small_batch_copy_bytes:
             log.info("linear weights of %.2f GB held once (packed): the small-batch kernel's plain copy is over "
                      "its budget of %.2f GB", plain_bytes / 1e9, small_batch_copy_bytes / 1e9)
@@ -70,7 +74,8 @@ class ModelRunner:
         self.forward = DecoderForward(model, pack_weights=self.packed_weights, small_linear=small,
                                       add_rms_norm=native.add_rms_norm if bf16 else None,
                                       release_model_weights=release_model_weights,
-                                      decode_layers=native.decode_layers if small is not None else None)
+                                      decode_layers=native.decode_layers if small is not None else None,
+                                      small_any_rows=any_rows)
         # with the native attention, rotary and the cache write of decode and prefill tokens as one native op
         # (bit-identical to torch's); it turns whole heads only (no partial rotary factor)
         full_rotary = self.forward.rotary_dim == self.forward.head_dim

@@ -100,14 +100,14 @@ class _LayerLinears:
     each one matmul, as Phi-3 stores them anyway)."""
 
     def __init__(self, layer: torch.nn.Module, family: Family, pack: bool, small: SmallBatchLinear | None,
-                 release: bool):
+                 release: bool, any_rows: bool = False):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [getattr(attn, name) for name in family.qkv]
         gate_up = [getattr(mlp, name) for name in family.gate_up]
         if pack:
             # q, k and v side by side in one tensor [..., q + k + v]
-            self.qkv_joined: Linear = PackedLinear.concat(qkv, small)
-            fused = PackedLinear.concat(gate_up, small)
+            self.qkv_joined: Linear = PackedLinear.concat(qkv, small, any_rows)
+            fused = PackedLinear.concat(gate_up, small, any_rows)
             self.gate_up_joined: PackedLinear | None = fused
             self._gate_up: Callable[[torch.Tensor], tuple] = lambda x: fused(x).chunk(2, dim=-1)
         else:
@@ -117,8 +117,8 @@ class _LayerLinears:
                 self._gate_up = lambda x: gate_up[0](x).chunk(2, dim=-1)
             else:
                 self._gate_up = lambda x: (gate_up[0](x), gate_up[1](x))
-        self.o: Linear = linear(attn.o_proj, pack, small)
-        self.down: Linear = linear(mlp.down_proj, pack, small)
+        self.o: Linear = linear(attn.o_proj, pack, small, any_rows)
+        self.down: Linear = linear(mlp.down_proj, pack, small, any_rows)
         if pack and release:  # the packed copies replace the model's weights: held once
             for module in [*qkv, *gate_up, attn.o_proj, mlp.down_proj]:
                 release_weight(module)
@@ -140,14 +140,15 @@ class _LayerLinears:
 class DecoderForward:
     def __init__(self, model: torch.nn.Module, pack_weights: bool = False, small_linear: SmallBatchLinear | None = None,
                  add_rms_norm: AddRmsNorm | None = None, release_model_weights: bool = False,
-                 decode_layers: DecodeLayers | None = None):
+                 decode_layers: DecodeLayers | None = None, small_any_rows: bool = False):
         """pack_weights: use oneDNN-packed copies of the linear weights (CPU; see linear.py); small_linear:
         with them, the native kernel for bfloat16 inputs of 1-2 rows; add_rms_norm: the native residual
         add + RMSNorm (kernels/); release_model_weights: with pack_weights, the model's own linear weights
         are dropped as their packed copies are made (one copy held, and the loading peak stays one layer
         above the weights), so the model's own forward no longer runs: for an owner that serves only
         through this class (the server); decode_layers: the native op that runs every layer of a 1-2 token
-        decode step (kernels/decode_layers.cpp), used where this model's layers are what it implements."""
+        decode step (kernels/decode_layers.cpp), used where this model's layers are what it implements;
+        small_any_rows: small_linear takes inputs of any number of rows (kernels' bf16_linear: no packed copy)."""
         cfg = model.config
         self.family = family_of(cfg)
         # the native fused add + norm implements Llama's rounding only
@@ -163,10 +164,10 @@ class DecoderForward:
         self.group = self.num_heads // self.num_kv_heads
         self.scale = self.head_dim ** -0.5
         self.qkv_sizes = [self.num_heads * self.head_dim, *[self.num_kv_heads * self.head_dim] * 2]
-        self.linears = [_LayerLinears(layer, self.family, pack_weights, small_linear, release_model_weights)
-                        for layer in self.layers]
+        self.linears = [_LayerLinears(layer, self.family, pack_weights, small_linear, release_model_weights,
+                                      small_any_rows) for layer in self.layers]
         tied = model.lm_head.weight is self.embed.weight  # the embedding still needs a tied head's weight
-        self.lm_head = linear(model.lm_head, pack_weights, small_linear)
+        self.lm_head = linear(model.lm_head, pack_weights, small_linear, small_any_rows)
         if pack_weights and release_model_weights and not tied:
             release_weight(model.lm_head)
         self.rotary = model.model.rotary_emb

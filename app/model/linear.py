@@ -33,13 +33,17 @@ SMALL_BATCH_MAX_ROWS = 4
 class PackedLinear:
     """A frozen linear as oneDNN's packed matmul; with `small` (the native small-batch kernel), inputs of at
     most SMALL_BATCH_ROWS rows go to that kernel over the plain weight instead, which it streams at close
-    to the memory bandwidth (the plain weight is the module's own; a concatenation keeps its own copy)."""
+    to the memory bandwidth (the plain weight is the module's own; a concatenation keeps its own copy).
+    With `any_rows`, `small` takes every input (the native bf16_linear, on CPUs whose oneDNN emulates bf16):
+    no packed copy is made, so the weight is held once."""
 
-    def __init__(self, linear: torch.nn.Linear, small: SmallBatchLinear | None = None):
-        self._pack(linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None, small)
+    def __init__(self, linear: torch.nn.Linear, small: SmallBatchLinear | None = None, any_rows: bool = False):
+        self._pack(linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None, small,
+                   any_rows)
 
     @classmethod
-    def concat(cls, linears: list[torch.nn.Linear], small: SmallBatchLinear | None = None) -> PackedLinear:
+    def concat(cls, linears: list[torch.nn.Linear], small: SmallBatchLinear | None = None,
+               any_rows: bool = False) -> PackedLinear:
         """Several linears of the same input as one (outputs side by side): one matmul instead of several,
         e.g. q/k/v or gate/up: 4 calls a layer instead of 7 saved SmolLM2 1-4 ms of projections a step
         (benchmarks/engine_steps.py)."""
@@ -49,18 +53,20 @@ class PackedLinear:
                   for lin in linears]
         has_bias = any(lin.bias is not None for lin in linears)
         self._pack(torch.cat([lin.weight.detach() for lin in linears]), torch.cat(biases) if has_bias else None,
-                   small)
+                   small, any_rows)
         return self
 
-    def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None, small: SmallBatchLinear | None) -> None:
-        # the batch-size hint only tunes the packing; measured equally fast for batches of 1 to 300
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        self.bias = bias
-        self.out_features = weight.shape[0]
+    def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None, small: SmallBatchLinear | None,
+              any_rows: bool) -> None:
         usable = (small is not None and bias is None and weight.dtype == torch.bfloat16
                   and weight.shape[1] % 32 == 0)
         self._small = small if usable else None
         self._plain = weight.contiguous() if usable else None
+        self._any_rows = usable and any_rows
+        # the batch-size hint only tunes the packing; measured equally fast for batches of 1 to 300
+        self.weight = None if self._any_rows else torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.bias = bias
+        self.out_features = weight.shape[0]
 
     @property
     def small_batch_weight(self) -> torch.Tensor | None:
@@ -71,8 +77,8 @@ class PackedLinear:
         """small_rows: inputs of at most this many rows go to the small-batch kernel (where it runs)."""
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        if self._small is not None and rows.shape[0] <= small_rows and x.dtype == torch.bfloat16:
-            y = self._small(rows, self._plain)
+        if self._any_rows or (self._small is not None and rows.shape[0] <= small_rows and x.dtype == torch.bfloat16):
+            y = self._small(rows, self._plain)  # with any_rows, a non-bf16 input is refused by the kernel by name
         else:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return y.view(*lead, self.out_features)
@@ -107,5 +113,6 @@ def release_weight(module: torch.nn.Linear) -> None:
     module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
 
 
-def linear(module: torch.nn.Linear, pack: bool, small: SmallBatchLinear | None = None) -> Linear:
-    return PackedLinear(module, small) if pack else module
+def linear(module: torch.nn.Linear, pack: bool, small: SmallBatchLinear | None = None,
+           any_rows: bool = False) -> Linear:
+    return PackedLinear(module, small, any_rows) if pack else module

@@ -50,3 +50,48 @@ def test_a_prebuilt_library_loads_without_a_compiler(tmp_path):
                                "PROMPTSERVE_KERNELS_PREBUILT": str(tmp_path)})
     assert "LOADED True" in done.stdout, done.stderr[-2000:]
     assert "the prebuilt promptserve-kernels-avx2.so" in done.stderr
+
+
+AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def check_avx512_level() -> None:
+    """Run in a process that loaded the prebuilt "avx512" level: the kernels' bf16 paths without AVX-512 BF16
+    (what Skylake-SP to Ice Lake CPUs run), on any AVX-512 CPU."""
+    import torch
+
+    k = kernels.load("/nonexistent")
+    assert k.bf16_linear is not None and k.small_batch_linear is not None and k.decode_layers is not None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 576, generator=g).bfloat16()
+    w = (torch.randn(300, 576, generator=g) * 0.05).bfloat16()
+    y = k.bf16_linear(x, w)
+    exact = x.double() @ w.double().T
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()  # float32 sums, one bf16 rounding
+    assert torch.equal(y[:4], k.small_batch_linear(x[:4], w)) and torch.equal(y[69], k.bf16_linear(x[69:], w)[0])
+    q = torch.randn(3, 3, 3, 64, generator=g).bfloat16()  # SmolLM2's heads: 3 KV heads of 3 queries, 64 wide
+    kv = torch.randn(3, 3, 40, 64, generator=g).bfloat16()
+    lengths = torch.tensor([39, 10, 0])
+    out = k.decode_attention(q, kv, kv, lengths, 0.125)
+    for i, n in enumerate(lengths.tolist()):
+        keys = kv[i, :, : n + 1].float()
+        ref = torch.softmax(q[i].float() @ keys.transpose(-1, -2) * 0.125, -1) @ keys
+        assert torch.allclose(out[i].float(), ref, atol=2e-2, rtol=2e-2)
+    print("AVX512 LEVEL OK")
+
+
+def _cpu_flags() -> set[str]:
+    return set(kernels._cpu_flags().split())
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="building the prebuilt library needs g++")
+@pytest.mark.skipif(not AVX512 <= _cpu_flags(), reason="this CPU has no AVX-512")
+def test_the_avx512_level_computes_bf16_without_avx512_bf16(tmp_path):
+    """The level built for AVX-512 CPUs without BF16: its bf16_linear (any rows, float32 FMAs) and decode
+    attention are right, and a row's projection is the same at any batch size."""
+    prebuild(tmp_path, shutil.which("g++"), only={"avx512"})
+    code = "from tests.engine.test_prebuilt_kernels import check_avx512_level; check_avx512_level()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "CXX": "/nonexistent/g++",
+                               "PROMPTSERVE_KERNELS_PREBUILT": str(tmp_path)})
+    assert "AVX512 LEVEL OK" in done.stdout, done.stderr[-2000:]

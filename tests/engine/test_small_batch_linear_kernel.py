@@ -83,3 +83,62 @@ def test_as_accurate_as_correct_rounding_nearly_always(small):
     x = (torch.randn(2, 576, generator=g) * 0.5).bfloat16()
     exact = x.double() @ w.double().T
     assert (small(x, w) == exact.to(torch.bfloat16)).float().mean().item() >= 0.999
+
+
+# bf16_linear: any number of rows, on AVX-512 CPUs without BF16 (the prebuilt "avx512" level is tested on every
+# AVX-512 CPU in test_prebuilt_kernels.py)
+
+@pytest.fixture(scope="module")
+def wide(native_kernels):
+    if native_kernels.bf16_linear is None:
+        pytest.skip("this CPU has AVX-512 BF16 (oneDNN's bf16 matmul is native) or no AVX-512")
+    return native_kernels.bf16_linear
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 17, 64, 70])
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (49, 64), (7, 32)])
+def test_bf16_linear_equals_linear_within_bf16_rounding(wide, rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    y = wide(x, w)
+    assert y.shape == (rows, n)
+    _close_to_linear(y, x, w)
+
+
+def test_bf16_linear_rows_are_the_same_at_any_batch_and_as_the_small_kernel(wide, small):
+    """Each row is computed alone in one order: 1, 3 or 70 rows at a time, and the 1-4 row kernel, agree to
+    the bit (so a request's tokens do not depend on what it is batched with, and speculation stays exact)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(70, 576, generator=g).bfloat16()
+    w = (torch.randn(200, 576, generator=g) * 0.05).bfloat16()
+    together = wide(x, w)
+    assert torch.equal(together[:3], wide(x[:3], w))
+    assert torch.equal(together[:4], small(x[:4], w))
+    assert all(torch.equal(together[i], wide(x[i:i + 1], w)[0]) for i in (0, 5, 33, 69))
+
+
+def test_bf16_linear_refuses_what_it_cannot_take(wide):
+    w = torch.randn(8, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="bfloat16 only"):
+        wide(torch.randn(2, 64), w)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        wide(torch.randn(9, 48).bfloat16(), torch.randn(8, 48).bfloat16())
+    assert wide(torch.empty(0, 64).bfloat16(), w).shape == (0, 8)
+
+
+def test_packed_linear_with_any_rows_sends_every_batch_and_holds_the_weight_once(wide):
+    layer = torch.nn.Linear(576, 96, bias=False).bfloat16()
+    calls = []
+
+    def counting(x, w):
+        calls.append(x.shape[0])
+        return wide(x, w)
+
+    packed = PackedLinear(layer, counting, any_rows=True)
+    assert packed.weight is None and packed.small_batch_weight.data_ptr() == layer.weight.data_ptr()
+    with torch.inference_mode():
+        for rows in (1, 2, 5, 64):
+            x = torch.randn(rows, 576).bfloat16()
+            _close_to_linear(packed(x), x, layer.weight)
+    assert calls == [1, 2, 5, 64]

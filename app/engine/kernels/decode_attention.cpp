@@ -20,7 +20,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "avx512_bf16.h"
+#include "avx512.h"
 
 #include <algorithm>
 #include <bit>
@@ -107,8 +107,10 @@ void attend_one(const T* __restrict q, const T* __restrict k, int64_t k_step, co
   for (int64_t i = 0; i < g * d; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
-#ifdef PROMPTSERVE_AVX512_BF16
+#ifdef PROMPTSERVE_AVX512
+using promptserve::dot_bf16_pairs;
 using promptserve::sum16;
+using promptserve::to_bf16;
 using promptserve::tail_mask;
 
 // The bfloat16 path on CPUs with AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake and later): the same
@@ -157,9 +159,9 @@ void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __r
   static_assert(D % 32 == 0, "a key row is whole 32-lane bfloat16 vectors");
   constexpr int KW = D / 32, VW = D / 16;
   const int64_t padded = (len + 15) / 16 * 16;  // scores rows are padded to whole blocks of 16 keys
-  __m512bh qv[G][KW];
+  __m512i qv[G][KW];
   for (int gi = 0; gi < G; ++gi)
-    for (int c = 0; c < KW; ++c) qv[gi][c] = (__m512bh)_mm512_loadu_si512(q + gi * D + c * 32);
+    for (int c = 0; c < KW; ++c) qv[gi][c] = _mm512_loadu_si512(q + gi * D + c * 32);
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 partial[G][16];
   for (int64_t block = 0; block < len; block += 16) {
@@ -168,11 +170,11 @@ void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __r
       if (t < n) {
         const c10::BFloat16* kt = k + (block + t) * k_step;
         prefetch_row<D>(v + (block + t) * v_step);  // the values are read next: from memory now, not then
-        __m512bh kv[KW];
-        for (int c = 0; c < KW; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kt + c * 32);
+        __m512i kv[KW];
+        for (int c = 0; c < KW; ++c) kv[c] = _mm512_loadu_si512(kt + c * 32);
         for (int gi = 0; gi < G; ++gi) {
-          __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[gi][0], kv[0]);
-          for (int c = 1; c < KW; ++c) s = _mm512_dpbf16_ps(s, qv[gi][c], kv[c]);
+          __m512 s = dot_bf16_pairs(_mm512_setzero_ps(), qv[gi][0], kv[0]);
+          for (int c = 1; c < KW; ++c) s = dot_bf16_pairs(s, qv[gi][c], kv[c]);
           partial[gi][t] = s;
         }
       } else {
@@ -215,7 +217,7 @@ void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __r
     const __m512 scale_out = _mm512_set1_ps(inv[gi]);
     for (int c = 0; c < VW; ++c)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + gi * D + c * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[gi][c], scale_out)));
+                          to_bf16(_mm512_mul_ps(acc[gi][c], scale_out)));
   }
 }
 #endif
@@ -238,7 +240,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   else if (g == 4 && d == 128) attend = attend_one<T, 4, 128>;  // Llama-3-8B (32 heads, 8 KV heads)
   else if (g == 1 && d == 64) attend = attend_one<T, 1, 64>;
   else if (g == 1 && d == 128) attend = attend_one<T, 1, 128>;
-#ifdef PROMPTSERVE_AVX512_BF16
+#ifdef PROMPTSERVE_AVX512
   void (*attend_bf16)(const c10::BFloat16*, const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t,
                       float, float*, c10::BFloat16*, const c10::BFloat16*, int64_t) = nullptr;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -257,7 +259,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kvh, h = task % kvh, b = rows ? rows[i] : i;
       const int64_t len = length_of(i);
-#ifdef PROMPTSERVE_AVX512_BF16
+#ifdef PROMPTSERVE_AVX512
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (attend_bf16 != nullptr) {
           // the next task's keys (same row's next head, or the next row) are prefetched during this one's
