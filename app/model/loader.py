@@ -39,12 +39,22 @@ def choose_device(requested: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cpu_has_fast_bf16() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = open("/proc/cpuinfo").read()
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return set()
+
+
+def _cpu_has_fast_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def _cpu_has_avx512() -> bool:
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
 
 
 def choose_dtype(requested: str, device: torch.device, bf16_kernels: Callable[[], bool] = lambda: False) -> torch.dtype:
@@ -58,9 +68,12 @@ def choose_dtype(requested: str, device: torch.device, bf16_kernels: Callable[[]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # bf16 decodes ~1.6x faster than fp32 on CPUs with AVX-512 BF16. On other AVX-512 CPUs oneDNN emulates it
-    # at well under its float32 speed, but the native bf16_linear reads bf16 weights into float32 FMAs: 2.7x
-    # float32's speed at batch 1 and 0.9x at 64 on an Ice Lake, in half the memory. Elsewhere float32.
-    return torch.bfloat16 if _cpu_has_fast_bf16() or bf16_kernels() else torch.float32
+    # at well under its float32 speed, but the native bf16_linear reads bf16 weights into float32 FMAs: 2.9x
+    # float32's step speed at batch 1 and 1.2x at 64 on an Ice Lake, in half the memory. AVX2 CPUs keep float32
+    # (the kernel's 8-lane build is not measured on one; bf16 asked for there runs on it). Elsewhere float32.
+    if _cpu_has_fast_bf16() or (_cpu_has_avx512() and bf16_kernels()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _native_bf16_linear(settings: Settings) -> bool:

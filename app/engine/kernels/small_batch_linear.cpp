@@ -1,5 +1,5 @@
-// y = x W^T for a few rows of x (decode at batch 1-4), bfloat16, on CPUs with AVX-512; and, on AVX-512 CPUs
-// without BF16, for any number of rows (bf16_linear).
+// y = x W^T for a few rows of x (decode at batch 1-4), bfloat16, on CPUs with AVX-512 or AVX2; and, on CPUs
+// without AVX-512 BF16, for any number of rows (bf16_linear).
 //
 // At batch 1 a projection is a matrix-vector product: its time is reading W once. oneDNN's packed
 // bf16 matmul reads SmolLM2's layer weights at ~16 GB/s on this 2-core EPYC (15 ms of a 22 ms step); this
@@ -18,6 +18,8 @@
 // bf16 pairs are split into float32 halves once per call, and each weight row is split in registers and used
 // for 4 rows of x at a time (4 weight rows x 4 rows of x per pass). The arithmetic is dot_bf16_pairs' to the
 // bit, in the same order, so a row's result is the same at any batch size, and the same as small_batch_linear's.
+// AVX2 CPUs (AMD Zen 2-3, Intel Haswell to Alder Lake's cores) run the same kernel 8 lanes wide, which has 16
+// registers: 2 weight rows x 4 rows of x per pass, blocks of 8 columns; oneDNN's bf16 there is emulated too.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,6 +32,9 @@
 #include <vector>
 
 #include "avx512.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -72,8 +77,13 @@ void linear_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t n, int6
     for (int64_t b = begin; b < end; ++b) block16<M>(x, w, n, k, b * 16, y);
   });
 }
+#endif
 
-#ifndef __AVX512BF16__
+// The wide kernel: on AVX-512 CPUs without BF16, and (8 lanes instead of 16) on AVX2 CPUs
+#if (defined(PROMPTSERVE_AVX512) && !defined(__AVX512BF16__)) || \
+    (!defined(PROMPTSERVE_AVX512) && defined(__AVX2__) && defined(__FMA__))
+#define PROMPTSERVE_WIDE 1
+
 // Rows of x as float32 halves of its bf16 pairs, [m][k / 2] each: `odd` holds elements 2i + 1, `even` 2i (what
 // dot_bf16_pairs splits a vector into)
 struct SplitRows {
@@ -82,11 +92,15 @@ struct SplitRows {
   int64_t pairs;  // k / 2
 };
 
-// 16 output columns [n0, n0 + 16) of M <= 4 rows (y's rows ldy apart); weight rows past n are read as row n - 1
-// and not stored (sum16 keeps each lane's sum apart, so they do not reach the stored lanes)
+#ifdef PROMPTSERVE_AVX512
+constexpr int BLOCK_COLS = 16;  // output columns a block computes: one vector of sums a row of x
+constexpr int ROWS_AT_ONCE = 4;  // weight rows a pass reads together (4 x 4 accumulators of 32)
+
+// BLOCK_COLS output columns from n0 of M <= 4 rows (y's rows ldy apart); weight rows past n are read as row
+// n - 1 and not stored (sum16 keeps each lane's sum apart, so they do not reach the stored lanes)
 template <int M>
-void wide_block16(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64_t k, int64_t n0,
-                  c10::BFloat16* __restrict y, int64_t ldy) {
+void wide_block(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64_t k, int64_t n0,
+                c10::BFloat16* __restrict y, int64_t ldy) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int live = static_cast<int>(std::min<int64_t>(16, n - n0));
   __m512 partial[M][16];
@@ -119,6 +133,77 @@ void wide_block16(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int
   for (int m = 0; m < M; ++m)
     _mm256_mask_storeu_epi16(y + m * ldy + n0, tail_mask(live), to_bf16(sum16(partial[m])));
 }
+#else  // AVX2: 16 ymm registers, so 2 weight rows x 4 rows of x per pass, and blocks of 8 columns
+constexpr int BLOCK_COLS = 8;
+constexpr int ROWS_AT_ONCE = 2;
+
+// v[0..7] -> one vector whose lane i is the sum of v[i]'s 8 lanes, in a fixed order (sum16's tree, 8 wide)
+inline __m256 sum8(const __m256* v) {
+  __m256 pairs[4];
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  __m256 quads[2];
+  for (int i = 0; i < 2; ++i) {  // per 128-bit lane: each of 4 consecutive vectors' sum over that lane
+    const __m256d a = _mm256_castps_pd(pairs[2 * i]), b = _mm256_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),   // the low 128-bit lanes' sums
+                       _mm256_permute2f128_ps(quads[0], quads[1], 0x31));  // plus the high ones'
+}
+
+// 8 float32 -> 8 bfloat16, rounded to nearest even (avx512.h's to_bf16 without AVX-512 BF16)
+inline __m128i to_bf16_8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));  // each fits 16 bits
+}
+
+template <int M>
+void wide_block(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64_t k, int64_t n0,
+                c10::BFloat16* __restrict y, int64_t ldy) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int live = static_cast<int>(std::min<int64_t>(8, n - n0));
+  __m256 partial[M][8];
+  for (int r = 0; r < 8; r += 2) {
+    __m256 acc[M][2];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 2; ++j) acc[m][j] = _mm256_setzero_ps();
+    if (r < live) {
+      const c10::BFloat16* wr[2];
+      for (int j = 0; j < 2; ++j) wr[j] = w + std::min<int64_t>(n0 + r + j, n - 1) * k;
+      for (int64_t c = 0; c < k; c += 16) {
+        __m256 odd_w[2], even_w[2];
+        for (int j = 0; j < 2; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(wr[j] + 2 * k + c), _MM_HINT_T0);  // the next pass's row
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + c));
+          odd_w[j] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+          even_w[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        }
+        for (int m = 0; m < M; ++m) {
+          const __m256 xo = _mm256_loadu_ps(x.odd + m * x.pairs + c / 2);
+          const __m256 xe = _mm256_loadu_ps(x.even + m * x.pairs + c / 2);
+          for (int j = 0; j < 2; ++j)
+            acc[m][j] = _mm256_fmadd_ps(xe, even_w[j], _mm256_fmadd_ps(xo, odd_w[j], acc[m][j]));
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 2; ++j) partial[m][r + j] = acc[m][j];
+  }
+  for (int m = 0; m < M; ++m) {
+    const __m128i out = to_bf16_8(sum8(partial[m]));
+    if (live == 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + m * ldy + n0), out);
+    } else {  // the block's tail: the live columns only
+      alignas(16) uint16_t lanes[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(lanes), out);
+      std::memcpy(y + m * ldy + n0, lanes, live * sizeof(uint16_t));
+    }
+  }
+}
+#endif
 
 constexpr int64_t ROWS_PER_PASS = 64;  // rows of x a pass over the weights takes: their halves stay in L2
 
@@ -135,24 +220,24 @@ void wide_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t m, int64_
   });
   for (int64_t m0 = 0; m0 < m; m0 += ROWS_PER_PASS) {
     const int64_t rows = std::min(ROWS_PER_PASS, m - m0);
-    // one block of 16 columns is 4-16 passes of the FMA loop per 4 rows: small grains at many rows
-    at::parallel_for(0, (n + 15) / 16, rows <= 4 ? 8 : 1, [&](int64_t begin, int64_t end) {
+    // a block is BLOCK_COLS / ROWS_AT_ONCE passes of the FMA loop per 4 rows: small grains at many rows
+    at::parallel_for(0, (n + BLOCK_COLS - 1) / BLOCK_COLS, rows <= 4 ? 128 / BLOCK_COLS : 1,
+                     [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
         for (int64_t r = m0; r < m0 + rows; r += 4) {
           const SplitRows part{odd.data() + r * pairs, even.data() + r * pairs, pairs};
           c10::BFloat16* out = y + r * n;
           switch (std::min<int64_t>(4, m0 + rows - r)) {
-            case 1: wide_block16<1>(part, w, n, k, b * 16, out, n); break;
-            case 2: wide_block16<2>(part, w, n, k, b * 16, out, n); break;
-            case 3: wide_block16<3>(part, w, n, k, b * 16, out, n); break;
-            default: wide_block16<4>(part, w, n, k, b * 16, out, n); break;
+            case 1: wide_block<1>(part, w, n, k, b * BLOCK_COLS, out, n); break;
+            case 2: wide_block<2>(part, w, n, k, b * BLOCK_COLS, out, n); break;
+            case 3: wide_block<3>(part, w, n, k, b * BLOCK_COLS, out, n); break;
+            default: wide_block<4>(part, w, n, k, b * BLOCK_COLS, out, n); break;
           }
         }
     });
   }
 }
-#endif
-#endif
+#endif  // the wide kernel
 
 }  // namespace
 
@@ -160,7 +245,7 @@ void wide_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t m, int64_
 namespace promptserve {
 
 bool small_batch_linear_supported() {
-#ifdef PROMPTSERVE_AVX512
+#if defined(PROMPTSERVE_AVX512) || defined(PROMPTSERVE_WIDE)
   return true;
 #else
   return false;
@@ -168,7 +253,7 @@ bool small_batch_linear_supported() {
 }
 
 bool bf16_linear_supported() {
-#if defined(PROMPTSERVE_AVX512) && !defined(__AVX512BF16__)
+#ifdef PROMPTSERVE_WIDE
   return true;
 #else
   return false;
@@ -186,35 +271,33 @@ void check_operands(const at::Tensor& x, const at::Tensor& w) {
 }  // namespace
 
 at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(small_batch_linear_supported(), "built without AVX-512");
+  TORCH_CHECK(small_batch_linear_supported(), "built without AVX-512 or AVX2");
   check_operands(x, w);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   TORCH_CHECK(m >= 1 && m <= 4, "1 to 4 rows");
   at::Tensor y = at::empty({m, n}, x.options());
-#ifdef PROMPTSERVE_AVX512
   const auto* xp = x.const_data_ptr<c10::BFloat16>();
   const auto* wp = w.const_data_ptr<c10::BFloat16>();
   auto* yp = y.mutable_data_ptr<c10::BFloat16>();
-#ifdef __AVX512BF16__
+#if defined(PROMPTSERVE_WIDE)  // the same kernel as bf16_linear: a row's result is the same at any batch size
+  wide_rows(xp, wp, m, n, k, yp);
+#elif defined(PROMPTSERVE_AVX512)
   switch (m) {
     case 1: linear_rows<1>(xp, wp, n, k, yp); break;
     case 2: linear_rows<2>(xp, wp, n, k, yp); break;
     case 3: linear_rows<3>(xp, wp, n, k, yp); break;
     default: linear_rows<4>(xp, wp, n, k, yp); break;
   }
-#else  // the same arithmetic as block16's; the wide kernel reads 4 weight rows at a time, for 1 row of x as for 64
-  wide_rows(xp, wp, m, n, k, yp);
-#endif
 #endif
   return y;
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(bf16_linear_supported(), "only built for AVX-512 CPUs without AVX-512 BF16");
+  TORCH_CHECK(bf16_linear_supported(), "only built for CPUs without AVX-512 BF16 that have AVX-512 or AVX2");
   check_operands(x, w);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
-#if defined(PROMPTSERVE_AVX512) && !defined(__AVX512BF16__)
+#ifdef PROMPTSERVE_WIDE
   if (m > 0)
     wide_rows(x.const_data_ptr<c10::BFloat16>(), w.const_data_ptr<c10::BFloat16>(), m, n, k,
               y.mutable_data_ptr<c10::BFloat16>());
