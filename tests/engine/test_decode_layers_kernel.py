@@ -19,7 +19,7 @@ PROMPTS = ["Tell me about the weather in Paris today.", "Name three colours.", "
 @pytest.fixture(scope="module")
 def bf16(tiny_model_dir, native_kernels):
     if native_kernels.decode_layers is None:
-        pytest.skip("this CPU has no AVX-512 BF16: decode steps run layer by layer")
+        pytest.skip("this CPU has neither AVX-512 nor AVX2: decode steps run layer by layer")
     return load_model(Settings(model=str(tiny_model_dir), dtype="bfloat16", device="cpu"))
 
 
@@ -70,7 +70,7 @@ def test_every_family_is_listed():
 @pytest.mark.parametrize("name", sorted(USES_THE_OP))
 def test_every_family_is_served_alike_with_it_or_without(family_model, native_kernels, name):
     if native_kernels.decode_layers is None:
-        pytest.skip("this CPU has no AVX-512 BF16")
+        pytest.skip("this CPU has neither AVX-512 nor AVX2")
     loaded = family_model(name, "bfloat16")
     fused, layered = make_engine(loaded), make_engine(loaded)
     try:

@@ -12,7 +12,7 @@ from app.model.linear import SMALL_BATCH_ROWS, PackedLinear, packing_works
 @pytest.fixture(scope="module")
 def small(native_kernels):
     if native_kernels.small_batch_linear is None:
-        pytest.skip("this CPU has no AVX-512 BF16: projections stay on oneDNN")
+        pytest.skip("this CPU has neither AVX-512 nor AVX2: projections stay on oneDNN")
     return native_kernels.small_batch_linear
 
 
@@ -91,7 +91,7 @@ def test_as_accurate_as_correct_rounding_nearly_always(small):
 @pytest.fixture(scope="module")
 def wide(native_kernels):
     if native_kernels.bf16_linear is None:
-        pytest.skip("this CPU has AVX-512 BF16 (oneDNN's bf16 matmul is native) or no AVX-512")
+        pytest.skip("this CPU has AVX-512 BF16 (oneDNN's bf16 matmul is native) or neither AVX-512 nor AVX2")
     return native_kernels.bf16_linear
 
 

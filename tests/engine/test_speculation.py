@@ -96,7 +96,7 @@ def bf16(native_kernels):
     """The embedded SmolLM2 in bf16, as served: a real model continues a repeating text, so what is proposed
     is often kept (a tiny random one's output rarely repeats itself)."""
     if native_kernels.decode_layers is None:
-        pytest.skip("this CPU has no AVX-512 BF16: no exact check of several tokens, so no speculation")
+        pytest.skip("no native decode op (neither AVX-512 nor AVX2): no exact check of several tokens, no speculation")
     return load_model(Settings(dtype="bfloat16", device="cpu"))
 
 

@@ -5,10 +5,11 @@
   batch.
 - `small_batch_linear` (small_batch_linear.cpp): the bfloat16 projections of a decode step of 1-2 rows,
   a matrix-vector product bound by reading the weights, ~1.5x faster than oneDNN's packed matmul there;
-  on CPUs with AVX-512 (None elsewhere: the packed matmul stays).
-- `bf16_linear` (same file): bfloat16 projections of any number of rows in float32 FMAs, on AVX-512 CPUs
-  without AVX-512 BF16 (Skylake-SP to Ice Lake), where oneDNN emulates bf16 at well under its float32 speed:
-  the bf16 model is then served at float32's batch speed with half its memory and twice its batch-1 speed.
+  on CPUs with AVX-512 or AVX2 (None elsewhere: the packed matmul stays).
+- `bf16_linear` (same file): bfloat16 projections of any number of rows in float32 FMAs, on CPUs without
+  AVX-512 BF16 that have AVX-512 (Skylake-SP to Ice Lake) or AVX2, where oneDNN emulates bf16 at well under
+  its float32 speed: on an Ice Lake the bf16 model is then served faster than float32 at batch 64 and 2.9x
+  faster at batch 1, in half the memory (vdpbf16ps' arithmetic, avx512.h).
 - `add_rms_norm` (add_rms_norm.cpp): a residual add and the next RMSNorm in one pass, bfloat16 (five torch
   operations, each mostly dispatch overhead at decode sizes).
 - `rotary_cache_write` (rotary_cache_write.cpp): rotary embedding and KV-cache write of a decode step's or
@@ -99,10 +100,10 @@ class NativeKernels:
     """The native ops usable here; None where torch's own op is used instead."""
     # (q [n, kvh, g, d], k, v [n, kvh, W, d] views, lengths [n] int64, scale) -> [n, kvh, g, d]
     decode_attention: Callable | None = None
-    # (x [m <= 4, k], w [n, k]) -> [m, n], bfloat16; on CPUs with AVX-512
+    # (x [m <= 4, k], w [n, k]) -> [m, n], bfloat16; on CPUs with AVX-512 or AVX2
     small_batch_linear: Callable | None = None
-    # (x [m, k], w [n, k]) -> [m, n], bfloat16 computed in float32, any m; only on AVX-512 CPUs without BF16,
-    # whose oneDNN emulates bf16 matmuls at a fraction of its float32 speed
+    # (x [m, k], w [n, k]) -> [m, n], bfloat16 computed in float32, any m; only on CPUs without AVX-512 BF16
+    # (AVX-512 or AVX2), whose oneDNN emulates bf16 matmuls at a fraction of its float32 speed
     bf16_linear: Callable | None = None
     # (x, delta [.., c], weight [c], eps) -> (x + delta, RMSNorm(x + delta)), bfloat16
     add_rms_norm: Callable | None = None
@@ -119,12 +120,12 @@ def load(cache_dir: Path | str) -> NativeKernels:
     if not _library(Path(cache_dir)):
         return NativeKernels()
     ops = torch.ops.promptserve
-    avx512 = ops.small_batch_linear_supported()  # built with AVX-512: the decode op calls that kernel
+    small = ops.small_batch_linear_supported()  # built with AVX-512 or AVX2: the decode op calls that kernel
     return NativeKernels(decode_attention=ops.decode_attention,
-                         small_batch_linear=ops.small_batch_linear if avx512 else None,
+                         small_batch_linear=ops.small_batch_linear if small else None,
                          bf16_linear=ops.bf16_linear if ops.bf16_linear_supported() else None,
                          add_rms_norm=ops.add_rms_norm, rotary_cache_write=ops.rotary_cache_write,
-                         decode_layers=ops.decode_layers if avx512 else None)
+                         decode_layers=ops.decode_layers if small else None)
 
 
 def _library(cache_dir: Path) -> bool:
