@@ -23,13 +23,26 @@ def _close_to_linear(y, x, w):
     assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6).all()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def _counting(kernel):
+    """The kernel, and the list of the row counts it is called with."""
+    calls = []
+
+    def run(x, w):
+        calls.append(x.shape[0])
+        return kernel(x, w)
+    return run, calls
+
+
+# the small-batch kernel at 1-4 rows; bf16_linear (below) at any number of rows
+@pytest.mark.parametrize("kernel,rows", [*[("small", r) for r in (1, 2, 3, 4)],
+                                         *[("wide", r) for r in (1, 4, 5, 17, 64, 70)]])
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (49, 64), (7, 32)])
-def test_equals_linear_within_bf16_rounding(small, rows, n, k):
+def test_equals_linear_within_bf16_rounding(request, kernel, rows, n, k):
+    run = request.getfixturevalue(kernel)
     g = torch.Generator().manual_seed(rows * 1000 + n)
     x = torch.randn(rows, k, generator=g).bfloat16()
     w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
-    y = small(x, w)
+    y = run(x, w)
     assert y.shape == (rows, n)
     _close_to_linear(y, x, w)
 
@@ -55,12 +68,7 @@ def test_refuses_what_it_cannot_take(small):
 @pytest.mark.skipif(not packing_works(torch.device("cpu"), torch.bfloat16), reason="no oneDNN packing here")
 def test_packed_linear_sends_small_batches_to_the_kernel(small):
     layer = torch.nn.Linear(576, 96, bias=False).bfloat16()
-    calls = []
-
-    def counting(x, w):
-        calls.append(x.shape[0])
-        return small(x, w)
-
+    counting, calls = _counting(small)
     packed = PackedLinear(layer, counting)
     with torch.inference_mode():
         for rows in range(1, 6):
@@ -95,17 +103,6 @@ def wide(native_kernels):
     return native_kernels.bf16_linear
 
 
-@pytest.mark.parametrize("rows", [1, 4, 5, 17, 64, 70])
-@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (49, 64), (7, 32)])
-def test_bf16_linear_equals_linear_within_bf16_rounding(wide, rows, n, k):
-    g = torch.Generator().manual_seed(rows * 1000 + n)
-    x = torch.randn(rows, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
-    y = wide(x, w)
-    assert y.shape == (rows, n)
-    _close_to_linear(y, x, w)
-
-
 def test_bf16_linear_rows_are_the_same_at_any_batch_and_as_the_small_kernel(wide, small):
     """Each row is computed alone in one order: 1, 3 or 70 rows at a time, and the 1-4 row kernel, agree to
     the bit (so a request's tokens do not depend on what it is batched with, and speculation stays exact)."""
@@ -129,12 +126,7 @@ def test_bf16_linear_refuses_what_it_cannot_take(wide):
 
 def test_packed_linear_with_any_rows_sends_every_batch_and_holds_the_weight_once(wide):
     layer = torch.nn.Linear(576, 96, bias=False).bfloat16()
-    calls = []
-
-    def counting(x, w):
-        calls.append(x.shape[0])
-        return wide(x, w)
-
+    counting, calls = _counting(wide)
     packed = PackedLinear(layer, counting, any_rows=True)
     assert packed.weight is None and packed.small_batch_weight.data_ptr() == layer.weight.data_ptr()
     with torch.inference_mode():

@@ -92,118 +92,109 @@ struct SplitRows {
   int64_t pairs;  // k / 2
 };
 
+// The vector operations the wide kernel needs, per instruction set: W lanes of float32, the weight rows a pass
+// reads together (as many as the register file holds accumulators for: 4 x 4 of 32 registers, 4 x 2 of 16)
 #ifdef PROMPTSERVE_AVX512
-constexpr int BLOCK_COLS = 16;  // output columns a block computes: one vector of sums a row of x
-constexpr int ROWS_AT_ONCE = 4;  // weight rows a pass reads together (4 x 4 accumulators of 32)
+struct Lanes {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int W = 16, ROWS_AT_ONCE = 4;
+  static F zero() { return _mm512_setzero_ps(); }
+  static I load_pairs(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }  // W bf16 pairs
+  static F odd(I v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u)))); }
+  static F even(I v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  // lane i of sums[i]'s lanes summed, rounded to bf16, the first `live` stored
+  static void store(c10::BFloat16* y, const F* sums, int live) {
+    _mm256_mask_storeu_epi16(y, tail_mask(live), to_bf16(sum16(sums)));
+  }
+};
+#else  // AVX2
+struct Lanes {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int W = 8, ROWS_AT_ONCE = 2;
+  static F zero() { return _mm256_setzero_ps(); }
+  static I load_pairs(const c10::BFloat16* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static F odd(I v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u)))); }
+  static F even(I v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+
+  // v[0..7] -> one vector whose lane i is the sum of v[i]'s 8 lanes, in a fixed order (sum16's tree, 8 wide)
+  static F sum8(const F* v) {
+    F pairs[4];
+    for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+      pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    F quads[2];
+    for (int i = 0; i < 2; ++i) {  // per 128-bit lane: each of 4 consecutive vectors' sum over that lane
+      const __m256d a = _mm256_castps_pd(pairs[2 * i]), b = _mm256_castps_pd(pairs[2 * i + 1]);
+      quads[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),   // the low 128-bit lanes' sums
+                         _mm256_permute2f128_ps(quads[0], quads[1], 0x31));  // plus the high ones'
+  }
+
+  // 8 float32 -> 8 bfloat16, rounded to nearest even (avx512.h's to_bf16 without AVX-512 BF16)
+  static __m128i to_bf16_8(F v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    return _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));  // each fits 16 bits
+  }
+
+  static void store(c10::BFloat16* y, const F* sums, int live) {
+    const __m128i out = to_bf16_8(sum8(sums));
+    if (live == W) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y), out);
+    } else {  // the block's tail: the live columns only
+      alignas(16) uint16_t lanes[W];
+      _mm_store_si128(reinterpret_cast<__m128i*>(lanes), out);
+      std::memcpy(y, lanes, live * sizeof(uint16_t));
+    }
+  }
+};
+#endif
+constexpr int BLOCK_COLS = Lanes::W;  // output columns a block computes: one vector of sums a row of x
 
 // BLOCK_COLS output columns from n0 of M <= 4 rows (y's rows ldy apart); weight rows past n are read as row
-// n - 1 and not stored (sum16 keeps each lane's sum apart, so they do not reach the stored lanes)
+// n - 1 and not stored (the sums keep each lane's apart, so they do not reach the stored lanes)
 template <int M>
 void wide_block(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64_t k, int64_t n0,
                 c10::BFloat16* __restrict y, int64_t ldy) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const int live = static_cast<int>(std::min<int64_t>(16, n - n0));
-  __m512 partial[M][16];
-  for (int r = 0; r < 16; r += 4) {
-    __m512 acc[M][4];
+  using F = Lanes::F;
+  constexpr int W = Lanes::W, R = Lanes::ROWS_AT_ONCE;
+  const int live = static_cast<int>(std::min<int64_t>(W, n - n0));
+  F partial[M][W];
+  for (int r = 0; r < W; r += R) {
+    F acc[M][R];
     for (int m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+      for (int j = 0; j < R; ++j) acc[m][j] = Lanes::zero();
     if (r < live) {
-      const c10::BFloat16* wr[4];
-      for (int j = 0; j < 4; ++j) wr[j] = w + std::min<int64_t>(n0 + r + j, n - 1) * k;
-      for (int64_t c = 0; c < k; c += 32) {
-        __m512 odd_w[4], even_w[4];
-        for (int j = 0; j < 4; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(wr[j] + 4 * k + c), _MM_HINT_T0);  // the next pass's row
-          const __m512i v = _mm512_loadu_si512(wr[j] + c);
-          odd_w[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-          even_w[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const c10::BFloat16* wr[R];
+      for (int j = 0; j < R; ++j) wr[j] = w + std::min<int64_t>(n0 + r + j, n - 1) * k;
+      for (int64_t c = 0; c < k; c += 2 * W) {
+        F odd_w[R], even_w[R];
+        for (int j = 0; j < R; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(wr[j] + R * k + c), _MM_HINT_T0);  // the next pass's row
+          const Lanes::I v = Lanes::load_pairs(wr[j] + c);
+          odd_w[j] = Lanes::odd(v);
+          even_w[j] = Lanes::even(v);
         }
         for (int m = 0; m < M; ++m) {
-          const __m512 xo = _mm512_loadu_ps(x.odd + m * x.pairs + c / 2);
-          const __m512 xe = _mm512_loadu_ps(x.even + m * x.pairs + c / 2);
-          for (int j = 0; j < 4; ++j)  // dot_bf16_pairs' order: the odd elements' product first
-            acc[m][j] = _mm512_fmadd_ps(xe, even_w[j], _mm512_fmadd_ps(xo, odd_w[j], acc[m][j]));
+          const F xo = Lanes::load(x.odd + m * x.pairs + c / 2), xe = Lanes::load(x.even + m * x.pairs + c / 2);
+          for (int j = 0; j < R; ++j)  // dot_bf16_pairs' order: the odd elements' product first
+            acc[m][j] = Lanes::fma(xe, even_w[j], Lanes::fma(xo, odd_w[j], acc[m][j]));
         }
       }
     }
     for (int m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) partial[m][r + j] = acc[m][j];
+      for (int j = 0; j < R; ++j) partial[m][r + j] = acc[m][j];
   }
-  for (int m = 0; m < M; ++m)
-    _mm256_mask_storeu_epi16(y + m * ldy + n0, tail_mask(live), to_bf16(sum16(partial[m])));
+  for (int m = 0; m < M; ++m) Lanes::store(y + m * ldy + n0, partial[m], live);
 }
-#else  // AVX2: 16 ymm registers, so 2 weight rows x 4 rows of x per pass, and blocks of 8 columns
-constexpr int BLOCK_COLS = 8;
-constexpr int ROWS_AT_ONCE = 2;
-
-// v[0..7] -> one vector whose lane i is the sum of v[i]'s 8 lanes, in a fixed order (sum16's tree, 8 wide)
-inline __m256 sum8(const __m256* v) {
-  __m256 pairs[4];
-  for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  __m256 quads[2];
-  for (int i = 0; i < 2; ++i) {  // per 128-bit lane: each of 4 consecutive vectors' sum over that lane
-    const __m256d a = _mm256_castps_pd(pairs[2 * i]), b = _mm256_castps_pd(pairs[2 * i + 1]);
-    quads[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
-  }
-  return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),   // the low 128-bit lanes' sums
-                       _mm256_permute2f128_ps(quads[0], quads[1], 0x31));  // plus the high ones'
-}
-
-// 8 float32 -> 8 bfloat16, rounded to nearest even (avx512.h's to_bf16 without AVX-512 BF16)
-inline __m128i to_bf16_8(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  return _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));  // each fits 16 bits
-}
-
-template <int M>
-void wide_block(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64_t k, int64_t n0,
-                c10::BFloat16* __restrict y, int64_t ldy) {
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const int live = static_cast<int>(std::min<int64_t>(8, n - n0));
-  __m256 partial[M][8];
-  for (int r = 0; r < 8; r += 2) {
-    __m256 acc[M][2];
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < 2; ++j) acc[m][j] = _mm256_setzero_ps();
-    if (r < live) {
-      const c10::BFloat16* wr[2];
-      for (int j = 0; j < 2; ++j) wr[j] = w + std::min<int64_t>(n0 + r + j, n - 1) * k;
-      for (int64_t c = 0; c < k; c += 16) {
-        __m256 odd_w[2], even_w[2];
-        for (int j = 0; j < 2; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(wr[j] + 2 * k + c), _MM_HINT_T0);  // the next pass's row
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + c));
-          odd_w[j] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
-          even_w[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        }
-        for (int m = 0; m < M; ++m) {
-          const __m256 xo = _mm256_loadu_ps(x.odd + m * x.pairs + c / 2);
-          const __m256 xe = _mm256_loadu_ps(x.even + m * x.pairs + c / 2);
-          for (int j = 0; j < 2; ++j)
-            acc[m][j] = _mm256_fmadd_ps(xe, even_w[j], _mm256_fmadd_ps(xo, odd_w[j], acc[m][j]));
-        }
-      }
-    }
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < 2; ++j) partial[m][r + j] = acc[m][j];
-  }
-  for (int m = 0; m < M; ++m) {
-    const __m128i out = to_bf16_8(sum8(partial[m]));
-    if (live == 8) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + m * ldy + n0), out);
-    } else {  // the block's tail: the live columns only
-      alignas(16) uint16_t lanes[8];
-      _mm_store_si128(reinterpret_cast<__m128i*>(lanes), out);
-      std::memcpy(y + m * ldy + n0, lanes, live * sizeof(uint16_t));
-    }
-  }
-}
-#endif
 
 constexpr int64_t ROWS_PER_PASS = 64;  // rows of x a pass over the weights takes: their halves stay in L2
 
