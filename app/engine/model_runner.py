@@ -58,10 +58,10 @@ class ModelRunner:
         # decode attention: the native CPU kernel when it builds here, else torch's SDPA with a mask
         self.decode_attention = native.decode_attention
         bf16 = dtype == torch.bfloat16  # float32 keeps torch's ops: bit-identical to the model's own modules
-        # projections of 1-2 rows: the native kernel where the CPU has AVX-512, else oneDNN. The kernel reads the
-        # plain weights, oneDNN its packed copy: both are held only while the plain copy is small enough
-        # (SmolLM2's 0.27 GB: its single-client speed); a larger model keeps its weights once, packed. On AVX-512
-        # CPUs without BF16 the native bf16_linear takes every projection (oneDNN emulates bf16 there, at less
+        # projections of 1-2 rows: the native kernel where the CPU has AVX-512 or AVX2, else oneDNN. The kernel
+        # reads the plain weights, oneDNN its packed copy: both are held only while the plain copy is small enough
+        # (SmolLM2's 0.27 GB: its single-client speed); a larger model keeps its weights once, packed. On CPUs
+        # without AVX-512 BF16 the native bf16_linear takes every projection (oneDNN emulates bf16 there, at less
         # than half its float32 speed): weights held once, plain, and no budget to keep
         any_rows = bf16 and self.packed_weights and native.bf16_linear is not None
         small = native.bf16_linear if any_rows else native.small_batch_linear if bf16 and self.packed_weights \

@@ -41,9 +41,10 @@ def choose_device(requested: str) -> torch.device:
 
 def _cpu_flags() -> set[str]:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return set()
