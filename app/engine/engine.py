@@ -327,6 +327,8 @@ class Engine:
             self._retire(seq)
         if step.empty:
             return
+        # counted before any of its tokens go out: a caller holding its last token sees this step in stats()
+        self.steps += 1
         # Prefill first, and its first tokens go out before the decode runs: a new request's time to first
         # token is then the step in flight plus its own prefill, not also a decode of the whole batch.
         if step.prefills:
@@ -335,7 +337,6 @@ class Engine:
         if step.decodes:
             self._decode(step.decodes)
         self._flush()
-        self.steps += 1
 
     def _timed(self, fn, *args):
         started = time.perf_counter()
