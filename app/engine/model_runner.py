@@ -63,9 +63,9 @@ class ModelRunner:
         # (SmolLM2's 0.27 GB: its single-client speed); a larger model keeps its weights once, packed. On CPUs
         # without AVX-512 BF16 the native bf16_linear takes every projection (oneDNN emulates bf16 there, at less
         # than half its float32 speed): weights held once, plain, and no budget to keep
-        any_rows = bf16 and self.packed_weights and native.bf16_linear is not None
-        small = native.bf16_linear if any_rows else native.small_batch_linear if bf16 and self.packed_weights \
-            else None
+        native_bf16 = bf16 and self.packed_weights
+        any_rows = native_bf16 and native.bf16_linear is not None
+        small = (native.bf16_linear if any_rows else native.small_batch_linear) if native_bf16 else None
         plain_bytes = linear_weight_bytes(model) if small is not None and not any_rows else 0
         if plain_bytes > small_batch_copy_bytes:
             log.info("linear weights of %.2f GB held once (packed): the small-batch kernel's plain copy is over "

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from app.engine import kernels
 from app.model.families import UnsupportedModel, check_config
 from app.model.source import resolve_checkpoint
 from app.model.spec import ModelSpec, model_spec
@@ -39,23 +40,12 @@ def choose_device(requested: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _cpu_has_fast_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())
 
 
 def _cpu_has_avx512() -> bool:
-    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= kernels.cpu_flags()
 
 
 def choose_dtype(requested: str, device: torch.device, bf16_kernels: Callable[[], bool] = lambda: False) -> torch.dtype:
@@ -79,9 +69,8 @@ def choose_dtype(requested: str, device: torch.device, bf16_kernels: Callable[[]
 
 def _native_bf16_linear(settings: Settings) -> bool:
     """The engine's projections will run on the native bf16_linear (kernels/): the kernels build or load here,
-    and the engine packs its weights (the kernel takes the place of the packed matmul)."""
-    from app.engine import kernels  # the engine's kernels, loaded once per process (the engine reuses them)
-
+    and the engine packs its weights (the kernel takes the place of the packed matmul). The kernels are loaded
+    once per process: the engine reuses them."""
     return settings.native_kernels and settings.pack_weights and \
         kernels.load(settings.cache_dir).bf16_linear is not None
 

@@ -63,10 +63,6 @@ def check_bf16_without_avx512_bf16() -> None:
     print("LEVEL OK")
 
 
-def _cpu_flags() -> set[str]:
-    return set(kernels._cpu_flags().split())
-
-
 @pytest.mark.skipif(shutil.which("g++") is None, reason="building the prebuilt library needs g++")
 @pytest.mark.parametrize("level", ["avx512", "avx2"])
 def test_levels_without_avx512_bf16_load_without_a_compiler_and_compute_right(tmp_path, level):
@@ -74,7 +70,7 @@ def test_levels_without_avx512_bf16_load_without_a_compiler_and_compute_right(tm
     run right: bf16_linear (any rows, float32 FMAs) and decode attention, a row's projection the same at any
     batch size."""
     needs = next(flags for name, _, flags in kernels.PREBUILT_LEVELS if name == level)
-    if not needs <= _cpu_flags():
+    if not needs <= kernels.cpu_flags():
         pytest.skip(f"this CPU cannot run the {level} level")
     prebuild(tmp_path, shutil.which("g++"), only={level})
     code = ("import logging; logging.basicConfig(level=logging.INFO);"

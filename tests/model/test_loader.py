@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
     (set(), False, torch.float32),
 ])
 def test_auto_dtype_on_cpu(monkeypatch, flags, kernels, expected):
-    monkeypatch.setattr(loader, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(loader.kernels, "cpu_flags", lambda: flags)
     asked = []
 
     def bf16_kernels():

@@ -67,7 +67,7 @@ _UNTRIED = object()
 _loaded: bool | object = _UNTRIED  # this process's outcome: the library loaded, or not (SDPA, oneDNN)
 
 
-def _cpu_flags() -> str:
+def _cpu_flags_line() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -75,6 +75,12 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
+    line = _cpu_flags_line()
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
 
 
 def _build(compiler: str, target: Path, march: list[str] | None = None) -> None:
@@ -163,7 +169,7 @@ def choose_prebuilt(directory: Path, cpu_flags: set[str]) -> Path | None:
 
 
 def _load(cache_dir: Path) -> bool:
-    prebuilt = choose_prebuilt(prebuilt_dir(), set(_cpu_flags().split()))
+    prebuilt = choose_prebuilt(prebuilt_dir(), cpu_flags())
     if prebuilt is not None:
         try:
             torch.ops.load_library(str(prebuilt))
@@ -178,7 +184,8 @@ def _load(cache_dir: Path) -> bool:
                     "and projections oneDNN (slower)")
         return False
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256("\n".join([sources_key(), version, " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([sources_key(), version, " ".join(FLAGS),
+                                    _cpu_flags_line()]).encode()).hexdigest()[:16]
     target = cache_dir / "kernels" / f"promptserve-kernels-{key}.so"
     try:
         if not target.is_file():
