@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.roofline import cpu_name, measure_machine, roofline
+from benchmarks.roofline import baseline_dtype, cpu_name, measure_machine, roofline
 from benchmarks.server_process import free_port, spawn, stop, wait_ready
 
 ADMIN_TOKEN = "bench-admin"
@@ -123,12 +123,15 @@ def run(args) -> int:
 
     # plain transformers on the same prompts, the server stopped: the machine to itself
     loaded = load_model(Settings(model=str(directory), max_model_len=args.context))
+    served = loaded.dtype
+    if (hf_dtype := baseline_dtype(served, loaded.device)) != str(served).removeprefix("torch."):
+        loaded = load_model(Settings(model=str(directory), max_model_len=args.context, dtype=hf_dtype))
     with torch.inference_mode():
         hf = hf_batched(loaded.model, loaded.tokenizer, [[{"role": "user", "content": p}] for p in short],
                         args.output_len, 1)
     report["hf_batch1"] = hf
-    machine = measure_machine() if loaded.device.type == "cpu" else None
-    ceiling = roofline(loaded, machine, 1) if machine else None
+    machine = measure_machine(served) if loaded.device.type == "cpu" else None
+    ceiling = roofline(loaded, machine, 1, served) if machine else None
     report["roofline"] = {**(machine or {}), "ceiling_tok_s": ceiling}
     one = report["one_client"]["decode_tok_s"]
     peak = max(report["server_ready"]["peak_gb"], report["server_full"]["peak_gb"])
@@ -136,8 +139,8 @@ def run(args) -> int:
     report["ratios"] = {"one client / HF generate batch 1": one / hf["output_tok_s"],
                         "one client / read-bandwidth ceiling": one / ceiling if ceiling else None,
                         "peak RSS / (1.3 x bf16 weights + 1.2 GB)": peak / budget}
-    print(f"\n{directory.name} on {cpu_name()}, {loaded.dtype}, {args.rows} rows x {args.context} tokens; "
-          f"weights {weights / 1e9:.2f} GB (bf16)")
+    print(f"\n{directory.name} on {cpu_name()}, {served} (transformers in {loaded.dtype}), {args.rows} rows x "
+          f"{args.context} tokens; weights {weights / 1e9:.2f} GB (bf16)")
     print(f"server peak RSS: ready {report['server_ready']['peak_gb']:.2f} GB, after filling every row "
           f"{report['server_full']['peak_gb']:.2f} GB (budget 1.3 x weights + 1.2 GB = {budget:.2f} GB)")
     print(f"one client: {one:.2f} tok/s decode (TTFT p50 {report['one_client']['ttft_p50_s']:.2f} s); "

@@ -8,7 +8,8 @@ Phases against a live server (started here unless --url is given), all with a fi
   single     the top concurrency with every request on one task
   many       1,000 registered prompt sets, each request picking one at random
   upload     a new version uploaded under load: time until it is served, and failed requests
-Baselines, in-process after the server has stopped (same dtype, same prompts and lengths):
+Baselines, in-process after the server has stopped (same prompts and lengths; the served dtype, except bf16
+on a CPU without native bf16 matmuls, where transformers runs float32, its best there: roofline.baseline_dtype):
   HF generate on the bare model with batch = top concurrency, and with batch 1; per-request generate
   with the prompt set prepended through inputs_embeds (what a P-Tuning tutorial would have you write).
 Prints a table with ratios, writes JSON, draws a PNG of throughput and latency against concurrency.
@@ -38,7 +39,7 @@ import httpx
 import torch
 
 from app.settings import DEMO_PROMPT_SETS
-from benchmarks.roofline import cpu_name, measure_machine, roofline
+from benchmarks.roofline import baseline_dtype, cpu_name, describe, measure_machine, roofline
 from benchmarks.server_process import free_port, spawn, stop, wait_ready
 from training.data import read_jsonl
 from training.presets import DATASETS, DEMO
@@ -547,6 +548,11 @@ def _baselines_and_report(args, report: dict, jobs: list[Job], closed: list[dict
     if args.llama_server:
         report["llama_server"] = llama_baseline(args, jobs, concurrencies)
     loaded = load_model(Settings())
+    served = loaded.dtype
+    hf_dtype = baseline_dtype(served, loaded.device)
+    if hf_dtype != str(served).removeprefix("torch."):
+        loaded = load_model(Settings(dtype=hf_dtype))
+    report["hf_dtype"] = hf_dtype
     model, tok = loaded.model, loaded.tokenizer
     base_prompts = [j.messages for j in jobs]
     report["hf_batch"] = hf_batched(model, tok, base_prompts, args.output_len, top)
@@ -580,11 +586,11 @@ def _baselines_and_report(args, report: dict, jobs: list[Job], closed: list[dict
         ratios[f"{args.many} prompt sets / one prompt set"] = (report["many_prompt_sets"]["output_tok_s"]
                                                                / report["one_prompt_set"]["output_tok_s"])
     report["ratios"] = ratios
-    report["device"] = f"{loaded.device} {loaded.dtype} torch {torch.__version__} threads {torch.get_num_threads()}"
+    report["device"] = f"{loaded.device} {served} torch {torch.__version__} threads {torch.get_num_threads()}"
     # the ceiling this machine allows the model, measured with the server stopped, and each result against it
-    machine = measure_machine() if loaded.device.type == "cpu" else None
+    machine = measure_machine(served) if loaded.device.type == "cpu" else None
     if machine:
-        ceilings = {b: roofline(loaded, machine, b) for b in sorted({1, top})}
+        ceilings = {b: roofline(loaded, machine, b, served) for b in sorted({1, top})}
         report["roofline"] = {**machine, "cpu": cpu_name(), "ceiling_tok_s": ceilings}
 
     phases = "the bare model" if args.bare else "mixed tasks unless said"
@@ -601,7 +607,7 @@ def _baselines_and_report(args, report: dict, jobs: list[Job], closed: list[dict
     if "many_prompt_sets" in report:
         print(phase_line(f"{top} clients, one prompt set", report["one_prompt_set"]))
         print(phase_line(f"{top} clients, {args.many} prompt sets", report["many_prompt_sets"]))
-    print("\n| baseline (in-process, server stopped) | output tok/s |\n|---|---|")
+    print(f"\n| baseline (in-process, server stopped; transformers in {hf_dtype}) | output tok/s |\n|---|---|")
     for key, label in (("hf_batch", f"HF generate, bare model, batch {top}"), ("hf_batch1", "HF generate, batch 1"),
                        ("hf_inputs_embeds", "HF generate per request, inputs_embeds")):
         print(f"| {label} | {report[key]['output_tok_s']:.1f} |")
@@ -617,8 +623,7 @@ def _baselines_and_report(args, report: dict, jobs: list[Job], closed: list[dict
         goal = next((g for key, g in goals.items() if key in k), None)
         print(f"| {k} | {v:.2f}x | {f'>= {goal}x' if goal is not None else '-'} |")
     if machine:
-        print(f"\nroofline ({report['roofline']['cpu']}): read {machine['read_gb_s']:.1f} GB/s, bf16 matmul "
-              f"{machine['bf16_gflop_s']:.0f} GFLOP/s -> ceiling " + ", ".join(
+        print(f"\nroofline ({report['roofline']['cpu']}): {describe(machine)} -> ceiling " + ", ".join(
                   f"batch {b} {c:.0f} tok/s" for b, c in ceilings.items()))
         reached = [(f"{top} clients", top_stats["output_tok_s"], ceilings[top])]
         if one:

@@ -7,7 +7,7 @@ writes, norms, rotary, lm_head, sampling: CPU ops are synchronous, so wall time 
 a profiler's per-op overhead would inflate the parts made of many small ops) and the step's wall time is
 split by them; what no timer covers (Python, residual adds, reshapes, mask building) is "other". Also
 prints the share of the step that is not the model's matmuls (the issue's goal: below 35% at batch 64) and
-the roofline for this machine: its measured read bandwidth and bf16 matmul rate give the ceiling on tokens
+the roofline for this machine: its measured read bandwidth and matmul rate give the ceiling on tokens
 per second at batch 1 (every weight read once per token) and at batch 64 (the matmuls' FLOPs), and each
 measured step as a fraction of it.
 """
@@ -25,7 +25,7 @@ from app.model.linear import SMALL_BATCH_ROWS
 from app.model.loader import load_model
 from app.settings import Settings
 from benchmarks.engine_steps import running_sequences
-from benchmarks.roofline import cpu_name, measure_machine, roofline
+from benchmarks.roofline import cpu_name, describe, measure_machine, roofline
 
 # "decode layers (one native op)": every layer of a 1-2 row bf16 step at once (kernels/decode_layers.cpp),
 # which the parts inside it cannot be told apart in; `layer_by_layer_ms` is the same step without it
@@ -142,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     # as the server builds it: the engine owns the model, so its packed copies replace the weights
     runner = Engine(loaded, EngineConfig(max_num_seqs=max(batches), max_model_len=512, speculative_tokens=0,
                                          release_model_weights=True)).runner
-    machine = measure_machine()
-    print(f"CPU: {cpu_name()}; model {loaded.spec.name} in {loaded.dtype}; read {machine['read_gb_s']:.1f} GB/s, "
-          f"bf16 matmul {machine['bf16_gflop_s']:.0f} GFLOP/s")
+    machine = measure_machine(loaded.dtype)
+    print(f"CPU: {cpu_name()}; model {loaded.spec.name} in {loaded.dtype}; {describe(machine)}")
     for batch in batches:
         r = step_breakdown(runner, batch, args.steps)
         parts = r["parts_ms"]

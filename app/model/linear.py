@@ -58,27 +58,34 @@ class PackedLinear:
 
     def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None, small: SmallBatchLinear | None,
               any_rows: bool) -> None:
-        usable = (small is not None and bias is None and weight.dtype == torch.bfloat16
-                  and weight.shape[1] % 32 == 0)
-        self._small = small if usable else None
-        self._plain = weight.contiguous() if usable else None
-        self._any_rows = usable and any_rows
-        # the batch-size hint only tunes the packing; measured equally fast for batches of 1 to 300
-        self.weight = None if self._any_rows else torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        fits = small is not None and weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0
+        self._any_rows = fits and any_rows
+        # the kernel has no bias: it takes a biased linear only where it takes every input (bias added after)
+        self._small = small if fits and (bias is None or self._any_rows) else None
+        self._plain = weight.contiguous() if self._small is not None or any_rows else None
+        # any_rows: oneDNN's bf16 is emulated here, or refused (AVX2), so no packed copy is made; a weight the
+        # kernel cannot take (k not a multiple of 32) runs F.linear on the plain weight. Otherwise the packed
+        # copy; the batch-size hint only tunes the packing (measured equally fast for batches of 1 to 300)
+        self.weight = None if any_rows else torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.bias = bias
         self.out_features = weight.shape[0]
 
     @property
     def small_batch_weight(self) -> torch.Tensor | None:
-        """The plain weight the native small-batch kernel reads (None where it does not run)."""
-        return self._plain
+        """The plain weight the native small-batch kernel reads, for the native decode op (None where the
+        kernel does not run, or where the linear has a bias, which the op does not add)."""
+        return self._plain if self._small is not None and self.bias is None else None
 
     def __call__(self, x: torch.Tensor, small_rows: int = SMALL_BATCH_ROWS) -> torch.Tensor:
         """small_rows: inputs of at most this many rows go to the small-batch kernel (where it runs)."""
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        if self._any_rows or (self._small is not None and rows.shape[0] <= small_rows and x.dtype == torch.bfloat16):
+        if self._small is not None and (self._any_rows or (rows.shape[0] <= small_rows and x.dtype == torch.bfloat16)):
             y = self._small(rows, self._plain)  # with any_rows, a non-bf16 input is refused by the kernel by name
+            if self.bias is not None:  # (any_rows only) rounded twice, where oneDNN adds it before rounding
+                y = y + self.bias
+        elif self.weight is None:
+            y = F.linear(rows, self._plain, self.bias)
         else:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return y.view(*lead, self.out_features)

@@ -40,12 +40,10 @@ def choose_device(requested: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
+    """oneDNN's bf16 matmul runs natively here (AVX-512 BF16 or AMX); elsewhere it is emulated (AVX-512) or
+    reference code (AVX2), and torch's bf16 ops run far below their float32 speed."""
     return bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())
-
-
-def _cpu_has_avx512() -> bool:
-    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= kernels.cpu_flags()
 
 
 def choose_dtype(requested: str, device: torch.device, bf16_kernels: Callable[[], bool] = lambda: False) -> torch.dtype:
@@ -59,10 +57,11 @@ def choose_dtype(requested: str, device: torch.device, bf16_kernels: Callable[[]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # bf16 decodes ~1.6x faster than fp32 on CPUs with AVX-512 BF16. On other AVX-512 CPUs oneDNN emulates it
-    # at well under its float32 speed, but the native bf16_linear reads bf16 weights into float32 FMAs: 2.9x
-    # float32's step speed at batch 1 and 1.2x at 64 on an Ice Lake, in half the memory. AVX2 CPUs keep float32
-    # (the kernel's 8-lane build is not measured on one; bf16 asked for there runs on it). Elsewhere float32.
-    if _cpu_has_fast_bf16() or (_cpu_has_avx512() and bf16_kernels()):
+    # at well under its float32 speed, and on AVX2-only ones it runs reference code (~1 GFLOP/s on a Zen 3
+    # EPYC), but the native bf16_linear reads bf16 weights into float32 FMAs: float32's step speed x2.9 at
+    # batch 1 and x1.2 at 64 on an Ice Lake, x2.8 and x1.5 on a Zen 3 EPYC (AVX2), in half the memory.
+    # Elsewhere (no kernels: no compiler and no prebuilt level, or neither AVX2 nor AVX-512) float32.
+    if cpu_has_native_bf16() or bf16_kernels():
         return torch.bfloat16
     return torch.float32
 

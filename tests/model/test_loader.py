@@ -14,7 +14,8 @@ CPU = torch.device("cpu")
     ({"avx2", "fma", "amx_bf16"}, False, torch.bfloat16),
     (AVX512, True, torch.bfloat16),  # Ice Lake with the native kernels: bf16_linear
     (AVX512, False, torch.float32),  # Ice Lake without them: oneDNN's emulated bf16 is slower than float32
-    ({"avx2", "fma"}, True, torch.float32),  # AVX2 only: the kernel is not measured on such a CPU
+    ({"avx2", "fma"}, True, torch.bfloat16),  # AVX2 only (Zen 2-3): bf16_linear's 8-lane build
+    ({"avx2", "fma"}, False, torch.float32),  # oneDNN's bf16 there is reference code
     (set(), False, torch.float32),
 ])
 def test_auto_dtype_on_cpu(monkeypatch, flags, kernels, expected):
