@@ -19,7 +19,8 @@
 // for 4 rows of x at a time (4 weight rows x 4 rows of x per pass). The arithmetic is dot_bf16_pairs' to the
 // bit, in the same order, so a row's result is the same at any batch size, and the same as small_batch_linear's.
 // AVX2 CPUs (AMD Zen 2-3, Intel Haswell to Alder Lake's cores) run the same kernel 8 lanes wide, which has 16
-// registers: 2 weight rows x 4 rows of x per pass, blocks of 8 columns; oneDNN's bf16 there is emulated too.
+// registers: 2 weight rows x 4 rows of x per pass (4 x 1 for a single row), blocks of 8 columns; oneDNN's bf16
+// there is reference code (~1 GFLOP/s on a Zen 3 EPYC) and it packs no bf16 weights at all.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -92,13 +93,14 @@ struct SplitRows {
   int64_t pairs;  // k / 2
 };
 
-// The vector operations the wide kernel needs, per instruction set: W lanes of float32, the weight rows a pass
-// reads together (as many as the register file holds accumulators for: 4 x 4 of 32 registers, 4 x 2 of 16)
+// The vector operations the wide kernel needs, per instruction set: W lanes of float32, and the weight rows a
+// pass reads together (rows_at_once: as many as the register file holds accumulators for)
 #ifdef PROMPTSERVE_AVX512
 struct Lanes {
   using F = __m512;
   using I = __m512i;
-  static constexpr int W = 16, ROWS_AT_ONCE = 4;
+  static constexpr int W = 16;
+  static constexpr int rows_at_once(int) { return 4; }
   static F zero() { return _mm512_setzero_ps(); }
   static I load_pairs(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }  // W bf16 pairs
   static F odd(I v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u)))); }
@@ -114,7 +116,11 @@ struct Lanes {
 struct Lanes {
   using F = __m256;
   using I = __m256i;
-  static constexpr int W = 8, ROWS_AT_ONCE = 2;
+  static constexpr int W = 8;
+  // one row of x: 4 weight rows (4 accumulators + 8 weight halves + 2 of x = 14 registers), so that 4 chains
+  // of dependent FMAs hide their latency (2 left a decode step's projections at half the read bandwidth);
+  // more rows of x: 2 (8 accumulators + 4 + 2)
+  static constexpr int rows_at_once(int m) { return m == 1 ? 4 : 2; }
   static F zero() { return _mm256_setzero_ps(); }
   static I load_pairs(const c10::BFloat16* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static F odd(I v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u)))); }
@@ -165,7 +171,7 @@ template <int M>
 void wide_block(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64_t k, int64_t n0,
                 c10::BFloat16* __restrict y, int64_t ldy) {
   using F = Lanes::F;
-  constexpr int W = Lanes::W, R = Lanes::ROWS_AT_ONCE;
+  constexpr int W = Lanes::W, R = Lanes::rows_at_once(M);
   const int live = static_cast<int>(std::min<int64_t>(W, n - n0));
   F partial[M][W];
   for (int r = 0; r < W; r += R) {
@@ -211,7 +217,7 @@ void wide_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t m, int64_
   });
   for (int64_t m0 = 0; m0 < m; m0 += ROWS_PER_PASS) {
     const int64_t rows = std::min(ROWS_PER_PASS, m - m0);
-    // a block is BLOCK_COLS / ROWS_AT_ONCE passes of the FMA loop per 4 rows: small grains at many rows
+    // a block is BLOCK_COLS / rows_at_once passes of the FMA loop per 4 rows: small grains at many rows
     at::parallel_for(0, (n + BLOCK_COLS - 1) / BLOCK_COLS, rows <= 4 ? 128 / BLOCK_COLS : 1,
                      [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
