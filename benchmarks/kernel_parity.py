@@ -5,9 +5,10 @@ prompts (the embedded model in its serving dtype, 64 tokens each):
 
 Together (the default) the prompts decode as one batch: only decode attention differs (native kernel vs
 SDPA). --alone decodes each prompt by itself, where the bfloat16 projections of a one-row step also run
-natively (small_batch_linear vs oneDNN). Prints how many outputs are identical and, for each that is not,
-the first token where they part and the two candidates' logits gap there (a near-tie that float rounding
-can flip). Both run in the same engine code.
+natively (small_batch_linear vs oneDNN). On a CPU without native bf16 matmuls (AVX-512 without BF16, AVX2)
+torch's ops run in float32 (roofline.baseline_dtype) and every projection is native. Prints how many
+outputs are identical and, for each that is not, the first token where they part and the two candidates'
+logits gap there (a near-tie that float rounding can flip). Both run in the same engine code.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from app.engine.engine import Engine, EngineConfig
 from app.engine.types import EngineRequest, SamplingParams
 from app.model.loader import load_model
 from app.settings import Settings
-from benchmarks.roofline import cpu_name
+from benchmarks.roofline import baseline_dtype, cpu_name
 from benchmarks.serving import load_prompts
 
 
@@ -61,13 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     messages = [m for task in per_task.values() for m in task][:args.prompts]
     prompts = [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
                           add_special_tokens=False) for m in messages]
-    sdpa = generate(loaded, prompts, None, args.max_tokens, args.alone)
+    # torch's ops in the served dtype; where this CPU has no native bf16 matmul (AVX2: reference code at ~1
+    # GFLOP/s, an hour for this run) in float32, which the native bf16 output is then compared with directly
+    reference_dtype = baseline_dtype(loaded.dtype, loaded.device)
+    reference = loaded if reference_dtype == str(loaded.dtype).removeprefix("torch.") \
+        else load_model(Settings(dtype=reference_dtype))
+    sdpa = generate(reference, prompts, None, args.max_tokens, args.alone)
     native = generate(loaded, prompts, str(settings.cache_dir), args.max_tokens, args.alone)
     same = sum(a == b for a, b in zip(sdpa, native))
     print(f"CPU: {cpu_name()}; {loaded.spec.name} in {loaded.dtype}; greedy, {args.max_tokens} tokens, "
           f"{len(prompts)} benchmark prompts decoded {'one at a time' if args.alone else 'together'}: "
-          f"identical {same} of {len(prompts)} (torch's ops vs the native kernels)")
-    if loaded.dtype != torch.float32:  # which of the two stays closer to float32 attention and weights?
+          f"identical {same} of {len(prompts)} (torch's ops in {reference.dtype} vs the native kernels)")
+    if reference.dtype != torch.float32:  # which of the two stays closer to float32 attention and weights?
         exact = generate(load_model(Settings(dtype="float32")), prompts, None, args.max_tokens, args.alone)
 
         def agree(xs):
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                        for a, b in zip(xs, exact)) / len(xs)
         print(f"mean tokens before parting from the float32 model's greedy output: torch {agree(sdpa):.1f}, "
               f"native {agree(native):.1f} (of {args.max_tokens})")
-    model = loaded.model
+    model = reference.model
     for k, (a, b) in enumerate(zip(sdpa, native)):
         if a == b:
             continue

@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "avx2.h"
 #include "avx512.h"
 
 #include <algorithm>
@@ -222,6 +223,122 @@ void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __r
 }
 #endif
 
+#ifdef PROMPTSERVE_AVX2
+namespace avx2 = promptserve::avx2;
+
+// The bfloat16 path on AVX2 CPUs (AMD Zen 2-3, Intel Haswell to Alder Lake's cores): attend_one_bf16 above,
+// 8 lanes wide, with its 16 registers in mind. q.k as bf16 pairs split into float32 halves (the two-FMA form of
+// dot_bf16_pairs), 8 keys' partial sums reduced together (sum8); softmax 8 keys at a time, the tail masked;
+// p.v over blocks of value columns so that the accumulators of all G queries fit the registers.
+inline __m256 exp_nonpositive8(__m256 x) {  // exp_nonpositive on 8 lanes: the same reduction and polynomial
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 whole = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, whole);
+  __m256 p = _mm256_set1_ps(1.8775767e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.9893397e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5826318e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4015361e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9315308e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.9999994e-1f));
+  const __m256i two_to_whole =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(whole), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_whole));
+}
+
+inline float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float add8(__m256 v) {  // a fixed order: halves, then pairs, then the last two
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int G, int D>
+void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k, int64_t k_step,
+                     const c10::BFloat16* __restrict v, int64_t v_step, int64_t len, float scale,
+                     float* __restrict scores, c10::BFloat16* __restrict out, const c10::BFloat16*, int64_t) {
+  static_assert(D % 32 == 0, "a key row is whole 16-lane bfloat16 vectors, value blocks whole 32 columns");
+  constexpr int KW = D / 16;                 // 256-bit vectors of bf16 pairs in a key row
+  constexpr int VB = G <= 3 ? 4 : 2;         // value vectors (8 columns each) a p.v pass accumulates
+  const int64_t padded = (len + 7) / 8 * 8;  // scores rows are padded to whole blocks of 8 keys
+  alignas(32) float q_odd[G][KW * 8], q_even[G][KW * 8];  // q split once, read from L1 for every key
+  for (int gi = 0; gi < G; ++gi)
+    for (int c = 0; c < KW; ++c) {
+      const __m256i pairs = avx2::load_pairs(q + gi * D + c * 16);
+      _mm256_store_ps(q_odd[gi] + c * 8, avx2::odd(pairs));
+      _mm256_store_ps(q_even[gi] + c * 8, avx2::even(pairs));
+    }
+  const __m256 sc = _mm256_set1_ps(scale);
+  __m256 partial[G][8];
+  for (int64_t block = 0; block < len; block += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, len - block));
+    for (int t = 0; t < 8; ++t) {
+      if (t < n) {
+        const c10::BFloat16* kt = k + (block + t) * k_step;
+        __m256 k_odd[KW], k_even[KW];
+        for (int c = 0; c < KW; ++c) {
+          const __m256i pairs = avx2::load_pairs(kt + c * 16);
+          k_odd[c] = avx2::odd(pairs);
+          k_even[c] = avx2::even(pairs);
+        }
+        for (int gi = 0; gi < G; ++gi) {  // dot_bf16_pairs' order: the odd elements' product first
+          __m256 s = _mm256_setzero_ps();
+          for (int c = 0; c < KW; ++c)
+            s = _mm256_fmadd_ps(_mm256_load_ps(q_even[gi] + c * 8), k_even[c],
+                                _mm256_fmadd_ps(_mm256_load_ps(q_odd[gi] + c * 8), k_odd[c], s));
+          partial[gi][t] = s;
+        }
+      } else {
+        for (int gi = 0; gi < G; ++gi) partial[gi][t] = _mm256_setzero_ps();
+      }
+    }
+    for (int gi = 0; gi < G; ++gi)
+      _mm256_storeu_ps(scores + gi * padded + block, _mm256_mul_ps(avx2::sum8(partial[gi]), sc));
+  }
+  float inv[G];  // softmax numerators in place, 8 keys at a time (the tail zeroed); 1/sum applied at the end
+  for (int gi = 0; gi < G; ++gi) {
+    float* s = scores + gi * padded;
+    __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < len; t += 8)
+      m = _mm256_max_ps(m, _mm256_blendv_ps(m, _mm256_loadu_ps(s + t), avx2::tail_mask(len - t)));
+    const __m256 top = _mm256_set1_ps(max8(m));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; t += 8) {
+      const __m256 e =
+          _mm256_and_ps(avx2::tail_mask(len - t), exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + t), top)));
+      _mm256_storeu_ps(s + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    inv[gi] = 1.f / add8(sum);
+  }
+  for (int c0 = 0; c0 < D / 8; c0 += VB) {  // VB value vectors of every query per pass over the values
+    __m256 acc[G][VB];
+    for (int gi = 0; gi < G; ++gi)
+      for (int c = 0; c < VB; ++c) acc[gi][c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const c10::BFloat16* vt = v + t * v_step + c0 * 8;
+      __m256 row[VB];
+      for (int c = 0; c < VB; ++c) row[c] = avx2::bf16_to_f32(vt + c * 8);
+      for (int gi = 0; gi < G; ++gi) {
+        const __m256 p = _mm256_broadcast_ss(scores + gi * padded + t);
+        for (int c = 0; c < VB; ++c) acc[gi][c] = _mm256_fmadd_ps(p, row[c], acc[gi][c]);
+      }
+    }
+    for (int gi = 0; gi < G; ++gi) {  // normalized, rounded to nearest even as static_cast<BFloat16> does
+      const __m256 scale_out = _mm256_set1_ps(inv[gi]);
+      for (int c = 0; c < VB; ++c)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + gi * D + (c0 + c) * 8),
+                         avx2::to_bf16(_mm256_mul_ps(acc[gi][c], scale_out)));
+    }
+  }
+}
+#endif
+
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& lengths, const int64_t* rows, double scale, at::Tensor& out) {
@@ -240,7 +357,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   else if (g == 4 && d == 128) attend = attend_one<T, 4, 128>;  // Llama-3-8B (32 heads, 8 KV heads)
   else if (g == 1 && d == 64) attend = attend_one<T, 1, 64>;
   else if (g == 1 && d == 128) attend = attend_one<T, 1, 128>;
-#ifdef PROMPTSERVE_AVX512
+#if defined(PROMPTSERVE_AVX512) || defined(PROMPTSERVE_AVX2)
   void (*attend_bf16)(const c10::BFloat16*, const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t,
                       float, float*, c10::BFloat16*, const c10::BFloat16*, int64_t) = nullptr;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -259,7 +376,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kvh, h = task % kvh, b = rows ? rows[i] : i;
       const int64_t len = length_of(i);
-#ifdef PROMPTSERVE_AVX512
+#if defined(PROMPTSERVE_AVX512) || defined(PROMPTSERVE_AVX2)
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (attend_bf16 != nullptr) {
           // the next task's keys (same row's next head, or the next row) are prefetched during this one's

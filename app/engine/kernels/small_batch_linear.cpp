@@ -32,10 +32,8 @@
 #include <cstring>
 #include <vector>
 
+#include "avx2.h"
 #include "avx512.h"
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -81,8 +79,7 @@ void linear_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t n, int6
 #endif
 
 // The wide kernel: on AVX-512 CPUs without BF16, and (8 lanes instead of 16) on AVX2 CPUs
-#if (defined(PROMPTSERVE_AVX512) && !defined(__AVX512BF16__)) || \
-    (!defined(PROMPTSERVE_AVX512) && defined(__AVX2__) && defined(__FMA__))
+#if (defined(PROMPTSERVE_AVX512) && !defined(__AVX512BF16__)) || defined(PROMPTSERVE_AVX2)
 #define PROMPTSERVE_WIDE 1
 
 // Rows of x as float32 halves of its bf16 pairs, [m][k / 2] each: `odd` holds elements 2i + 1, `even` 2i (what
@@ -122,37 +119,14 @@ struct Lanes {
   // more rows of x: 2 (8 accumulators + 4 + 2)
   static constexpr int rows_at_once(int m) { return m == 1 ? 4 : 2; }
   static F zero() { return _mm256_setzero_ps(); }
-  static I load_pairs(const c10::BFloat16* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static F odd(I v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u)))); }
-  static F even(I v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+  static I load_pairs(const c10::BFloat16* p) { return promptserve::avx2::load_pairs(p); }
+  static F odd(I v) { return promptserve::avx2::odd(v); }
+  static F even(I v) { return promptserve::avx2::even(v); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 
-  // v[0..7] -> one vector whose lane i is the sum of v[i]'s 8 lanes, in a fixed order (sum16's tree, 8 wide)
-  static F sum8(const F* v) {
-    F pairs[4];
-    for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-      pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    F quads[2];
-    for (int i = 0; i < 2; ++i) {  // per 128-bit lane: each of 4 consecutive vectors' sum over that lane
-      const __m256d a = _mm256_castps_pd(pairs[2 * i]), b = _mm256_castps_pd(pairs[2 * i + 1]);
-      quads[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
-    }
-    return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),   // the low 128-bit lanes' sums
-                         _mm256_permute2f128_ps(quads[0], quads[1], 0x31));  // plus the high ones'
-  }
-
-  // 8 float32 -> 8 bfloat16, rounded to nearest even (avx512.h's to_bf16 without AVX-512 BF16)
-  static __m128i to_bf16_8(F v) {
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-    return _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));  // each fits 16 bits
-  }
-
   static void store(c10::BFloat16* y, const F* sums, int live) {
-    const __m128i out = to_bf16_8(sum8(sums));
+    const __m128i out = promptserve::avx2::to_bf16(promptserve::avx2::sum8(sums));
     if (live == W) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(y), out);
     } else {  // the block's tail: the live columns only
