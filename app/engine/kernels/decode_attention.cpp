@@ -43,17 +43,17 @@ inline float to_float(c10::Half x) { return static_cast<float>(x); }
 // degree-5 polynomial for 2^f on [0, 1) (relative error < 1e-7, float32's own precision). glibc's scalar
 // expf does not vectorize without -ffast-math, which would also drop the IEEE semantics of everything
 // else here; a decode step needs ~2 million of these.
+constexpr float EXP2_POLY[] = {1.8775767e-3f, 8.9893397e-3f, 5.5826318e-2f, 2.4015361e-1f, 6.9315308e-1f,
+                               9.9999994e-1f};  // 2^f on [0, 1), highest power first
+constexpr int EXP2_TERMS = sizeof(EXP2_POLY) / sizeof(float);
+
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.f);  // below, exp underflows float32 anyway (the result is then ~1e-38, not 0)
   const float t = x * 1.44269504088896341f;
   const float whole = std::floor(t);
   const float f = t - whole;
-  float p = 1.8775767e-3f;
-  p = p * f + 8.9893397e-3f;
-  p = p * f + 5.5826318e-2f;
-  p = p * f + 2.4015361e-1f;
-  p = p * f + 6.9315308e-1f;
-  p = p * f + 9.9999994e-1f;
+  float p = EXP2_POLY[0];
+  for (int i = 1; i < EXP2_TERMS; ++i) p = p * f + EXP2_POLY[i];
   return p * std::bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(whole) + 127) << 23);
 }
 
@@ -131,12 +131,8 @@ inline __m512 exp_nonpositive16(__m512 x) {
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, whole);
-  __m512 p = _mm512_set1_ps(1.8775767e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.9893397e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5826318e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015361e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315308e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999994e-1f));
+  __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+  for (int i = 1; i < EXP2_TERMS; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
   const __m512i two_to_whole =
       _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(two_to_whole));
@@ -235,12 +231,8 @@ inline __m256 exp_nonpositive8(__m256 x) {  // exp_nonpositive on 8 lanes: the s
   const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
   const __m256 whole = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, whole);
-  __m256 p = _mm256_set1_ps(1.8775767e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.9893397e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5826318e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4015361e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9315308e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.9999994e-1f));
+  __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
+  for (int i = 1; i < EXP2_TERMS; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
   const __m256i two_to_whole =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(whole), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_whole));
