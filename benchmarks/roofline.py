@@ -22,7 +22,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def matmul_gflop_s(dtype: torch.dtype, budget_s: float = 0.2) -> float:
+def matmul_gflop_s(dtype: torch.dtype, budget_s: float = 1.0) -> float:
     """The rate of one square matmul in `dtype`, as large as fits the time budget (up to 2048): where a dtype
     has no native kernel (bf16 on an AVX2-only CPU is oneDNN's reference code, well under 1 GFLOP/s) a 2048
     matmul would take minutes; elsewhere the largest one gives the peak."""
