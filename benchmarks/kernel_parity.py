@@ -22,7 +22,7 @@ from app.engine.engine import Engine, EngineConfig
 from app.engine.types import EngineRequest, SamplingParams
 from app.model.loader import load_model
 from app.settings import Settings
-from benchmarks.roofline import baseline_dtype, cpu_name
+from benchmarks.roofline import baseline_dtype, cpu_name, load_baseline
 from benchmarks.serving import load_prompts
 
 
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                           add_special_tokens=False) for m in messages]
     # torch's ops in the served dtype; where this CPU has no native bf16 matmul (AVX2: reference code at ~1
     # GFLOP/s, an hour for this run) in float32, which the native bf16 output is then compared with directly
-    reference_dtype = baseline_dtype(loaded.dtype, loaded.device)
-    reference = loaded if reference_dtype == str(loaded.dtype).removeprefix("torch.") \
-        else load_model(Settings(dtype=reference_dtype))
+    reference = loaded if baseline_dtype(loaded.dtype, loaded.device) == loaded.dtype else load_baseline(settings)[0]
     sdpa = generate(reference, prompts, None, args.max_tokens, args.alone)
     native = generate(loaded, prompts, str(settings.cache_dir), args.max_tokens, args.alone)
     same = sum(a == b for a, b in zip(sdpa, native))

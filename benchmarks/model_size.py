@@ -13,14 +13,13 @@ checkpoints of real models' shapes (`build_random_checkpoint`).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
 from pathlib import Path
 
 import httpx
 
-from benchmarks.roofline import baseline_dtype, cpu_name, measure_machine, roofline
+from benchmarks.roofline import cpu_name, load_baseline, measure_machine, roofline
 from benchmarks.server_process import free_port, spawn, stop, wait_ready
 
 ADMIN_TOKEN = "bench-admin"
@@ -85,8 +84,6 @@ def run(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from app.model.loader import load_model
-    from app.model.memory import available_bytes
     from app.settings import Settings
     from benchmarks.serving import hf_batched
 
@@ -124,17 +121,7 @@ def run(args) -> int:
         stop(proc, timeout=60)
 
     # plain transformers on the same prompts, the server stopped: the machine to itself
-    loaded = load_model(Settings(model=str(directory), max_model_len=args.context))
-    served, device = loaded.dtype, loaded.device
-    if (hf_dtype := baseline_dtype(served, device)) != str(served).removeprefix("torch."):
-        del loaded  # float32 takes twice the bf16 weights: only where it fits, else the served dtype (slow)
-        gc.collect()
-        room = available_bytes(device)
-        if room is not None and 2 * weights > 0.9 * room:
-            print(f"transformers in float32 needs {2 * weights / 1e9:.1f} GB, {room / 1e9:.1f} GB are free: "
-                  f"it runs in {served} instead (not native on this CPU: slow)", flush=True)
-            hf_dtype = str(served).removeprefix("torch.")
-        loaded = load_model(Settings(model=str(directory), max_model_len=args.context, dtype=hf_dtype))
+    loaded, served = load_baseline(Settings(model=str(directory), max_model_len=args.context), weights)
     with torch.inference_mode():
         hf = hf_batched(loaded.model, loaded.tokenizer, [[{"role": "user", "content": p}] for p in short],
                         args.output_len, 1)

@@ -58,15 +58,32 @@ def measure_machine(dtype: torch.dtype = torch.bfloat16) -> dict:
     return {"read_gb_s": bandwidth, "matmul_gflop_s": rates[best], "matmul_dtype": best, "matmul_rates": rates}
 
 
-def baseline_dtype(served: torch.dtype, device: torch.device) -> str:
+def baseline_dtype(served: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype plain transformers runs in for a baseline: the served one, except bf16 on a CPU whose oneDNN
     has no native bf16 matmul (AVX-512 without BF16: emulated at under half its float32 speed; AVX2: reference
     code at ~1 GFLOP/s, a batch-64 baseline would take an hour), where transformers at its best is float32."""
     from app.model.loader import cpu_has_native_bf16
 
     if served == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
-        return "float32"
-    return str(served).removeprefix("torch.")
+        return torch.float32
+    return served
+
+
+def load_baseline(settings, weight_bytes: int | None = None):
+    """(the model plain transformers runs for these settings' baselines, the dtype the server runs them in),
+    loaded once: in baseline_dtype, float32 only where twice the bf16 weights (weight_bytes, when known) fit
+    the free memory; else in the served dtype, said (not native on such a CPU: slow)."""
+    from app.model.loader import load_model, served_device_and_dtype
+    from app.model.memory import available_bytes
+
+    device, served = served_device_and_dtype(settings)
+    dtype = baseline_dtype(served, device)
+    room = available_bytes(device)
+    if dtype != served and weight_bytes is not None and room is not None and 2 * weight_bytes > 0.9 * room:
+        print(f"transformers in float32 needs {2 * weight_bytes / 1e9:.1f} GB, {room / 1e9:.1f} GB are free: it "
+              f"runs in {served} instead (not native on this CPU: slow)", flush=True)
+        dtype = served
+    return load_model(settings.model_copy(update={"dtype": str(dtype).removeprefix("torch.")})), served
 
 
 def describe(machine: dict) -> str:

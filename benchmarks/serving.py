@@ -39,7 +39,7 @@ import httpx
 import torch
 
 from app.settings import DEMO_PROMPT_SETS
-from benchmarks.roofline import baseline_dtype, cpu_name, describe, measure_machine, roofline
+from benchmarks.roofline import cpu_name, describe, load_baseline, measure_machine, roofline
 from benchmarks.server_process import free_port, spawn, stop, wait_ready
 from training.data import read_jsonl
 from training.presets import DATASETS, DEMO
@@ -542,16 +542,12 @@ def _baselines_and_report(args, report: dict, jobs: list[Job], closed: list[dict
                           concurrencies: list[int], top: int) -> None:
     """The baselines, with the server stopped so they have the machine to themselves; then the ratios, the
     tables and the files."""
-    from app.model.loader import load_model
     from app.settings import Settings
 
     if args.llama_server:
         report["llama_server"] = llama_baseline(args, jobs, concurrencies)
-    loaded = load_model(Settings())
-    served = loaded.dtype
-    hf_dtype = baseline_dtype(served, loaded.device)
-    if hf_dtype != str(served).removeprefix("torch."):
-        loaded = load_model(Settings(dtype=hf_dtype))
+    loaded, served = load_baseline(Settings())
+    hf_dtype = str(loaded.dtype).removeprefix("torch.")
     report["hf_dtype"] = hf_dtype
     model, tok = loaded.model, loaded.tokenizer
     base_prompts = [j.messages for j in jobs]

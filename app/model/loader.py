@@ -66,6 +66,12 @@ def choose_dtype(requested: str, device: torch.device, bf16_kernels: Callable[[]
     return torch.float32
 
 
+def served_device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype load_model puts the model for these settings (nothing is loaded)."""
+    device = choose_device(settings.device)
+    return device, choose_dtype(settings.dtype, device, lambda: _native_bf16_linear(settings))
+
+
 def _native_bf16_linear(settings: Settings) -> bool:
     """The engine's projections will run on the native bf16_linear (kernels/): the kernels build or load here,
     and the engine packs its weights (the kernel takes the place of the packed matmul). The kernels are loaded
@@ -174,8 +180,7 @@ def read_safetensors(checkpoint: Path, dtype: torch.dtype) -> dict[str, torch.Te
 
 def load_model(settings: Settings) -> LoadedModel:
     checkpoint, name = resolve_checkpoint(settings.model, settings.cache_dir)
-    device = choose_device(settings.device)
-    dtype = choose_dtype(settings.dtype, device, lambda: _native_bf16_linear(settings))
+    device, dtype = served_device_and_dtype(settings)
     log.info("loading %s from %s on %s as %s", name, checkpoint, device, dtype)
     model, tokenizer = load_checkpoint(checkpoint, device, dtype, settings.max_model_len)
     spec = model_spec(model, name)

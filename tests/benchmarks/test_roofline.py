@@ -19,9 +19,9 @@ def test_the_ceiling_is_bandwidth_bound_at_batch_1_and_compute_bound_at_a_large_
 def test_transformers_baselines_run_float32_where_bf16_matmuls_are_not_native(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(loader.kernels, "cpu_flags", lambda: {"avx2", "fma"})  # AVX2 only: reference bf16
-    assert baseline_dtype(torch.bfloat16, cpu) == "float32"
-    assert baseline_dtype(torch.float32, cpu) == "float32"
-    assert baseline_dtype(torch.bfloat16, torch.device("cuda")) == "bfloat16"
+    assert baseline_dtype(torch.bfloat16, cpu) == torch.float32
+    assert baseline_dtype(torch.float32, cpu) == torch.float32
+    assert baseline_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
     monkeypatch.setattr(loader.kernels, "cpu_flags", lambda: {"avx2", "fma", "amx_bf16"})
-    assert baseline_dtype(torch.bfloat16, cpu) == "bfloat16"
+    assert baseline_dtype(torch.bfloat16, cpu) == torch.bfloat16
 
