@@ -52,7 +52,6 @@ class ModelRunner:
                  prompt_cache_bytes: int = 0, speculative_tokens: int = 0,
                  stop_token_ids: frozenset[int] = frozenset()):
         self.device = device
-        self.packed_weights = pack_weights and packing_works(device, dtype)
         native = kernels.load(kernel_cache_dir) if kernel_cache_dir is not None and device.type == "cpu" \
             else kernels.NativeKernels()
         # decode attention: the native CPU kernel when it builds here, else torch's SDPA with a mask
@@ -62,18 +61,18 @@ class ModelRunner:
         # reads the plain weights, oneDNN its packed copy: both are held only while the plain copy is small enough
         # (SmolLM2's 0.27 GB: its single-client speed); a larger model keeps its weights once, packed. On CPUs
         # without AVX-512 BF16 the native bf16_linear takes every projection (oneDNN emulates bf16 there, at less
-        # than half its float32 speed): weights held once, plain, and no budget to keep
-        # without AVX-512 oneDNN cannot pack bf16 at all (AVX2: refused) and its F.linear is reference code
-        # (~1 GFLOP/s on a Zen 3 EPYC): bf16_linear needs no packing, so it runs there all the same
+        # than half its float32 speed, and on AVX2 refuses to pack it and runs reference code, ~1 GFLOP/s on a
+        # Zen 3 EPYC): weights held once, plain, no oneDNN packing needed, and no budget to keep
         any_rows = bf16 and pack_weights and native.bf16_linear is not None
-        native_bf16 = bf16 and (self.packed_weights or any_rows)
-        small = (native.bf16_linear if any_rows else native.small_batch_linear) if native_bf16 else None
+        pack = pack_weights and (any_rows or packing_works(device, dtype))
+        small = (native.bf16_linear if any_rows else native.small_batch_linear) if bf16 and pack \
+            else None
         plain_bytes = linear_weight_bytes(model) if small is not None and not any_rows else 0
         if plain_bytes > small_batch_copy_bytes:
             log.info("linear weights of %.2f GB held once (packed): the small-batch kernel's plain copy is over "
                      "its budget of %.2f GB", plain_bytes / 1e9, small_batch_copy_bytes / 1e9)
             small = None
-        self.forward = DecoderForward(model, pack_weights=self.packed_weights or any_rows, small_linear=small,
+        self.forward = DecoderForward(model, pack_weights=pack, small_linear=small,
                                       add_rms_norm=native.add_rms_norm if bf16 else None,
                                       release_model_weights=release_model_weights,
                                       decode_layers=native.decode_layers if small is not None else None,
