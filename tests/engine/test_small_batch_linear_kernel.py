@@ -103,12 +103,13 @@ def wide(native_kernels):
     return native_kernels.bf16_linear
 
 
-def test_bf16_linear_rows_are_the_same_at_any_batch_and_as_the_small_kernel(wide, small):
+@pytest.mark.parametrize("k", [576, 1568])  # 1568: 4 rows of x take k in spans (L1), 1 row in one
+def test_bf16_linear_rows_are_the_same_at_any_batch_and_as_the_small_kernel(wide, small, k):
     """Each row is computed alone in one order: 1, 3 or 70 rows at a time, and the 1-4 row kernel, agree to
     the bit (so a request's tokens do not depend on what it is batched with, and speculation stays exact)."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(70, 576, generator=g).bfloat16()
-    w = (torch.randn(200, 576, generator=g) * 0.05).bfloat16()
+    x = torch.randn(70, k, generator=g).bfloat16()
+    w = (torch.randn(200, k, generator=g) * 0.05).bfloat16()
     together = wide(x, w)
     assert torch.equal(together[:3], wide(x[:3], w))
     assert torch.equal(together[:4], small(x[:4], w))

@@ -50,7 +50,7 @@ SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "small_batch_linear.cpp", "add_rms_norm.cpp",
                         "rotary_cache_write.cpp", "decode_layers.cpp")]
 # included by the sources: part of the build's key
-HEADERS = [Path(__file__).with_name(name) for name in ("avx512.h", "avx2.h", "kernels.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("avx512.h", "avx2.h", "kernels.h", "parallel.h")]
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so elementwise kernels round as
 # torch's own operations do (rotary_cache_write is bit-identical to transformers' rotary, float32 and bf16)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]

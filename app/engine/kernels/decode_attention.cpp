@@ -22,6 +22,7 @@
 
 #include "avx2.h"
 #include "avx512.h"
+#include "parallel.h"
 
 #include <algorithm>
 #include <bit>
@@ -363,7 +364,8 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
 #endif
   // keys query i attends to: positions 0..lengths[i], at least one, at most the view's width
   auto length_of = [&](int64_t i) { return std::min<int64_t>(std::max<int64_t>(lp[i] + 1, 1), width); };
-  at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
+  // a row's heads a chunk (the next head's keys are prefetched within it), claimed as the threads go
+  promptserve::parallel_chunks(n * kvh, kvh, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(g * d), row(d), acc(g * d), scores(g * ((width + 15) / 16 * 16));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kvh, h = task % kvh, b = rows ? rows[i] : i;
