@@ -72,8 +72,8 @@ void block16(const c10::BFloat16* __restrict x, const c10::BFloat16* __restrict 
 
 template <int M>
 void linear_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t n, int64_t k, c10::BFloat16* y) {
-  // blocks of 16 outputs; a grain of 8 blocks (~100 KB of weights) keeps the threads' streams long
-  at::parallel_for(0, (n + 15) / 16, 8, [&](int64_t begin, int64_t end) {
+  // blocks of 16 outputs; chunks of 8 blocks (~100 KB of weights) keep the threads' streams long
+  promptserve::parallel_chunks((n + 15) / 16, 8, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) block16<M>(x, w, n, k, b * 16, y);
   });
 }
