@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "parallel.h"
+
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -71,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   auto* np = normed.mutable_data_ptr<c10::BFloat16>();
   const float e = static_cast<float>(eps);
   // rows in chunks of 16: a decode step of a few rows stays on this thread (no fork for 2 us of work)
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  promptserve::parallel_chunks(n, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(c);
     for (int64_t row = begin; row < end; ++row)
       add_rms_norm_row(xp + row * c, dp + row * c, wp, c, e, buf.data(), sp + row * c, np + row * c);

@@ -20,6 +20,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "parallel.h"
+
 #include <cstdint>
 
 namespace {
@@ -57,7 +59,7 @@ void rotary_cache_write_impl(const at::Tensor& qkv, const at::Tensor& cos, const
   const int64_t s0 = qkv.stride(0), cs = cos.stride(0), ss = sin.stride(0);
   const int64_t k0 = k_cache.stride(0), k1 = k_cache.stride(1), k2 = k_cache.stride(2);
   const int64_t v0 = v_cache.stride(0), v1 = v_cache.stride(1), v2 = v_cache.stride(2);
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  promptserve::parallel_chunks(n, 16, [&](int64_t begin, int64_t end) {  // rows of 16, claimed as threads go
     for (int64_t b = begin; b < end; ++b) {
       const T* x = src + b * s0;
       const T* c = cp + b * cs;
