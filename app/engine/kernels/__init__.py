@@ -19,6 +19,9 @@
   the operations dispatched from Python one by one cost ~1.7 ms of a 13.9 ms step (AMD EPYC). It also runs
   speculative decoding's checks (up to 4 tokens, several of one row: speculation.py).
 
+Their parallel regions hand out chunks that the threads claim as they go (parallel.h), so a thread the OS
+preempts on shared cores does not hold up the others; a chunk's result does not depend on its thread.
+
 They are one library. An image or an installation without a compiler carries it prebuilt for the x86
 levels it may meet (`python -m app.engine.kernels.prebuild DIR`, run when the image is built): at start the
 best level this CPU's flags allow is loaded, when it was built for this torch and these sources
