@@ -153,8 +153,8 @@ void wide_block(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64
   for (int m = 0; m < M; ++m)  // the lanes of columns past n: summed, never stored
     for (int r = live; r < W; ++r) partial[m][r] = Lanes::zero();
   // k in spans whose M rows of x (float32 halves, 8 bytes an element) stay in L1 while the block's W / R passes
-  // read them: at 4 rows of k = 1536 they would not (down_proj 102-116 GFLOP/s against 112-124 in spans of 512,
-  // 64 rows, Zen 3 EPYC); a lane's FMAs are the same, in the same order, whatever the spans
+  // read them: at 4 rows of k = 1536 they would not (down_proj 129 -> 136 GFLOP/s at 64 rows, 99 -> 118 at 4, best
+  // of 31 interleaved, Zen 3 EPYC); a lane's FMAs are the same, in the same order, whatever the spans
   const int64_t steps = k / (2 * W), most = std::max<int64_t>(1, X_SPAN_BYTES / (8 * M) / (2 * W));
   const int64_t spans = (steps + most - 1) / most, span = (steps + spans - 1) / spans * (2 * W);
   for (int64_t c0 = 0; c0 < k; c0 += span) {
