@@ -76,7 +76,7 @@ class ModelRunner:
                                       add_rms_norm=native.add_rms_norm if bf16 else None,
                                       release_model_weights=release_model_weights,
                                       decode_layers=native.decode_layers if small is not None else None,
-                                      small_any_rows=any_rows, interleave_weights=native.interleave_weight)
+                                      small_any_rows=any_rows)
         # with the native attention, rotary and the cache write of decode and prefill tokens as one native op
         # (bit-identical to torch's); it turns whole heads only (no partial rotary factor)
         full_rotary = self.forward.rotary_dim == self.forward.head_dim

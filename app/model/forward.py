@@ -19,7 +19,6 @@ from app.model.families import Family, family_of
 from app.model.linear import (
     SMALL_BATCH_MAX_ROWS,
     SMALL_BATCH_ROWS,
-    Interleave,
     Linear,
     PackedLinear,
     SmallBatchLinear,
@@ -101,14 +100,14 @@ class _LayerLinears:
     each one matmul, as Phi-3 stores them anyway)."""
 
     def __init__(self, layer: torch.nn.Module, family: Family, pack: bool, small: SmallBatchLinear | None,
-                 release: bool, any_rows: bool = False, interleave: Interleave | None = None):
+                 release: bool, any_rows: bool = False):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [getattr(attn, name) for name in family.qkv]
         gate_up = [getattr(mlp, name) for name in family.gate_up]
         if pack:
             # q, k and v side by side in one tensor [..., q + k + v]
-            self.qkv_joined: Linear = PackedLinear.concat(qkv, small, any_rows, interleave)
-            fused = PackedLinear.concat(gate_up, small, any_rows, interleave)
+            self.qkv_joined: Linear = PackedLinear.concat(qkv, small, any_rows)
+            fused = PackedLinear.concat(gate_up, small, any_rows)
             self.gate_up_joined: PackedLinear | None = fused
             self._gate_up: Callable[[torch.Tensor], tuple] = lambda x: fused(x).chunk(2, dim=-1)
         else:
@@ -118,23 +117,20 @@ class _LayerLinears:
                 self._gate_up = lambda x: gate_up[0](x).chunk(2, dim=-1)
             else:
                 self._gate_up = lambda x: (gate_up[0](x), gate_up[1](x))
-        self.o: Linear = linear(attn.o_proj, pack, small, any_rows, interleave)
-        self.down: Linear = linear(mlp.down_proj, pack, small, any_rows, interleave)
+        self.o: Linear = linear(attn.o_proj, pack, small, any_rows)
+        self.down: Linear = linear(mlp.down_proj, pack, small, any_rows)
         if pack and release:  # the packed copies replace the model's weights: held once
             for module in [*qkv, *gate_up, attn.o_proj, mlp.down_proj]:
                 release_weight(module)
         self.act = getattr(mlp, family.act)
 
-    def kernel_weights(self) -> tuple[list[torch.Tensor], bool] | None:
+    def plain_weights(self) -> list[torch.Tensor] | None:
         """The weights the native small-batch kernel reads, in the order of kernels/decode_layers.cpp (q/k/v,
-        o, gate/up, down), and whether they are interleaved, when every projection of the layer runs on it in
-        one layout; else None."""
+        o, gate/up, down), when every projection of the layer runs on it; else None."""
         linears = [self.qkv_joined, self.o, self.gate_up_joined, self.down]
         if not all(isinstance(lin, PackedLinear) and lin.small_batch_weight is not None for lin in linears):
             return None
-        if len({lin.interleaved for lin in linears}) > 1:
-            return None
-        return [lin.small_batch_weight for lin in linears], linears[0].interleaved
+        return [lin.small_batch_weight for lin in linears]
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:  # LlamaMLP.forward (Phi3MLP's product, same factors)
         gate, up = self._gate_up(x)
@@ -144,8 +140,7 @@ class _LayerLinears:
 class DecoderForward:
     def __init__(self, model: torch.nn.Module, pack_weights: bool = False, small_linear: SmallBatchLinear | None = None,
                  add_rms_norm: AddRmsNorm | None = None, release_model_weights: bool = False,
-                 decode_layers: DecodeLayers | None = None, small_any_rows: bool = False,
-                 interleave_weights: Interleave | None = None):
+                 decode_layers: DecodeLayers | None = None, small_any_rows: bool = False):
         """pack_weights: use oneDNN-packed copies of the linear weights (CPU; see linear.py); small_linear:
         with them, the native kernel for bfloat16 inputs of 1-2 rows; add_rms_norm: the native residual
         add + RMSNorm (kernels/); release_model_weights: with pack_weights, the model's own linear weights
@@ -153,9 +148,7 @@ class DecoderForward:
         above the weights), so the model's own forward no longer runs: for an owner that serves only
         through this class (the server); decode_layers: the native op that runs every layer of a 1-2 token
         decode step (kernels/decode_layers.cpp), used where this model's layers are what it implements;
-        small_any_rows: small_linear takes inputs of any number of rows (kernels' bf16_linear: no packed copy);
-        interleave_weights: with it, the layout that kernel streams faster (kernels' bf16_linear_interleave), for
-        every projection but a head tied to the embedding (the embedding reads the plain rows)."""
+        small_any_rows: small_linear takes inputs of any number of rows (kernels' bf16_linear: no packed copy)."""
         cfg = model.config
         self.family = family_of(cfg)
         # the native fused add + norm implements Llama's rounding only
@@ -171,11 +164,10 @@ class DecoderForward:
         self.group = self.num_heads // self.num_kv_heads
         self.scale = self.head_dim ** -0.5
         self.qkv_sizes = [self.num_heads * self.head_dim, *[self.num_kv_heads * self.head_dim] * 2]
-        interleave = interleave_weights if small_any_rows else None
         self.linears = [_LayerLinears(layer, self.family, pack_weights, small_linear, release_model_weights,
-                                      small_any_rows, interleave) for layer in self.layers]
+                                      small_any_rows) for layer in self.layers]
         tied = model.lm_head.weight is self.embed.weight  # the embedding still needs a tied head's weight
-        self.lm_head = linear(model.lm_head, pack_weights, small_linear, small_any_rows, None if tied else interleave)
+        self.lm_head = linear(model.lm_head, pack_weights, small_linear, small_any_rows)
         if pack_weights and release_model_weights and not tied:
             release_weight(model.lm_head)
         self.rotary = model.model.rotary_emb
@@ -188,21 +180,18 @@ class DecoderForward:
         """The native decode op bound to this model's weights, when its layers are what the op implements:
         Llama's norm (the native add + norm), no q/k norm, SiLU, whole-head rotary, every projection on
         the small-batch kernel. None otherwise (the layer-by-layer path)."""
-        weights = [lin.kernel_weights() for lin in self.linears]
+        weights = [lin.plain_weights() for lin in self.linears]
         act_is_silu = all(type(lin.act).__name__ in ("SiLU", "SiLUActivation") for lin in self.linears)
         if (op is None or self._add_rms_norm is None or self.family.qk_norm or not act_is_silu
-                or self.rotary_dim != self.head_dim or any(w is None for w in weights)
-                or len({interleaved for _, interleaved in weights}) > 1):
+                or self.rotary_dim != self.head_dim or any(w is None for w in weights)):
             return None
-        flat = [w for layer, _ in weights for w in layer]
-        interleaved = any(flag for _, flag in weights)  # one layout for all (checked above)
+        flat = [w for layer in weights for w in layer]
         norms = self.norms_after
         norm_weights, eps = [m.weight for m in norms], [_eps(m) for m in norms]
 
         def run(x, h, cos, sin, cache: DecodeCache):
             return op(x, h, flat, norm_weights, eps, cos, sin, cache.k, cache.v, cache.rows, cache.at, cache.start,
-                      cache.count, cache.width, self.num_heads, self.num_kv_heads, self.scale, cache.in_batch,
-                      interleaved)
+                      cache.count, cache.width, self.num_heads, self.num_kv_heads, self.scale, cache.in_batch)
         return run
 
     @property

@@ -11,7 +11,6 @@ baselines keep the model's own.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable
 
@@ -23,9 +22,6 @@ log = logging.getLogger(__name__)
 Linear = Callable[[torch.Tensor], torch.Tensor]
 # small_batch_linear(x [m, k], w [n, k]) -> [m, n]: the native kernel for a few rows (kernels/)
 SmallBatchLinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# interleave(w) -> w re-laid out for the any-rows kernel (kernels/: bf16_linear_interleave), read with interleaved=True;
-# None for a weight it leaves plain
-Interleave = Callable[[torch.Tensor], torch.Tensor | None]
 # rows up to which the native kernel runs: faster than oneDNN for every SmolLM2 projection at 1-2 rows,
 # not at 4 (gate/up 147 vs 141 us, lm_head 1978 vs 1759 us; a per-shape timing on the AMD EPYC machine)
 SMALL_BATCH_ROWS = 2
@@ -39,18 +35,15 @@ class PackedLinear:
     most SMALL_BATCH_ROWS rows go to that kernel over the plain weight instead, which it streams at close
     to the memory bandwidth (the plain weight is the module's own; a concatenation keeps its own copy).
     With `any_rows`, `small` takes every input (the native bf16_linear, on CPUs whose oneDNN emulates bf16):
-    no packed copy is made, so the weight is held once; with `interleave` too, the kernel reads it in the
-    layout it streams fastest (a copy made once, replacing the plain one where the model's weights are
-    released)."""
+    no packed copy is made, so the weight is held once."""
 
-    def __init__(self, linear: torch.nn.Linear, small: SmallBatchLinear | None = None, any_rows: bool = False,
-                 interleave: Interleave | None = None):
+    def __init__(self, linear: torch.nn.Linear, small: SmallBatchLinear | None = None, any_rows: bool = False):
         self._pack(linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None, small,
-                   any_rows, interleave)
+                   any_rows)
 
     @classmethod
     def concat(cls, linears: list[torch.nn.Linear], small: SmallBatchLinear | None = None,
-               any_rows: bool = False, interleave: Interleave | None = None) -> PackedLinear:
+               any_rows: bool = False) -> PackedLinear:
         """Several linears of the same input as one (outputs side by side): one matmul instead of several,
         e.g. q/k/v or gate/up: 4 calls a layer instead of 7 saved SmolLM2 1-4 ms of projections a step
         (benchmarks/engine_steps.py)."""
@@ -60,22 +53,16 @@ class PackedLinear:
                   for lin in linears]
         has_bias = any(lin.bias is not None for lin in linears)
         self._pack(torch.cat([lin.weight.detach() for lin in linears]), torch.cat(biases) if has_bias else None,
-                   small, any_rows, interleave)
+                   small, any_rows)
         return self
 
     def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None, small: SmallBatchLinear | None,
-              any_rows: bool, interleave: Interleave | None = None) -> None:
+              any_rows: bool) -> None:
         fits = small is not None and weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0
         self._any_rows = fits and any_rows
         # the kernel has no bias: it takes a biased linear only where it takes every input (bias added after)
         self._small = small if fits and (bias is None or self._any_rows) else None
         self._plain = weight.contiguous() if self._small is not None or any_rows else None
-        # the kernel's faster layout: only where it takes every input (nothing else reads the weight then)
-        laid_out = interleave(self._plain) if self._any_rows and interleave is not None else None
-        self.interleaved = laid_out is not None
-        if self.interleaved:
-            self._plain = laid_out
-            self._small = functools.partial(small, interleaved=True)
         # any_rows: oneDNN's bf16 is emulated here, or refused (AVX2), so no packed copy is made; a weight the
         # kernel cannot take (k not a multiple of 32) runs F.linear on the plain weight. Otherwise the packed
         # copy; the batch-size hint only tunes the packing (measured equally fast for batches of 1 to 300)
@@ -85,8 +72,8 @@ class PackedLinear:
 
     @property
     def small_batch_weight(self) -> torch.Tensor | None:
-        """The weight the native small-batch kernel reads (plain, or `interleaved`), for the native decode op
-        (None where the kernel does not run, or where the linear has a bias, which the op does not add)."""
+        """The plain weight the native small-batch kernel reads, for the native decode op (None where the
+        kernel does not run, or where the linear has a bias, which the op does not add)."""
         return self._plain if self._small is not None and self.bias is None else None
 
     def __call__(self, x: torch.Tensor, small_rows: int = SMALL_BATCH_ROWS) -> torch.Tensor:
@@ -134,5 +121,5 @@ def release_weight(module: torch.nn.Linear) -> None:
 
 
 def linear(module: torch.nn.Linear, pack: bool, small: SmallBatchLinear | None = None,
-           any_rows: bool = False, interleave: Interleave | None = None) -> Linear:
-    return PackedLinear(module, small, any_rows, interleave) if pack else module
+           any_rows: bool = False) -> Linear:
+    return PackedLinear(module, small, any_rows) if pack else module

@@ -56,23 +56,6 @@ def test_bit_identical_to_the_layer_by_layer_path(bf16, together):
     assert calls and set(calls) <= {1, 2} and (2 in calls) == together
 
 
-def test_reads_the_weights_in_the_layout_the_build_streams_fastest(bf16, family_model, native_kernels):
-    """Where the kernels read interleaved weights (AVX2), every projection's weight is laid out so once, the
-    decode op's too; a head tied to the embedding stays plain (the embedding reads its rows)."""
-    expected = native_kernels.interleave_weight is not None and native_kernels.bf16_linear is not None
-    for loaded, tied in ((bf16, False), (family_model("qwen3", "bfloat16"), True)):
-        engine = make_engine(loaded, speculative_tokens=0)
-        try:
-            forward = engine.runner.forward
-            assert (forward.model.lm_head.weight is forward.embed.weight) == tied
-            assert forward.linears[0].qkv_joined.interleaved == expected
-            assert forward.lm_head.interleaved == (expected and not tied)
-            if not tied:  # the decode op reads them so (Qwen3's q/k norms keep it off)
-                assert forward.linears[0].kernel_weights()[1] == expected
-        finally:
-            engine.stop()
-
-
 # whether each family's layers are what the op implements (benchmarks/tiny_model.py's checkpoints): a q/k/v
 # bias (llama-bias, Qwen2) keeps oneDNN's projections, Qwen3 normalizes q and k, Gemma's norm scales by
 # 1 + weight, phi3-partial turns part of each head only

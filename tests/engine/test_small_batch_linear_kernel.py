@@ -116,52 +116,6 @@ def test_bf16_linear_rows_are_the_same_at_any_batch_and_as_the_small_kernel(wide
     assert all(torch.equal(together[i], wide(x[i:i + 1], w)[0]) for i in (0, 5, 33, 69))
 
 
-@pytest.fixture(scope="module")
-def interleave(native_kernels, wide):
-    if native_kernels.interleave_weight is None:
-        pytest.skip("this build reads plain weights only (AVX-512 without BF16: not measured there)")
-    return native_kernels.interleave_weight
-
-
-@pytest.mark.parametrize("k", [576, 1568])
-@pytest.mark.parametrize("n", [200, 964, 6])
-def test_interleaved_weights_give_the_plain_weights_results_to_the_bit(wide, small, interleave, n, k):
-    g = torch.Generator().manual_seed(n)
-    x = torch.randn(70, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
-    laid_out = interleave(w)
-    assert laid_out.shape == w.shape and laid_out.dtype == w.dtype
-    assert not torch.equal(laid_out, w)  # the same elements elsewhere
-    assert torch.equal(laid_out.view(-1).sort().values, w.view(-1).sort().values)
-    assert torch.equal(wide(x, laid_out, interleaved=True), wide(x, w))
-    for m in (1, 2, 3, 4):
-        assert torch.equal(small(x[:m], laid_out, interleaved=True), wide(x[:m], w))
-
-
-def test_weights_whose_rows_make_no_whole_groups_stay_plain(wide, interleave):
-    w = torch.randn(963, 64).bfloat16()
-    assert interleave(w) is None
-    with pytest.raises(RuntimeError, match="multiple of bf16_linear_interleaved_rows"):
-        wide(torch.randn(2, 64).bfloat16(), w, interleaved=True)
-    assert not PackedLinear(torch.nn.Linear(64, 963, bias=False).bfloat16(), wide, any_rows=True,
-                            interleave=interleave).interleaved
-
-
-def test_packed_linear_interleaves_only_where_the_kernel_takes_every_input(wide, small, interleave):
-    layer = torch.nn.Linear(576, 96, bias=False).bfloat16()
-    laid_out = PackedLinear(layer, wide, any_rows=True, interleave=interleave)
-    plain = PackedLinear(layer, wide, any_rows=True)
-    assert laid_out.interleaved and not plain.interleaved
-    assert not torch.equal(laid_out.small_batch_weight, layer.weight)
-    with torch.inference_mode():
-        for rows in (1, 2, 5, 64):
-            x = torch.randn(rows, 576).bfloat16()
-            assert torch.equal(laid_out(x), plain(x))
-    # 1-2 rows only (oneDNN's packed copy takes the rest, where oneDNN packs bf16): the kernel's weight stays plain
-    if packing_works(torch.device("cpu"), torch.bfloat16):
-        assert not PackedLinear(layer, small, interleave=interleave).interleaved
-
-
 def test_bf16_linear_refuses_what_it_cannot_take(wide):
     w = torch.randn(8, 64).bfloat16()
     with pytest.raises(RuntimeError, match="bfloat16 only"):

@@ -9,9 +9,7 @@
 - `bf16_linear` (same file): bfloat16 projections of any number of rows in float32 FMAs, on CPUs without
   AVX-512 BF16 that have AVX-512 (Skylake-SP to Ice Lake) or AVX2, where oneDNN emulates bf16 at well under
   its float32 speed: on an Ice Lake the bf16 model is then served faster than float32 at batch 64 and 2.9x
-  faster at batch 1, in half the memory (vdpbf16ps' arithmetic, avx512.h). On AVX2 it (and
-  small_batch_linear) reads weights re-laid out once by `bf16_linear_interleave`, 2 rows taking turns, which
-  1 row streams from memory ~10% faster and 4 rows ~20% (same shape, same results).
+  faster at batch 1, in half the memory (vdpbf16ps' arithmetic, avx512.h).
 - `add_rms_norm` (add_rms_norm.cpp): a residual add and the next RMSNorm in one pass, bfloat16 (five torch
   operations, each mostly dispatch overhead at decode sizes).
 - `rotary_cache_write` (rotary_cache_write.cpp): rotary embedding and KV-cache write of a decode step's or
@@ -111,15 +109,11 @@ class NativeKernels:
     """The native ops usable here; None where torch's own op is used instead."""
     # (q [n, kvh, g, d], k, v [n, kvh, W, d] views, lengths [n] int64, scale) -> [n, kvh, g, d]
     decode_attention: Callable | None = None
-    # (x [m <= 4, k], w [n, k], interleaved=False) -> [m, n], bfloat16; on CPUs with AVX-512 or AVX2
+    # (x [m <= 4, k], w [n, k]) -> [m, n], bfloat16; on CPUs with AVX-512 or AVX2
     small_batch_linear: Callable | None = None
-    # (x [m, k], w [n, k], interleaved=False) -> [m, n], bfloat16 computed in float32, any m; only on CPUs without
-    # AVX-512 BF16 (AVX-512 or AVX2), whose oneDNN emulates bf16 matmuls at a fraction of its float32 speed
+    # (x [m, k], w [n, k]) -> [m, n], bfloat16 computed in float32, any m; only on CPUs without AVX-512 BF16
+    # (AVX-512 or AVX2), whose oneDNN emulates bf16 matmuls at a fraction of its float32 speed
     bf16_linear: Callable | None = None
-    # (w [n, k]) -> w re-laid out (same shape) for bf16_linear and small_batch_linear with interleaved=True,
-    # streamed faster at 1-4 rows (small_batch_linear.cpp's row_start), or None for a weight that stays plain (n
-    # not a multiple of the group's rows); None where they read plain weights only
-    interleave_weight: Callable | None = None
     # (x, delta [.., c], weight [c], eps) -> (x + delta, RMSNorm(x + delta)), bfloat16
     add_rms_norm: Callable | None = None
     # (qkv [n, (h + 2 kvh) d], cos, sin [n, d], k_cache, v_cache [R, kvh, L, d], rows, at [n], h, kvh)
@@ -139,21 +133,8 @@ def load(cache_dir: Path | str) -> NativeKernels:
     return NativeKernels(decode_attention=ops.decode_attention,
                          small_batch_linear=ops.small_batch_linear if small else None,
                          bf16_linear=ops.bf16_linear if ops.bf16_linear_supported() else None,
-                         interleave_weight=_interleaver(ops),
                          add_rms_norm=ops.add_rms_norm, rotary_cache_write=ops.rotary_cache_write,
                          decode_layers=ops.decode_layers if small else None)
-
-
-def _interleaver(ops) -> Callable | None:
-    """NativeKernels.interleave_weight: bf16_linear_interleave where this build reads interleaved weights, for the
-    weights whose rows make whole groups."""
-    rows = ops.bf16_linear_interleaved_rows()
-    if rows <= 1:
-        return None
-
-    def interleave(w: torch.Tensor) -> torch.Tensor | None:
-        return ops.bf16_linear_interleave(w) if w.shape[0] % rows == 0 else None
-    return interleave
 
 
 def _library(cache_dir: Path) -> bool:

@@ -19,7 +19,6 @@
 //   in_batch    [n] or None: token i's row within [start, start + count) (None: row start + i); several
 //               tokens of one row at consecutive positions are a speculative step's check of proposed tokens,
 //               each attending up to its own position (speculation.py)
-//   interleaved the weights are in bf16_linear_interleave's layout (small_batch_linear.cpp)
 //   returns (x, h): the residual stream and the final norm's output
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -32,10 +31,10 @@ namespace promptserve {
 
 namespace {
 
-at::Tensor projection(const at::Tensor& x, const at::Tensor& w, bool interleaved) {
+at::Tensor projection(const at::Tensor& x, const at::Tensor& w) {
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = w.size(0);
-  return small_batch_linear(x.reshape({-1, x.size(-1)}).contiguous(), w, interleaved).view(sizes);
+  return small_batch_linear(x.reshape({-1, x.size(-1)}).contiguous(), w).view(sizes);
 }
 
 }  // namespace
@@ -46,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(at::Tensor x, at::Tensor h, at:
                                                  const at::Tensor& v_cache, const at::Tensor& rows,
                                                  const at::Tensor& at_, int64_t start, int64_t count, int64_t width,
                                                  int64_t heads, int64_t kv_heads, double scale,
-                                                 const std::optional<at::Tensor>& in_batch, bool interleaved) {
+                                                 const std::optional<at::Tensor>& in_batch) {
   const int64_t layers = static_cast<int64_t>(weights.size()) / 4;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 4 * layers && static_cast<int64_t>(norms.size()) == 2 * layers &&
                   eps.size() == norms.size() && k_cache.size(0) == layers,
@@ -56,17 +55,17 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(at::Tensor x, at::Tensor h, at:
   std::vector<int64_t> lead = x.sizes().vec();
   lead.back() = -1;
   for (int64_t i = 0; i < layers; ++i) {
-    const at::Tensor qkv = projection(h, weights[4 * i], interleaved);
+    const at::Tensor qkv = projection(h, weights[4 * i]);
     const at::Tensor q = rotary_cache_write(qkv.reshape({-1, qkv.size(-1)}), cos, sin, k_cache[i], v_cache[i], rows,
                                             at_, heads, kv_heads);
     const at::Tensor keys = k_cache[i].slice(0, start, start + count).slice(2, 0, width);
     const at::Tensor values = v_cache[i].slice(0, start, start + count).slice(2, 0, width);
     const at::Tensor o =
         decode_attention(q.view({-1, kv_heads, group, d}), keys, values, at_, scale, in_batch).view({q.size(0), -1});
-    std::tie(x, h) = add_rms_norm(x.contiguous(), projection(o.view(lead), weights[4 * i + 1], interleaved).contiguous(),
+    std::tie(x, h) = add_rms_norm(x.contiguous(), projection(o.view(lead), weights[4 * i + 1]).contiguous(),
                                   norms[2 * i], eps[2 * i]);
-    const std::vector<at::Tensor> gate_up = projection(h, weights[4 * i + 2], interleaved).chunk(2, -1);
-    const at::Tensor mlp = projection(at::silu(gate_up[0]) * gate_up[1], weights[4 * i + 3], interleaved);
+    const std::vector<at::Tensor> gate_up = projection(h, weights[4 * i + 2]).chunk(2, -1);
+    const at::Tensor mlp = projection(at::silu(gate_up[0]) * gate_up[1], weights[4 * i + 3]);
     std::tie(x, h) = add_rms_norm(x.contiguous(), mlp.contiguous(), norms[2 * i + 1], eps[2 * i + 1]);
   }
   return {x, h};
@@ -77,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(at::Tensor x, at::Tensor h, at:
 TORCH_LIBRARY_FRAGMENT(promptserve, m) {
   m.def("decode_layers(Tensor x, Tensor h, Tensor[] weights, Tensor[] norms, float[] eps, Tensor cos, Tensor sin, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor at, int start, int count, int width, int heads, "
-        "int kv_heads, float scale, Tensor? in_batch=None, bool interleaved=False) -> (Tensor, Tensor)");
+        "int kv_heads, float scale, Tensor? in_batch=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(promptserve, CPU, m) { m.impl("decode_layers", &promptserve::decode_layers); }

@@ -10,11 +10,9 @@
 namespace promptserve {
 
 bool small_batch_linear_supported();
-at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w, bool interleaved);
+at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w);
 bool bf16_linear_supported();
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, bool interleaved);
-int64_t bf16_linear_interleaved_rows();
-at::Tensor bf16_linear_interleave(const at::Tensor& w);
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
                                                 double eps);
 at::Tensor rotary_cache_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,

@@ -99,7 +99,6 @@ struct Lanes {
   using I = __m512i;
   static constexpr int W = 16;
   static constexpr int rows_at_once(int) { return 4; }
-  static constexpr int interleave = 1;  // weights stay plain: the interleaved layout is not measured on such a CPU
   static F zero() { return _mm512_setzero_ps(); }
   static I load_pairs(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }  // W bf16 pairs
   static F odd(I v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u)))); }
@@ -120,8 +119,6 @@ struct Lanes {
   // of dependent FMAs hide their latency (a decode step's projections 12.5 ms against 13.6 with 2, Zen 3 EPYC);
   // more rows of x: 2 (8 accumulators + 4 + 2)
   static constexpr int rows_at_once(int m) { return m == 1 ? 4 : 2; }
-  // weights interleaved in groups of 2 rows (row_start): a pass's rows in 1 or 2 sequential streams, not 2 or 4
-  static constexpr int interleave = 2;
   static F zero() { return _mm256_setzero_ps(); }
   static I load_pairs(const c10::BFloat16* p) { return promptserve::avx2::load_pairs(p); }
   static F odd(I v) { return promptserve::avx2::odd(v); }
@@ -143,27 +140,10 @@ struct Lanes {
 #endif
 constexpr int64_t X_SPAN_BYTES = 20 << 10;  // of L1 (32 KB on Zen 2-4, 48 KB on Ice Lake)
 constexpr int BLOCK_COLS = Lanes::W;  // output columns a block computes: one vector of sums a row of x
-constexpr int PIECE = 2 * Lanes::W;  // bf16 elements of one weight load
-
-// Weights the wide kernel reads, plain ([n, k]) or interleaved (bf16_linear_interleave): rows in groups of
-// G = Lanes::interleave (n a multiple of G), a group's rows taking turns in pieces of PIECE elements,
-// [n / G][k / PIECE][G][PIECE]; the tensor keeps its shape. A pass reads R rows side by side (rows_at_once):
-// plain, R streams of 2k bytes each (1,152 at SmolLM2's k = 576), which the hardware prefetchers follow poorly
-// at decode sizes, where the weights come from memory. Groups of 2 (AVX2: a piece is 32 bytes, a group's two a
-// cache line): 30 layers of SmolLM2's weights streamed at 1 row 21.7 against 19.5 GB/s, at 4 rows 20.7 against
-// 16.9, and at 64 rows (from cache) 142.6 against 143.0 GFLOP/s (best of 15, interleaved trials, Zen 3 EPYC).
-// Groups of 4 made 1 row faster still (24.2) but 4 rows less (18.4) and 64 rows 1-2% slower: a pass of 2 rows
-// then reads every other cache line. The FMAs are the same, in the same order: the output is identical to the
-// bit. Template argument G: 1 for plain weights.
-// row r's element c (a multiple of PIECE) is at row_start<G>(w, k, r) + c * G
-template <int G>
-inline const c10::BFloat16* row_start(const c10::BFloat16* w, int64_t k, int64_t r) {
-  return w + r / G * G * k + r % G * PIECE;
-}
 
 // BLOCK_COLS output columns from n0 of M <= 4 rows (y's rows ldy apart); weight rows past n are read as row
 // n - 1 and not stored (the sums keep each lane's apart, so they do not reach the stored lanes)
-template <int M, int G>
+template <int M>
 void wide_block(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64_t k, int64_t n0,
                 c10::BFloat16* __restrict y, int64_t ldy) {
   using F = Lanes::F;
@@ -184,16 +164,12 @@ void wide_block(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64
       for (int m = 0; m < M; ++m)
         for (int j = 0; j < R; ++j) acc[m][j] = c0 == 0 ? Lanes::zero() : partial[m][r + j];
       const c10::BFloat16* wr[R];
-      for (int j = 0; j < R; ++j) wr[j] = row_start<G>(w, k, std::min<int64_t>(n0 + r + j, n - 1));
-      // the next pass's rows (R on), fetched while this pass runs and not earlier, which would evict what this
-      // block's passes still read (6-8% of the speed at 64 rows): plain, R rows' length on; interleaved, the
-      // same group's next rows or the next group's
-      const int64_t ahead = row_start<G>(w, k, n0 + r + R) - row_start<G>(w, k, n0 + r);
-      for (int64_t c = c0; c < c1; c += PIECE) {
+      for (int j = 0; j < R; ++j) wr[j] = w + std::min<int64_t>(n0 + r + j, n - 1) * k;
+      for (int64_t c = c0; c < c1; c += 2 * W) {
         F odd_w[R], even_w[R];
         for (int j = 0; j < R; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(wr[j] + ahead + c * G), _MM_HINT_T0);  // the next pass's row
-          const Lanes::I v = Lanes::load_pairs(wr[j] + c * G);
+          _mm_prefetch(reinterpret_cast<const char*>(wr[j] + R * k + c), _MM_HINT_T0);  // the next pass's row
+          const Lanes::I v = Lanes::load_pairs(wr[j] + c);
           odd_w[j] = Lanes::odd(v);
           even_w[j] = Lanes::even(v);
         }
@@ -215,7 +191,6 @@ void wide_block(SplitRows x, const c10::BFloat16* __restrict w, int64_t n, int64
 
 constexpr int64_t ROWS_PER_PASS = 64;  // rows of x a pass over the weights takes: their halves stay in L2
 
-template <int G>
 void wide_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t m, int64_t n, int64_t k, c10::BFloat16* y) {
   const int64_t pairs = k / 2;
   // written in full below: not zeroed first (a memset of 8 bytes an element of x, 1.7 MB a batch-64 layer)
@@ -239,22 +214,14 @@ void wide_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t m, int64_
           const SplitRows part{odd.get() + r * pairs, even.get() + r * pairs, pairs};
           c10::BFloat16* out = y + r * n;
           switch (std::min<int64_t>(4, m0 + rows - r)) {
-            case 1: wide_block<1, G>(part, w, n, k, b * BLOCK_COLS, out, n); break;
-            case 2: wide_block<2, G>(part, w, n, k, b * BLOCK_COLS, out, n); break;
-            case 3: wide_block<3, G>(part, w, n, k, b * BLOCK_COLS, out, n); break;
-            default: wide_block<4, G>(part, w, n, k, b * BLOCK_COLS, out, n); break;
+            case 1: wide_block<1>(part, w, n, k, b * BLOCK_COLS, out, n); break;
+            case 2: wide_block<2>(part, w, n, k, b * BLOCK_COLS, out, n); break;
+            case 3: wide_block<3>(part, w, n, k, b * BLOCK_COLS, out, n); break;
+            default: wide_block<4>(part, w, n, k, b * BLOCK_COLS, out, n); break;
           }
         }
     });
   }
-}
-// plain or interleaved weights (bf16_linear_interleave)
-void wide_linear(const c10::BFloat16* x, const c10::BFloat16* w, int64_t m, int64_t n, int64_t k, c10::BFloat16* y,
-                 bool interleaved) {
-  if (interleaved)
-    wide_rows<Lanes::interleave>(x, w, m, n, k, y);
-  else
-    wide_rows<1>(x, w, m, n, k, y);
 }
 #endif  // the wide kernel
 
@@ -279,30 +246,19 @@ bool bf16_linear_supported() {
 #endif
 }
 
-int64_t bf16_linear_interleaved_rows() {
-#ifdef PROMPTSERVE_WIDE
-  return Lanes::interleave;
-#else
-  return 1;
-#endif
-}
-
 namespace {
 
-void check_operands(const at::Tensor& x, const at::Tensor& w, bool interleaved) {
+void check_operands(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "x [m, k], w [n, k], contiguous");
-  TORCH_CHECK(!interleaved || bf16_linear_interleaved_rows() > 1, "this build reads plain weights only");
-  TORCH_CHECK(!interleaved || w.size(0) % bf16_linear_interleaved_rows() == 0,
-              "interleaved weights have a multiple of bf16_linear_interleaved_rows() rows");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bfloat16 only");
   TORCH_CHECK(w.size(1) == x.size(1) && x.size(1) % 32 == 0, "k must match and be a multiple of 32");
 }
 
 }  // namespace
 
-at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w, bool interleaved) {
+at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(small_batch_linear_supported(), "built without AVX-512 or AVX2");
-  check_operands(x, w, interleaved);
+  check_operands(x, w);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   TORCH_CHECK(m >= 1 && m <= 4, "1 to 4 rows");
   at::Tensor y = at::empty({m, n}, x.options());
@@ -310,7 +266,7 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w, bool int
   const auto* wp = w.const_data_ptr<c10::BFloat16>();
   auto* yp = y.mutable_data_ptr<c10::BFloat16>();
 #if defined(PROMPTSERVE_WIDE)  // the same kernel as bf16_linear: a row's result is the same at any batch size
-  wide_linear(xp, wp, m, n, k, yp, interleaved);
+  wide_rows(xp, wp, m, n, k, yp);
 #elif defined(PROMPTSERVE_AVX512)
   switch (m) {
     case 1: linear_rows<1>(xp, wp, n, k, yp); break;
@@ -322,54 +278,29 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w, bool int
   return y;
 }
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, bool interleaved) {
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(bf16_linear_supported(), "only built for CPUs without AVX-512 BF16 that have AVX-512 or AVX2");
-  check_operands(x, w, interleaved);
+  check_operands(x, w);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
 #ifdef PROMPTSERVE_WIDE
   if (m > 0)
-    wide_linear(x.const_data_ptr<c10::BFloat16>(), w.const_data_ptr<c10::BFloat16>(), m, n, k,
-                y.mutable_data_ptr<c10::BFloat16>(), interleaved);
+    wide_rows(x.const_data_ptr<c10::BFloat16>(), w.const_data_ptr<c10::BFloat16>(), m, n, k,
+              y.mutable_data_ptr<c10::BFloat16>());
 #endif
   return y;
-}
-
-at::Tensor bf16_linear_interleave(const at::Tensor& w) {
-  const int64_t rows = bf16_linear_interleaved_rows();
-  TORCH_CHECK(rows > 1, "this build reads plain weights only");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.size(1) % 32 == 0 &&
-                  w.size(0) % rows == 0,
-              "w [n, k] bfloat16, contiguous, k a multiple of 32, n of bf16_linear_interleaved_rows()");
-  at::Tensor out = at::empty(w.sizes(), w.options());
-#ifdef PROMPTSERVE_WIDE
-  const int64_t n = w.size(0), k = w.size(1);
-  const auto* src = w.const_data_ptr<c10::BFloat16>();
-  auto* dst = out.mutable_data_ptr<c10::BFloat16>();
-  at::parallel_for(0, n / rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)  // row_start's layout: the group's rows take turns, a piece each
-      for (int64_t c = 0; c < k; c += PIECE)
-        for (int64_t j = 0; j < rows; ++j)
-          std::memcpy(dst + g * rows * k + c * rows + j * PIECE, src + (g * rows + j) * k + c,
-                      PIECE * sizeof(c10::BFloat16));
-  });
-#endif
-  return out;
 }
 
 }  // namespace promptserve
 
 TORCH_LIBRARY_FRAGMENT(promptserve, m) {
   m.def("small_batch_linear_supported() -> bool", [] { return promptserve::small_batch_linear_supported(); });
-  m.def("small_batch_linear(Tensor x, Tensor w, bool interleaved=False) -> Tensor");
+  m.def("small_batch_linear(Tensor x, Tensor w) -> Tensor");
   m.def("bf16_linear_supported() -> bool", [] { return promptserve::bf16_linear_supported(); });
-  m.def("bf16_linear(Tensor x, Tensor w, bool interleaved=False) -> Tensor");
-  m.def("bf16_linear_interleaved_rows() -> int", [] { return promptserve::bf16_linear_interleaved_rows(); });
-  m.def("bf16_linear_interleave(Tensor w) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(promptserve, CPU, m) {
   m.impl("small_batch_linear", &promptserve::small_batch_linear);
   m.impl("bf16_linear", &promptserve::bf16_linear);
-  m.impl("bf16_linear_interleave", &promptserve::bf16_linear_interleave);
 }
