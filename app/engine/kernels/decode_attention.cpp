@@ -109,6 +109,16 @@ void attend_one(const T* __restrict q, const T* __restrict k, int64_t k_step, co
   for (int64_t i = 0; i < g * d; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
+#if defined(PROMPTSERVE_AVX512) || defined(PROMPTSERVE_AVX2)
+// A key or value row's cache lines (D bfloat16). At batch 64 a step's keys and values are far larger than the
+// caches (~240 MB for SmolLM2 at 160 positions), so both bf16 paths fetch a task's values while its scores
+// are computed and the next task's keys while its values are summed.
+template <int D>
+inline void prefetch_row(const c10::BFloat16* p) {
+  for (int i = 0; i < D * 2; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + i, _MM_HINT_T0);
+}
+#endif
+
 #ifdef PROMPTSERVE_AVX512
 using promptserve::dot_bf16_pairs;
 using promptserve::sum16;
@@ -137,11 +147,6 @@ inline __m512 exp_nonpositive16(__m512 x) {
   const __m512i two_to_whole =
       _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(two_to_whole));
-}
-
-template <int D>
-inline void prefetch_row(const c10::BFloat16* p) {  // a key or value row's cache lines (D bfloat16)
-  for (int i = 0; i < D * 2; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + i, _MM_HINT_T0);
 }
 
 inline __m512 bf16_to_f32(const c10::BFloat16* p) {  // 16 bfloat16 -> 16 float32 (exact)
@@ -254,7 +259,8 @@ inline float add8(__m256 v) {  // a fixed order: halves, then pairs, then the la
 template <int G, int D>
 void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k, int64_t k_step,
                      const c10::BFloat16* __restrict v, int64_t v_step, int64_t len, float scale,
-                     float* __restrict scores, c10::BFloat16* __restrict out, const c10::BFloat16*, int64_t) {
+                     float* __restrict scores, c10::BFloat16* __restrict out, const c10::BFloat16* next_k,
+                     int64_t next_len) {
   static_assert(D % 32 == 0, "a key row is whole 16-lane bfloat16 vectors, value blocks whole 32 columns");
   constexpr int KW = D / 16;                 // 256-bit vectors of bf16 pairs in a key row
   constexpr int VB = G <= 3 ? 4 : 2;         // value vectors (8 columns each) a p.v pass accumulates
@@ -273,6 +279,7 @@ void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __r
     for (int t = 0; t < 8; ++t) {
       if (t < n) {
         const c10::BFloat16* kt = k + (block + t) * k_step;
+        prefetch_row<D>(v + (block + t) * v_step);  // the values are read next: from memory now, not then
         __m256 k_odd[KW], k_even[KW];
         for (int c = 0; c < KW; ++c) {
           const __m256i pairs = avx2::load_pairs(kt + c * 16);
@@ -315,6 +322,7 @@ void attend_one_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __r
       for (int c = 0; c < VB; ++c) acc[gi][c] = _mm256_setzero_ps();
     for (int64_t t = 0; t < len; ++t) {
       const c10::BFloat16* vt = v + t * v_step + c0 * 8;
+      if (c0 == 0 && t < next_len) prefetch_row<D>(next_k + t * k_step);  // the next task's keys, same stride
       __m256 row[VB];
       for (int c = 0; c < VB; ++c) row[c] = avx2::bf16_to_f32(vt + c * 8);
       for (int gi = 0; gi < G; ++gi) {
