@@ -86,7 +86,8 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[1].split()) if ":" in line else set()
 
 
-def _build(compiler: str, target: Path, march: list[str] | None = None) -> None:
+def _build(compiler: str, target: Path, march: list[str] | None = None, sources: list[Path] | None = None) -> None:
+    """The library from `sources` (default: these kernels' SOURCES) into `target`."""
     from torch.utils.cpp_extension import include_paths
 
     lib = Path(torch.__file__).parent / "lib"
@@ -96,8 +97,8 @@ def _build(compiler: str, target: Path, march: list[str] | None = None) -> None:
         out = Path(tmp) / target.name
         flags = [f for f in FLAGS if f != "-march=native"] + march if march else FLAGS
         cmd = [compiler, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in include_paths()],
-               *[str(source) for source in SOURCES], "-o", str(out), f"-L{lib}", "-lc10", "-ltorch_cpu",
-               f"-Wl,-rpath,{lib}"]
+               *[str(source) for source in sources or SOURCES], "-o", str(out), f"-L{lib}", "-lc10",
+               "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-2000:])
