@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -34,9 +33,9 @@ PROJECTIONS = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # SmolLM2: q/k
 
 
 def sources_at(revision: str | None) -> dict[str, str]:
-    """The kernels' .cpp and .h files at a git revision (None: this checkout's), by name."""
+    """The kernels' .cpp and .h files at a git revision (None: this checkout's, what the engine builds), by name."""
     if revision is None:
-        return {p.name: p.read_text() for p in sorted(KERNELS_DIR.iterdir()) if p.suffix in (".cpp", ".h")}
+        return {p.name: p.read_text() for p in kernels.SOURCES + kernels.HEADERS}
     rel = KERNELS_DIR.relative_to(REPO).as_posix()
     names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{revision}:{rel}"],
                            capture_output=True, text=True, check=True).stdout.split()
@@ -52,15 +51,15 @@ def renamed(source: str, namespace: str) -> str:
 
 def build(sources: dict[str, str], namespace: str, directory: Path):
     """Build and load these sources as torch.ops.<namespace>; returns that namespace."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
+    cxx = kernels.compiler()
+    if cxx is None:
         raise SystemExit("no C++ compiler here")
     folder = directory / namespace
     folder.mkdir(parents=True)
     for name, text in sources.items():
         (folder / name).write_text(renamed(text, namespace) if name.endswith(".cpp") else text)
     target = folder / f"{namespace}.so"
-    kernels._build(compiler, target, sources=sorted(folder.glob("*.cpp")))
+    kernels._build(cxx, target, sources=sorted(folder.glob("*.cpp")))
     torch.ops.load_library(str(target))
     return getattr(torch.ops, namespace)
 

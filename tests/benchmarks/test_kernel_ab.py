@@ -1,7 +1,5 @@
 """benchmarks/kernel_ab.py: two revisions' kernels side by side in one process, under their own op namespaces."""
 
-import shutil
-
 import pytest
 
 from app.engine import kernels
@@ -22,7 +20,7 @@ def test_a_revisions_sources_are_read_from_git():
     assert set(committed) <= set(kernel_ab.sources_at(None))
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler")
 def test_compares_two_builds_whose_outputs_agree(capsys):
     assert kernel_ab.main(["--base", "HEAD", "--op", "attention", "--batches", "2", "--positions", "24",
                            "--trials", "1"]) == 0

@@ -86,6 +86,11 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[1].split()) if ":" in line else set()
 
 
+def compiler() -> str | None:
+    """The C++ compiler the kernels are built with: $CXX, else g++ or c++ on the PATH; None if there is none."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 def _build(compiler: str, target: Path, march: list[str] | None = None, sources: list[Path] | None = None) -> None:
     """The library from `sources` (default: these kernels' SOURCES) into `target`."""
     from torch.utils.cpp_extension import include_paths
@@ -182,22 +187,22 @@ def _load(cache_dir: Path) -> bool:
         except Exception as exc:
             log.warning("prebuilt kernels %s did not load (%s): building them here if a compiler is", prebuilt,
                         str(exc)[:300])
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         log.warning("no C++ compiler and no prebuilt kernels for this CPU: decode attention uses torch's SDPA "
                     "and projections oneDNN (slower)")
         return False
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     key = hashlib.sha256("\n".join([sources_key(), version, " ".join(FLAGS),
                                     _cpu_flags_line()]).encode()).hexdigest()[:16]
     target = cache_dir / "kernels" / f"promptserve-kernels-{key}.so"
     try:
         if not target.is_file():
             try:
-                _build(compiler, target)
+                _build(cxx, target)
             except PermissionError:  # a read-only cache (an image's): build into a private temporary one
                 target = Path(tempfile.mkdtemp(prefix="promptserve-kernels-")) / target.name
-                _build(compiler, target)
+                _build(cxx, target)
             log.info("built the native kernels: %s", target)
         torch.ops.load_library(str(target))
     except Exception as exc:  # any build or load failure: SDPA and oneDNN, never a failed start

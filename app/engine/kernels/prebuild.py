@@ -10,12 +10,10 @@ against it, and the manifest's key (sources and torch version) keeps another tor
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
-from app.engine.kernels import PREBUILT_LEVELS, _build, prebuilt_dir, sources_key
+from app.engine.kernels import PREBUILT_LEVELS, _build, compiler, prebuilt_dir, sources_key
 
 
 def prebuild(directory: Path, compiler: str, only: set[str] | None = None) -> dict:
@@ -36,11 +34,11 @@ def prebuild(directory: Path, compiler: str, only: set[str] | None = None) -> di
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     directory = Path(args[0]) if args else prebuilt_dir()
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         print("prebuild: no C++ compiler (g++)", file=sys.stderr)
         return 2
-    manifest = prebuild(directory, compiler)
+    manifest = prebuild(directory, cxx)
     print(f"built {', '.join(manifest['levels'])} into {directory}")
     return 0
 
